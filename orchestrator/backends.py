@@ -1,0 +1,90 @@
+"""Where workers run: Docker containers or local processes, behind one interface.
+
+`auto` takes Docker when an engine answers and falls back to local processes with a notice.
+Commands on an existing run take the backend recorded in its `launch.json`, so `status`
+never looks for containers of a run that was started as local processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+from orchestrator.container_spec import DEFAULT_MAX_RESTARTS, DEFAULT_SHM_SIZE
+from orchestrator.launch import LaunchPlan, LaunchRecord
+from orchestrator.status import WorkerState
+from trainer.errors import UserError
+
+Write = Callable[[str], None]
+DEFAULT_IMAGE = "evolvectl:latest"
+CHOICES = ("auto", "docker", "local")
+
+
+class Backend(Protocol):
+    name: str
+
+    def prepare(self, say: Write) -> None:
+        """Make workers startable (build the image); called once before `start`."""
+
+    def visible_gpus(self) -> list[int] | None:
+        """GPU indices workers can get; [] for none, None when it cannot be known."""
+
+    def start(self, plan: LaunchPlan, say: Write) -> list[str]:
+        """Start the run's missing workers, leave live ones alone; returns the keys started."""
+
+    def workers(self, run: str, run_dir: Path) -> list[WorkerState]:
+        """Every worker of the run, live or not, sorted by key."""
+
+    def kill(self, run: str, run_dir: Path) -> list[str]:
+        """Kill the run's live workers now; returns their keys."""
+
+    def remove_all(self, run: str | None) -> list[str]:
+        """Kill and forget every worker of `run`, or of every run; returns their names."""
+
+    def output(self, run: str, run_dir: Path, key: str, write: Write, follow: bool, tail: int | None) -> None:
+        """Write a worker's output, then (with `follow`) its live output until it stops or Ctrl-C."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How workers are built and run; only `max_restarts` matters to local workers."""
+
+    image: str = DEFAULT_IMAGE
+    base_image: str | None = None  # the Dockerfile's default when None
+    build: bool = False  # rebuild the image even if the engine has it
+    shm_size: str = DEFAULT_SHM_SIZE
+    max_restarts: int = DEFAULT_MAX_RESTARTS
+
+
+def open_backend(choice: str, project: Path, settings: WorkerSettings, say: Write) -> Backend:
+    """The backend named by `choice`; `auto` falls back to local processes when no engine answers."""
+    from orchestrator.local import LocalBackend
+
+    if choice not in CHOICES:
+        raise UserError(f"--backend {choice!r}: choose one of {', '.join(CHOICES)}")
+    if choice == "local":
+        return LocalBackend(project, max_restarts=settings.max_restarts)
+    from orchestrator.containers import connect
+    from orchestrator.docker_backend import DockerBackend
+
+    try:
+        client = connect()
+    except UserError as error:
+        if choice == "docker":
+            raise
+        say(f"{error.message.split(';')[0]}: running workers as local processes (--backend local)")
+        return LocalBackend(project, max_restarts=settings.max_restarts)
+    return DockerBackend(client, settings.image, settings.base_image, settings.build, settings.shm_size,
+                         settings.max_restarts)
+
+
+def backend_for_run(choice: str, project: Path, run_dir: Path, settings: WorkerSettings, say: Write) -> Backend:
+    """For commands on an existing run: its recorded backend unless one is named explicitly."""
+    record = LaunchRecord.load(run_dir)
+    if choice == "auto" and record is not None:
+        choice = record.backend
+        if record.image:
+            settings = replace(settings, image=record.image)
+    return open_backend(choice, project, settings, say)

@@ -1,0 +1,332 @@
+"""`evolvectl`: start, watch, stop and read a hyperparameter evolution, one worker per GPU.
+
+Workers are named by GPU index (`3` or `gpu3`) or, for CPU workers, `cpu0`, `cpu1`, ...
+Commands on an existing run take it from --name (default: the most recently started run
+under --project) and use the backend it was started with.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from orchestrator import __version__
+from orchestrator.backends import CHOICES, DEFAULT_IMAGE, Backend, WorkerSettings, backend_for_run, open_backend
+from orchestrator.container_spec import DEFAULT_MAX_RESTARTS, DEFAULT_SHM_SIZE, check_run_name
+from orchestrator.gpus import parse_gpu_spec
+from orchestrator.journal import Journal, JournalLockTimeout
+from orchestrator.launch import (
+    DEFAULT_PROJECT,
+    LaunchPlan,
+    LaunchRecord,
+    TrainerOptions,
+    existing_run_dir,
+    parse_worker_key,
+    worker_slots,
+)
+from orchestrator.status import ACTIVE_STATES, StatusReport, collect_status, render_status
+from orchestrator.views import follow_run, print_results, show_build_progress
+from trainer.errors import UserError
+
+DEFAULT_RUN = "exp"
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
+
+
+class GpuSpec(click.ParamType):
+    """`0-7`, `0,2,5`, `3` or `all`: checked for syntax here, against the engine's GPUs at start."""
+
+    name = "GPUS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip()
+        if text.lower() != "all":
+            parse_gpu_spec(text, None)  # its UserError names the bad piece, on one line
+        return text
+
+
+backend_option = click.option(
+    "--backend", type=click.Choice(CHOICES), default="auto", envvar="EVOLVECTL_BACKEND",
+    help="docker, local processes, or auto (docker when an engine answers; for a run: the one it started with)",
+)
+
+
+def run_options(command: Callable[..., Any], name_help: str = "run name (default: the latest run started)") -> Any:
+    """--project and --name: which run."""
+    command = click.option("--name", "--run", "name", default=None, envvar="EVOLVECTL_RUN", help=name_help)(command)
+    return click.option("--project", type=click.Path(path_type=Path), default=DEFAULT_PROJECT,
+                        envvar="EVOLVECTL_PROJECT", help="folder of runs (a run's folder: project/name)")(command)
+
+
+def launch_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The workers to run, their image and the trainer's flags (shared by start and compose)."""
+    options = [
+        click.option("--gpus", type=GpuSpec(), default=None, help="GPUs, one worker each: 0-7, 0,2,5 or all"),
+        click.option("--cpu-workers", type=click.IntRange(min=0), default=0, help="CPU workers (no GPU needed)"),
+        click.option("--generations", type=click.IntRange(min=1), default=300, help="total budget, all workers"),
+        click.option("--data", default="synthetic", help="data YAML path or bundled name (synthetic)"),
+        click.option("--cfg", default=None, help="model YAML path or bundled name (yolov5n/s/m/l/x)"),
+        click.option("--hyp", default=None, help="base hyperparameter YAML path or bundled name"),
+        click.option("--epochs", type=click.IntRange(min=1), default=None, help="epochs per generation"),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None),
+        click.option("--imgsz", type=click.IntRange(min=32), default=None, help="image size (pixels)"),
+        click.option("--workers", type=click.IntRange(min=0), default=None, help="dataloader processes per worker"),
+        click.option("--seed", type=int, default=None, help="training seed of every generation"),
+        click.option("--search-space", default=None, help="search space YAML overriding the bundled one"),
+        click.option("--evolve-population", default=None, help="seed hyp YAMLs / evolve.csv (files or folder)"),
+        click.option("--image", default=DEFAULT_IMAGE, envvar="EVOLVECTL_IMAGE", help="worker image"),
+        click.option("--base-image", default=None, envvar="BASE_IMAGE",
+                     help="PyTorch base image for the build (default: the Dockerfile's)"),
+        click.option("--shm-size", default=DEFAULT_SHM_SIZE, help="shared memory per container"),
+        click.option("--max-restarts", type=click.IntRange(min=0), default=DEFAULT_MAX_RESTARTS,
+                     help="restarts of a failing worker"),
+        click.argument("trainer_args", nargs=-1, type=click.UNPROCESSED),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return run_options(command, name_help=f"run name (default: {DEFAULT_RUN})")
+
+
+def trainer_options(values: dict[str, Any]) -> TrainerOptions:
+    names = ("data", "cfg", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed", "search_space",
+             "evolve_population")
+    return TrainerOptions(**{name: values[name] for name in names}, extra=tuple(values["trainer_args"]))
+
+
+def settings_from(values: dict[str, Any], build: bool = False) -> WorkerSettings:
+    return WorkerSettings(values["image"], values["base_image"], build, values["shm_size"], values["max_restarts"])
+
+
+def choose_gpus(spec: str | None, backend: Backend) -> list[int]:
+    """The GPUs asked for, checked against what the backend can hand out."""
+    if spec is None:
+        return []
+    available = backend.visible_gpus()
+    if available == []:
+        where = ("the Docker engine cannot hand out GPUs (no NVIDIA runtime: install the NVIDIA Container Toolkit)"
+                 if backend.name == "docker" else "PyTorch sees no CUDA GPU on this host")
+        raise UserError(f"--gpus {spec}: {where}; run CPU workers with --cpu-workers N")
+    return parse_gpu_spec(spec, available)
+
+
+def _host_file(value: str | None) -> str | None:
+    """A file given on the command line, made absolute so results can read it from anywhere."""
+    return str(Path(value).absolute()) if value is not None and Path(value).is_file() else value
+
+
+def _console(stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)  # paths and commands stay copyable
+
+
+def _report(backend: Backend, run: str, run_dir: Path) -> StatusReport:
+    return collect_status(run, run_dir, backend.name, backend.workers(run, run_dir))
+
+
+class EvolvectlGroup(click.Group):
+    """Turns a journal lock that cannot be taken into a one-line error like every other."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except JournalLockTimeout as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=EvolvectlGroup, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="evolvectl")
+def main() -> None:
+    """Hyperparameter evolution for YOLO-family detectors: one worker per GPU, one shared evolve.csv."""
+
+
+@main.command(context_settings=CONTEXT)
+@launch_options
+@backend_option
+@click.option("--build", is_flag=True, help="rebuild the image even if it exists")
+@click.option("--wait", is_flag=True, help="stay in the foreground until the budget is reached, then show results")
+def start(project: Path, name: str | None, backend: str, build: bool, wait: bool, **values: Any) -> None:
+    """Start (or resume) an evolution: one worker per GPU and/or CPU worker.
+
+    Running it again for the same run starts only the missing workers. Trainer flags not
+    listed here go after `--`, e.g. `evolvectl start --gpus all -- --cos-lr`.
+    """
+    run = check_run_name(name or DEFAULT_RUN)
+    if values["gpus"] is None and values["cpu_workers"] == 0:
+        raise UserError("no workers asked for: pass --gpus (e.g. 0-3 or all) or --cpu-workers N")
+    console, notices = _console(), _console(stderr=True)
+    workers = open_backend(backend, project, settings_from(values, build), lambda text: notices.print(text))
+    with console.status(f"preparing {workers.name} workers") as spinner:
+        workers.prepare(show_build_progress(console, spinner))
+        gpus = choose_gpus(values["gpus"], workers)
+    plan = LaunchPlan(run, project, tuple(worker_slots(gpus, values["cpu_workers"])), values["generations"],
+                      trainer_options(values))
+    Journal(plan.run_dir).clear_stop()  # a previous `stop` must not make the new workers exit
+    started = workers.start(plan, lambda text: console.print(text, style="dim"))
+    LaunchRecord(run, workers.name, tuple(slot.key for slot in plan.slots), plan.generations,
+                 _host_file(values["hyp"]), _host_file(values["search_space"]),
+                 values["image"] if workers.name == "docker" else None).save(plan.run_dir)
+    left = len(plan.slots) - len(started)
+    console.print(f"run [bold]{run}[/]: started {len(started)} {workers.name} worker(s)"
+                  + (f", {left} already running" if left else "") + f"; results in {plan.run_dir}")
+    if not wait:
+        where = f"--name {run}" + (f" --project {project}" if project != DEFAULT_PROJECT else "")
+        for what, command in (("watch", "status --watch"), ("attach", f"attach {plan.slots[0].key}"), ("stop", "stop")):
+            console.print(f"  {what:<7} evolvectl {command} {where}")
+        return
+    report = follow_run(console, lambda: _report(workers, run, plan.run_dir), until_exited=True)
+    print_results(console, run, plan.run_dir)
+    _fail_on_bad_exits(report, run)
+
+
+def _fail_on_bad_exits(report: StatusReport, run: str) -> None:
+    failed = [row for row in report.workers if row.exit_code not in (0, None)]
+    if failed:
+        worker = failed[0]
+        raise UserError(f"worker {worker.key} exited with code {worker.exit_code}: "
+                        f"see `evolvectl logs {worker.key} --name {run}`")
+
+
+@main.command(context_settings=CONTEXT)
+@run_options
+@backend_option
+@click.option("--watch", "-w", is_flag=True, help="refresh until Ctrl-C")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, help="seconds between refreshes")
+def status(project: Path, name: str | None, backend: str, watch: bool, interval: float) -> None:
+    """One row per worker (state, restarts, generation, epoch, fitness), the budget, best fitness and ETA."""
+    run, run_dir = existing_run_dir(project, name)
+    console = _console()
+    workers = backend_for_run(backend, project, run_dir, WorkerSettings(), lambda text: None)
+    if not watch:
+        console.print(render_status(_report(workers, run, run_dir)))
+        return
+    follow_run(console, lambda: _report(workers, run, run_dir), until_exited=False, interval=interval)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("worker")
+@run_options
+@backend_option
+@click.option("--tail", type=click.IntRange(min=0), default=50, help="lines of history shown first")
+def attach(worker: str, project: Path, name: str | None, backend: str, tail: int) -> None:
+    """Stream a worker's live output; Ctrl-C detaches and the worker keeps running.
+
+    WORKER is a GPU index (3 or gpu3) or a CPU worker (cpu0).
+    """
+    key = parse_worker_key(worker)
+    run, run_dir = existing_run_dir(project, name)
+    workers = backend_for_run(backend, project, run_dir, WorkerSettings(), lambda text: None)
+    workers.output(run, run_dir, key, _write_raw, follow=True, tail=tail)
+    states = {state.key: state for state in workers.workers(run, run_dir)}
+    state = states.get(key)
+    if state is not None and state.state in ACTIVE_STATES:
+        _console(stderr=True).print(f"\ndetached from {key}; it keeps running", style="dim")
+    elif state is not None:
+        _console(stderr=True).print(f"\n{key} is {state.state} (exit code {state.exit_code})", style="dim")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("worker")
+@run_options
+@backend_option
+@click.option("--follow", "-f", is_flag=True, help="keep printing new output (Ctrl-C stops)")
+@click.option("--tail", type=click.IntRange(min=0), default=None, help="only the last N lines")
+def logs(worker: str, project: Path, name: str | None, backend: str, follow: bool, tail: int | None) -> None:
+    """Print a worker's output so far (WORKER: 3, gpu3 or cpu0)."""
+    key = parse_worker_key(worker)
+    run, run_dir = existing_run_dir(project, name)
+    workers = backend_for_run(backend, project, run_dir, WorkerSettings(), lambda text: None)
+    workers.output(run, run_dir, key, _write_raw, follow=follow, tail=tail)
+
+
+def _write_raw(text: str) -> None:
+    """Output as the worker wrote it (carriage returns and colours included), at once."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@main.command(context_settings=CONTEXT)
+@run_options
+@backend_option
+@click.option("--now", is_flag=True, help="kill the workers at once instead of after their generation")
+def stop(project: Path, name: str | None, backend: str, now: bool) -> None:
+    """Stop a run: each worker finishes its current generation, then exits (--now: kill them)."""
+    run, run_dir = existing_run_dir(project, name)
+    Journal(run_dir).request_stop()  # also keeps a restarting worker from training again
+    console = _console()
+    if not now:
+        console.print(f"run {run}: workers exit after their current generation; "
+                      f"`evolvectl status --name {run}` shows them go, `evolvectl start` resumes")
+        return
+    workers = backend_for_run(backend, project, run_dir, WorkerSettings(), lambda text: None)
+    killed = workers.kill(run, run_dir)
+    console.print(f"run {run}: killed {', '.join(killed) or 'no live workers'}; their generations are retried "
+                  "when the run is started again")
+
+
+@main.command("kill-all", context_settings=CONTEXT)
+@click.option("--run", "--name", "run", default=None, help="only this run's workers (default: every run)")
+@click.option("--project", type=click.Path(path_type=Path), default=DEFAULT_PROJECT, envvar="EVOLVECTL_PROJECT",
+              help="folder holding the runs of local workers")
+@click.option("--backend", type=click.Choice(CHOICES), default="auto", envvar="EVOLVECTL_BACKEND",
+              help="auto: containers (when an engine answers) and local workers")
+def kill_all(run: str | None, project: Path, backend: str) -> None:
+    """Kill and remove every evolvectl worker (of one run with --run); nothing else is touched."""
+    if run is not None:
+        check_run_name(run)
+    removed: list[str] = []
+    if backend in ("auto", "docker"):
+        removed += _remove_containers(run, required=backend == "docker")
+    if backend in ("auto", "local"):
+        removed += open_backend("local", project, WorkerSettings(), lambda text: None).remove_all(run)
+    _console().print(f"removed {len(removed)} worker(s)" + (f": {', '.join(removed)}" if removed else ""))
+
+
+def _remove_containers(run: str | None, required: bool) -> list[str]:
+    from orchestrator.containers import connect, kill_all as remove_containers
+
+    try:
+        client = connect()
+    except UserError:
+        if required:
+            raise
+        return []  # no engine, no containers
+    return remove_containers(client, run)
+
+
+@main.command(context_settings=CONTEXT)
+@run_options
+@click.option("--top", type=click.IntRange(min=1), default=5, help="rows of the table")
+def results(project: Path, name: str | None, top: int) -> None:
+    """The fittest generations, the best hyperparameters (hyp_evolve.yaml) and the plots."""
+    run, run_dir = existing_run_dir(project, name)
+    print_results(_console(), run, run_dir, top)
+
+
+@main.command(context_settings=CONTEXT)
+@launch_options
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="compose file to write (default: compose.<run>.yaml)")
+def compose(project: Path, name: str | None, output: Path | None, **values: Any) -> None:
+    """Write a Docker Compose file with one service per worker, each reserving only its own GPU."""
+    from orchestrator.compose import compose_document, write_compose_file
+    from orchestrator.containers import DOCKERFILE
+    from orchestrator.docker_backend import PROJECT_ROOT, host_user, worker_specs
+    from orchestrator.run_inputs import stage_for_containers
+
+    run = check_run_name(name or DEFAULT_RUN)
+    gpus = parse_gpu_spec(values["gpus"], None) if values["gpus"] else []
+    plan = LaunchPlan(run, project, tuple(worker_slots(gpus, values["cpu_workers"])), values["generations"],
+                      trainer_options(values))
+    staged = stage_for_containers(plan.options, run, plan.run_dir)
+    specs = worker_specs(plan, staged, values["image"], host_user(), values["shm_size"], values["max_restarts"])
+    context = PROJECT_ROOT if (PROJECT_ROOT / DOCKERFILE).is_file() else None  # else the image must exist
+    document = compose_document(run, specs, context, values["base_image"])
+    output = output or Path(f"compose.{run}.yaml")
+    write_compose_file(output, run, document)
+    Journal(plan.run_dir).clear_stop()
+    LaunchRecord(run, "docker", tuple(slot.key for slot in plan.slots), plan.generations,
+                 _host_file(values["hyp"]), _host_file(values["search_space"]), values["image"]).save(plan.run_dir)
+    _console().print(f"wrote {output} ({len(specs)} services); start it with: docker compose -f {output} up -d")

@@ -1,0 +1,211 @@
+"""The Docker backend: one detached container per worker, through `container_spec` and `containers`.
+
+Every worker of a run bind-mounts the run folder from the host at `/runs/evolve/<run>` and
+runs as the host user, so the host reads the journal directly and owns every file in it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+import orchestrator
+from orchestrator.container_spec import (
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_SHM_SIZE,
+    GPU_LABEL,
+    SLOT_LABEL,
+    WORKER_USER,
+    Mount,
+    WorkerSpec,
+    dataset_mount,
+    worker_spec,
+)
+from orchestrator.containers import (
+    ALIVE_STATES,
+    DOCKERFILE,
+    build_image,
+    engine_errors,
+    kill_all,
+    list_workers,
+    log_tail,
+    start_worker,
+)
+from orchestrator.gpus import visible_gpus
+from orchestrator.launch import LaunchPlan, WorkerSlot
+from orchestrator.run_inputs import StagedInputs, container_run_dir, stage_for_containers
+from orchestrator.status import WorkerState
+from trainer.errors import UserError
+
+PROJECT_ROOT = Path(orchestrator.__file__).resolve().parent.parent
+STATUS_LOG_LINES = 40
+
+Write = Callable[[str], None]
+
+
+def host_user() -> str:
+    """`uid:gid` of whoever runs evolvectl, so the files workers write in the run folder are theirs."""
+    return f"{os.getuid()}:{os.getgid()}"
+
+
+def worker_specs(
+    plan: LaunchPlan,
+    staged: StagedInputs,
+    image: str,
+    user: str,
+    shm_size: str = DEFAULT_SHM_SIZE,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
+) -> list[WorkerSpec]:
+    """The containers of a run: its folder bind-mounted read-write, its dataset read-only."""
+    arguments = staged.options.arguments(plan.generations)
+    run_folder = Mount(str(plan.run_dir), container_run_dir(plan.run), "bind", read_only=False)
+    mounts = (run_folder, dataset_mount(staged.dataset_dir)) if staged.dataset_dir else (run_folder,)
+    cpu_workers = sum(slot.gpu is None for slot in plan.slots)
+    specs = []
+    for slot in plan.slots:
+        spec = worker_spec(plan.run, slot.gpu, slot.slot, image, plan.run_dir, staged.dataset_dir, arguments,
+                           environment=_environment(slot, user, cpu_workers), shm_size=shm_size,
+                           max_restarts=max_restarts)
+        # Only the run's own folder is mounted (at the /runs/evolve/<run> the trainer writes to), not a
+        # whole runs volume, so one run's workers cannot touch another's files.
+        specs.append(replace(spec, mounts=mounts, user=user))
+    return specs
+
+
+def _environment(slot: WorkerSlot, user: str, cpu_workers: int) -> dict[str, str]:
+    environment = {}
+    if slot.gpu is not None:
+        environment["EVOLVECTL_GPU"] = str(slot.gpu)  # the host's index, for provenance (inside it is GPU 0)
+    else:
+        environment["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_workers))
+    if user != WORKER_USER:
+        environment["HOME"] = "/tmp"  # the image's HOME belongs to uid 1000
+    return environment
+
+
+def worker_key(container: Container) -> str:
+    gpu = container.labels.get(GPU_LABEL, "")
+    if gpu.isdigit():
+        return f"gpu{gpu}"
+    slot = container.labels.get(SLOT_LABEL)
+    return f"cpu{slot}" if slot is not None else container.name  # compose replicas carry no slot
+
+
+class DockerBackend:
+    name = "docker"
+
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        image: str,
+        base_image: str | None = None,
+        build: bool = False,
+        shm_size: str = DEFAULT_SHM_SIZE,
+        max_restarts: int = DEFAULT_MAX_RESTARTS,
+        context: Path = PROJECT_ROOT,
+    ) -> None:
+        self.client = client
+        self.image = image
+        self.base_image = base_image
+        self.build = build
+        self.shm_size = shm_size
+        self.max_restarts = max_restarts
+        self.context = context
+
+    def prepare(self, say: Write) -> None:
+        """Build the worker image if the engine lacks it (or always, with `build`)."""
+        if not self.build and self._has_image():
+            return
+        if not (self.context / DOCKERFILE).is_file():
+            raise UserError(f"image {self.image} not found and no {DOCKERFILE} under {self.context} to build it "
+                            "from; build it yourself or pass --image")
+        say(f"building image {self.image} from {DOCKERFILE} (the first build downloads and takes minutes)")
+        build_image(self.client, self.image, self.context, self.base_image, say)
+
+    def _has_image(self) -> bool:
+        with engine_errors(f"looking up image {self.image}"):
+            try:
+                self.client.images.get(self.image)
+            except docker.errors.ImageNotFound:
+                return False
+        return True
+
+    def visible_gpus(self) -> list[int] | None:
+        return visible_gpus(self.client, probe_image=self.image)
+
+    def start(self, plan: LaunchPlan, say: Write) -> list[str]:
+        """Start the run's missing workers; live ones are left alone. Returns the keys started."""
+        staged = stage_for_containers(plan.options, plan.run, plan.run_dir)
+        specs = worker_specs(plan, staged, self.image, host_user(), self.shm_size, self.max_restarts)
+        alive = {container.name for container in list_workers(self.client, plan.run)
+                 if container.status in ALIVE_STATES}
+        made: list[Container] = []
+        try:
+            for slot, spec in zip(plan.slots, specs, strict=True):
+                container = start_worker(self.client, spec)
+                if spec.name not in alive:
+                    made.append(container)
+                    say(f"started {slot.key}: container {spec.name}")
+        except BaseException:
+            for container in made:  # nothing half-started: the containers this call made go again
+                with engine_errors(f"removing {container.name}"):
+                    container.remove(force=True)
+            raise
+        return [worker_key(container) for container in made]
+
+    def workers(self, run: str, run_dir: Path) -> list[WorkerState]:
+        states = []
+        for container in list_workers(self.client, run):
+            attributes = container.attrs
+            running = container.status == "running"
+            states.append(WorkerState(
+                key=worker_key(container),
+                worker_id=container.name,
+                state=container.status,
+                restarts=int(attributes.get("RestartCount", 0)),
+                exit_code=None if running else attributes.get("State", {}).get("ExitCode"),
+                log_tail=log_tail(container, STATUS_LOG_LINES) if running else "",
+            ))
+        return sorted(states, key=lambda state: state.key)
+
+    def kill(self, run: str, run_dir: Path) -> list[str]:
+        """Kill the run's live containers (stop --now). Docker counts this as a manual stop: no restart."""
+        killed = []
+        for container in list_workers(self.client, run):
+            if container.status in ALIVE_STATES:
+                with engine_errors(f"killing {container.name}"):
+                    container.stop(timeout=0)
+                killed.append(worker_key(container))
+        return killed
+
+    def remove_all(self, run: str | None) -> list[str]:
+        return kill_all(self.client, run)
+
+    def output(self, run: str, run_dir: Path, key: str, write: Write, follow: bool, tail: int | None) -> None:
+        """The worker's output (its last `tail` lines), then live until it stops or Ctrl-C."""
+        container = self._container(run, key)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            with engine_errors(f"reading logs of {container.name}"):
+                chunks = container.logs(stream=True, follow=follow, tail="all" if tail is None else tail)
+                for chunk in chunks:
+                    write(decoder.decode(chunk))
+        except KeyboardInterrupt:
+            return  # Ctrl-C detaches; the container keeps running
+        write(decoder.decode(b"", final=True))
+
+    def _container(self, run: str, key: str) -> Container:
+        containers = list_workers(self.client, run)
+        for container in containers:
+            if worker_key(container) == key:
+                return container
+        known = ", ".join(sorted(worker_key(container) for container in containers)) or "none"
+        raise UserError(f"run {run} has no worker {key}; its workers: {known}")
+

@@ -1,0 +1,229 @@
+"""The local backend: workers as detached processes on this host, for hosts without Docker.
+
+Each worker is `python -m orchestrator.supervisor -- python -m trainer --evolve ...`,
+started in its own session (so it outlives the command that started it, and one signal to
+its process group reaches the trainer and its dataloader processes). Its files live in the
+run folder: `workers/<key>.json` (state: pid, restarts, exit code) and `workers/<key>.log`
+(everything it prints). Attach follows the log; stop, kill-all and status read the state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orchestrator
+from orchestrator.container_spec import DEFAULT_MAX_RESTARTS
+from orchestrator.launch import WORKERS_DIR, LaunchPlan, WorkerSlot
+from orchestrator.run_inputs import stage_local
+from orchestrator.status import ACTIVE_STATES, WorkerState
+from orchestrator.supervisor import write_state
+from trainer.errors import UserError
+
+TRAINER_COMMAND = (sys.executable, "-m", "trainer")
+SUPERVISOR_MODULE = "orchestrator.supervisor"
+# Exit status reported for a killed worker: what a shell and Docker report after SIGKILL.
+KILLED_EXIT_CODE = 137
+TAIL_BYTES = 8192
+FOLLOW_POLL_S = 0.25
+# SIGKILL is delivered asynchronously; kill waits this long for the process to be gone.
+KILL_WAIT_S = 2.0
+
+Write = Callable[[str], None]
+
+
+def process_alive(pid: int) -> bool:
+    """True while the supervisor `pid` runs (not a zombie, not a reused pid)."""
+    if pid <= 0:
+        return False  # unknown; and waitpid/kill would read -1 and 0 as "any process"
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)  # reaps it if it is our own ended child
+        if reaped:
+            return False
+    except ChildProcessError:
+        pass  # not our child: the kernel or its real parent reaps it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True  # no /proc (macOS): the pid is all there is to go on
+    try:
+        return SUPERVISOR_MODULE.encode() in (proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # being replaced right now, or gone: treated as not started
+
+
+class LocalBackend:
+    """Workers as supervised local processes running `trainer_command` (default: this Python's trainer)."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        project: Path,
+        trainer_command: Sequence[str] | None = None,
+        max_restarts: int = DEFAULT_MAX_RESTARTS,
+    ) -> None:
+        self.project = project
+        self.trainer_command = tuple(trainer_command or TRAINER_COMMAND)
+        self.max_restarts = max_restarts
+
+    def prepare(self, say: Write) -> None:
+        """Nothing to build: the workers run this interpreter's packages."""
+
+    def visible_gpus(self) -> list[int]:
+        import torch  # only when GPUs are asked for: importing torch takes seconds
+
+        return list(range(torch.cuda.device_count()))
+
+    def start(self, plan: LaunchPlan, say: Write) -> list[str]:
+        """Start the run's missing workers; live ones are left alone. Returns the keys started."""
+        staged = stage_local(plan.options)
+        arguments = staged.options.arguments(plan.generations)
+        workers_dir = plan.run_dir / WORKERS_DIR
+        workers_dir.mkdir(parents=True, exist_ok=True)
+        started: dict[str, int] = {}
+        try:
+            for slot in plan.slots:
+                state = _read_json(workers_dir / f"{slot.key}.json")
+                if state is not None and state.get("state") in ACTIVE_STATES and process_alive(state["pid"]):
+                    continue
+                started[slot.key] = self._spawn(plan, slot, arguments, workers_dir)
+        except BaseException:
+            for key, pid in started.items():  # nothing half-started: the workers this call made go again
+                _kill_group(pid)
+                (workers_dir / f"{key}.json").unlink(missing_ok=True)
+            raise
+        return list(started)
+
+    def _spawn(self, plan: LaunchPlan, slot: WorkerSlot, arguments: list[str], workers_dir: Path) -> int:
+        device = "cpu" if slot.gpu is None else str(slot.gpu)
+        worker = [*self.trainer_command, "--evolve", *arguments, "--project", str(plan.project.absolute()),
+                  "--name", plan.run, "--worker-id", slot.worker_id(plan.run), "--device", device]
+        state_path = workers_dir / f"{slot.key}.json"
+        command = [sys.executable, "-m", SUPERVISOR_MODULE, "--state", str(state_path),
+                   "--max-restarts", str(self.max_restarts), "--", *worker]
+        log_path = workers_dir / f"{slot.key}.log"
+        with log_path.open("ab") as log:
+            log.write(f"[evolvectl] {time.strftime('%Y-%m-%d %H:%M:%S')} starting {slot.key}\n".encode())
+            log.flush()
+            try:
+                process = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True, env=_worker_environment(slot, plan),
+                )
+            except OSError as error:
+                raise UserError(f"cannot start local worker {slot.key}: {error}") from None
+        # Written after the fact, so it can (rarely) hide the supervisor's first "running": both count as live.
+        write_state(state_path, state="starting", pid=process.pid, restarts=0)
+        return process.pid
+
+    def workers(self, run: str, run_dir: Path) -> list[WorkerState]:
+        states = []
+        for path in sorted((run_dir / WORKERS_DIR).glob("*.json")):
+            state = _read_json(path) or {"state": "starting", "pid": -1}
+            name = state.get("state", "starting")
+            if name in ACTIVE_STATES and not process_alive(int(state.get("pid", -1))):
+                name = "dead"  # killed without a chance to record it
+            tail = _log_tail(path.with_suffix(".log")) if name == "running" else ""
+            states.append(WorkerState(path.stem, f"evolvectl-{run}-{path.stem}", name, int(state.get("restarts", 0)),
+                                      state.get("exit_code"), tail))
+        return states
+
+    def kill(self, run: str, run_dir: Path) -> list[str]:
+        """Kill the run's live workers at once (stop --now); their state and logs stay."""
+        killed = []
+        for path in sorted((run_dir / WORKERS_DIR).glob("*.json")):
+            state = _read_json(path)
+            if state is not None and process_alive(int(state.get("pid", -1))):
+                _kill_group(int(state["pid"]))
+                write_state(path, state="exited", pid=state["pid"], exit_code=KILLED_EXIT_CODE,
+                            restarts=state.get("restarts", 0))
+                killed.append(path.stem)
+        return killed
+
+    def remove_all(self, run: str | None) -> list[str]:
+        """Kill the workers of `run` (every run under the project if None) and forget them; logs stay."""
+        pattern = f"{run}/{WORKERS_DIR}/*.json" if run else f"*/{WORKERS_DIR}/*.json"
+        removed = []
+        for path in sorted(self.project.glob(pattern)):
+            state = _read_json(path)
+            if state is not None and process_alive(int(state.get("pid", -1))):
+                _kill_group(int(state["pid"]))
+            path.unlink(missing_ok=True)
+            removed.append(f"evolvectl-{path.parent.parent.name}-{path.stem}")
+        return removed
+
+    def output(self, run: str, run_dir: Path, key: str, write: Write, follow: bool, tail: int | None) -> None:
+        """Print the worker's log (its last `tail` lines), then follow it until it exits or Ctrl-C."""
+        log_path = run_dir / WORKERS_DIR / f"{key}.log"
+        if not log_path.with_suffix(".json").exists():
+            known = ", ".join(path.stem for path in sorted((run_dir / WORKERS_DIR).glob("*.json"))) or "none"
+            raise UserError(f"run {run} has no worker {key}; its workers: {known}")
+        with log_path.open("rb") as log:
+            text = log.read().decode("utf-8", errors="replace")
+            if tail is not None:
+                text = "".join(text.splitlines(keepends=True)[-tail:])
+            write(text)
+            try:
+                while follow:
+                    chunk = log.read()
+                    if chunk:
+                        write(chunk.decode("utf-8", errors="replace"))
+                        continue
+                    if not any(w.key == key and w.state in ACTIVE_STATES for w in self.workers(run, run_dir)):
+                        write(log.read().decode("utf-8", errors="replace"))
+                        return
+                    time.sleep(FOLLOW_POLL_S)
+            except KeyboardInterrupt:
+                return  # Ctrl-C detaches; the worker keeps running
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)  # the supervisor leads its session: this reaches every process of it
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + KILL_WAIT_S
+    while process_alive(pid) and time.monotonic() < deadline:  # also reaps it if it is our child
+        time.sleep(0.02)
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        with path.open("rb") as log:
+            log.seek(max(0, path.stat().st_size - TAIL_BYTES))
+            return log.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _worker_environment(slot: WorkerSlot, plan: LaunchPlan) -> dict[str, str]:
+    """This host's environment, with the project importable and CPU workers sharing the cores."""
+    environment = dict(os.environ, PYTHONUNBUFFERED="1")
+    package_root = str(Path(orchestrator.__file__).resolve().parent.parent)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
+    if slot.gpu is not None:
+        environment["EVOLVECTL_GPU"] = str(slot.gpu)
+    else:
+        cpu_workers = sum(other.gpu is None for other in plan.slots)
+        environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cpu_workers)))
+    return environment

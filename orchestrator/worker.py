@@ -1,0 +1,338 @@
+"""One evolution worker: claim a slot, train a child, record the result, until the budget is met.
+
+A worker per GPU runs `run_worker` against the same run directory. Each generation is:
+under the lock, claim a slot and draw its child (recorded in the lease, so every worker
+sees it); train it with the lock released while a heartbeat keeps the lease alive; under
+the lock again, append the result (or record the failure) and rewrite hyp_evolve.yaml.
+
+The trainer plugs in as an `Objective`: a callable taking the child `Hyp` and a
+`GenerationContext`, returning a `GenerationResult`, or raising `GenerationFailed` (or
+any exception) when the generation diverges, runs out of memory or crashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from orchestrator import outputs
+from orchestrator.ga import ParentMethod, child_generator, propose_child
+from orchestrator.journal import Journal
+from orchestrator.leases import (
+    Heartbeat,
+    Lease,
+    RunState,
+    WorkerIdentity,
+    expire_leases,
+    lease_record,
+    load_state,
+    offer_slot,
+    prepare_run,
+    reclaim_lease,
+    release_failed,
+    save_state,
+    start_lease,
+)
+from orchestrator.search_space import SearchSpace
+from trainer.config import Hyp
+from trainer.errors import TrainingDiverged
+
+logger = logging.getLogger(__name__)
+
+FailureKind = Literal["diverged", "oom", "crash"]
+
+
+class GenerationFailed(Exception):
+    """A generation that produced no usable result; `kind` is diverged, oom or crash."""
+
+    def __init__(self, reason: str, kind: FailureKind = "crash") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class GenerationContext:
+    """What the objective may need to know about the generation it trains."""
+
+    run_dir: Path
+    claim: int  # unique per run; also seeds the child's mutation
+    attempt: int  # 1 for a slot's first try, more after failures or expired leases
+    worker_id: str
+    seed: int  # the run seed: the same for every generation, so results compare fairly
+    gpu: str | None
+    parents: tuple[int, ...]  # evolve.csv rows the child came from
+    source: str  # base, population:<file>, mutation, retry of claim N
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The seven values of an evolve.csv row, in its column order."""
+
+    precision: float
+    recall: float
+    map50: float
+    map: float
+    box_loss: float
+    obj_loss: float
+    cls_loss: float
+
+    def values(self) -> np.ndarray:
+        return np.array(astuple(self), dtype=float)
+
+
+Objective = Callable[[Hyp, GenerationContext], GenerationResult]
+
+
+@dataclass(frozen=True)
+class WorkerSummary:
+    worker_id: str
+    ok: int  # results appended to evolve.csv
+    failed: int  # attempts recorded as failed
+    stale: int  # results dropped because the lease had been handed to another worker
+    claims: tuple[int, ...]
+    exit_reason: str  # "budget reached" or "stop requested"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything fixed for the life of one worker."""
+
+    journal: Journal
+    base_hyp: Hyp
+    hyp_keys: tuple[str, ...]
+    bounds: tuple[np.ndarray, np.ndarray, np.ndarray]
+    evolved_keys: tuple[str, ...]
+    identity: WorkerIdentity
+    seed: int
+    method: ParentMethod
+    lease_ttl: float
+    max_attempts: int
+
+    @property
+    def base_values(self) -> np.ndarray:
+        base = self.base_hyp.as_dict(include_unset=True)
+        return np.array([base[key] for key in self.hyp_keys], dtype=float)
+
+    @property
+    def poll_interval(self) -> float:
+        return min(self.lease_ttl / 4, 5.0)
+
+
+# What _claim answers when it grants no lease.
+_WAIT = "wait"
+_BUDGET_REACHED = "budget reached"
+
+
+def run_worker(
+    run_dir: str | Path,
+    base_hyp: Hyp,
+    space: SearchSpace,
+    generations: int,
+    objective: Objective,
+    worker_id: str,
+    seed: int,
+    gpu: str | None = None,
+    *,
+    population: Sequence[str | Path] = (),
+    method: ParentMethod = "single",
+    lease_ttl: float = 60.0,
+    max_attempts: int = 3,
+    stop: threading.Event | None = None,
+    soft_lock: bool = False,
+    plot_interval: float | None = 60.0,
+) -> WorkerSummary:
+    """Evolve until `generations` results exist in the run (a total shared by all workers).
+
+    Bad input raises UserError before the run directory is touched. `stop` (or SIGTERM,
+    or a STOP file in the run directory) makes the worker finish its current generation
+    and return. `population` seeds a new run from hyp YAMLs and/or YOLOv5 evolve.csv files.
+    Plots are redrawn at most every `plot_interval` seconds and on exit (None: never).
+    """
+    journal = Journal(run_dir, soft_lock=soft_lock)
+    hyp_keys = prepare_run(journal, base_hyp, space, generations, population)
+    plan = _Plan(
+        journal=journal,
+        base_hyp=base_hyp,
+        hyp_keys=hyp_keys,
+        bounds=space.bounds(hyp_keys),
+        evolved_keys=tuple(space.evolved_keys(hyp_keys)),
+        identity=WorkerIdentity(worker_id, gpu),
+        seed=seed,
+        method=method,
+        lease_ttl=lease_ttl,
+        max_attempts=max_attempts,
+    )
+    stop = stop or threading.Event()
+    counts: Counter[str] = Counter()
+    claims: list[int] = []
+    last_plot = time.monotonic()
+    with _stop_on_sigterm(stop):
+        while not (stop.is_set() or journal.stop_requested()):
+            lease = _claim(plan)
+            if lease == _BUDGET_REACHED:
+                break
+            if lease == _WAIT:  # every open slot is in flight elsewhere: wait for one to end or expire
+                stop.wait(plan.poll_interval)
+                continue
+            assert isinstance(lease, Lease)
+            claims.append(lease.claim)
+            counts[_run_generation(plan, lease, objective)] += 1
+            if plot_interval is not None and time.monotonic() - last_plot >= plot_interval:
+                _write_plots(plan)
+                last_plot = time.monotonic()
+    if plot_interval is not None:
+        _write_plots(plan)
+    exit_reason = "stop requested" if stop.is_set() or journal.stop_requested() else _BUDGET_REACHED
+    logger.info("worker %s: %s after %d claims (%s)", worker_id, exit_reason, len(claims), dict(counts))
+    return WorkerSummary(worker_id, counts["ok"], counts["failed"], counts["stale"], tuple(claims), exit_reason)
+
+
+def _claim(plan: _Plan) -> Lease | str:
+    """Under the lock: expire dead leases, take a slot, draw its child, record the lease."""
+    journal = plan.journal
+    with journal.locked():
+        state = load_state(journal)
+        if state is None:
+            raise RuntimeError(f"{journal.state_path} disappeared while the run was going on")
+        now = time.time()
+        expired = expire_leases(state, now, plan.max_attempts)
+        rows = journal.count_rows()
+        offer = offer_slot(state, rows)
+        lease = None
+        if offer is not None:
+            hyp, parents = offer.hyp, offer.parents
+            if hyp is None:
+                hyp, parents = _draw_child(plan, state, offer.claim)
+            lease = start_lease(state, offer, hyp, parents, plan.identity, now, plan.lease_ttl)
+        if lease is not None or expired:
+            save_state(journal, state)
+        for record in expired:  # after the state: a death in between must not expire a lease twice
+            journal.append_record(record)
+    if lease is None:
+        return _BUDGET_REACHED if state.remaining(rows) <= 0 else _WAIT
+    logger.info("claim %d (attempt %d, %s): training", lease.claim, lease.attempt, lease.source)
+    return lease
+
+
+def _draw_child(plan: _Plan, state: RunState, claim: int) -> tuple[dict[str, float], list[int]]:
+    """A new child of the population, unlike every row and every child in flight."""
+    population = plan.journal.read_population(plan.hyp_keys)
+    in_flight = [[child[key] for key in plan.hyp_keys] for child in state.children_in_flight()]
+    taken = np.vstack([population.hyps, np.reshape(in_flight, (-1, len(plan.hyp_keys)))])
+    rng = child_generator(plan.seed, plan.identity.worker_id, claim)
+    child, parent_rows = propose_child(
+        population.hyps, population.fitness, plan.base_values, plan.bounds, taken, rng, plan.method
+    )
+    return dict(zip(plan.hyp_keys, map(float, child))), list(parent_rows)
+
+
+def _run_generation(plan: _Plan, lease: Lease, objective: Objective) -> str:
+    """Train one child with its lease kept alive, then record how it ended; returns the status."""
+    context = GenerationContext(
+        run_dir=plan.journal.run_dir,
+        claim=lease.claim,
+        attempt=lease.attempt,
+        worker_id=plan.identity.worker_id,
+        seed=plan.seed,
+        gpu=plan.identity.gpu,
+        parents=tuple(lease.parents),
+        source=lease.source,
+    )
+    hyp = Hyp.from_dict({**plan.base_hyp.as_dict(include_unset=True), **lease.hyp}, source=f"claim {lease.claim}")
+    heartbeat_interval = min(plan.lease_ttl / 4, 5.0)
+    with Heartbeat(plan.journal, lease.claim, plan.lease_ttl, heartbeat_interval):
+        values, failure = _evaluate(objective, hyp, context)
+    return _finish(plan, lease, values, failure)
+
+
+def _evaluate(
+    objective: Objective, hyp: Hyp, context: GenerationContext
+) -> tuple[np.ndarray | None, tuple[str, str] | None]:
+    """Call the objective; returns (values, None) or (None, (kind, reason)). Never raises Exception."""
+    try:
+        result = objective(hyp, context)
+    except GenerationFailed as failure:
+        return None, (failure.kind, failure.reason)
+    except TrainingDiverged as error:
+        return None, ("diverged", str(error))
+    except Exception as error:
+        # torch.cuda.OutOfMemoryError is recognised by name so this module needs no torch.
+        kind = "oom" if type(error).__name__ == "OutOfMemoryError" else "crash"
+        logger.exception("claim %d: generation failed", context.claim)
+        return None, (kind, f"{type(error).__name__}: {error}")
+    if not isinstance(result, GenerationResult):
+        return None, ("crash", f"objective returned {type(result).__name__}, not a GenerationResult")
+    values = result.values()
+    if not np.all(np.isfinite(values)):
+        return None, ("diverged", f"non-finite result: {', '.join(f'{value:g}' for value in values)}")
+    return values, None
+
+
+def _finish(plan: _Plan, lease: Lease, values: np.ndarray | None, failure: tuple[str, str] | None) -> str:
+    """Under the lock: close the lease, then append the row (or record the failure)."""
+    journal = plan.journal
+    with journal.locked():
+        state = load_state(journal)
+        now = time.time()
+        common = {"seed": plan.seed, "hyp": lease.hyp}
+        if state is None or not reclaim_lease(state, lease):
+            reason = "lease expired and its slot went to another worker; result dropped"
+            journal.append_record(lease_record(lease, "stale", now, reason=reason, **common))
+            return "stale"
+        if failure is not None:
+            given_up = release_failed(state, lease, plan.max_attempts)
+            save_state(journal, state)
+            kind, reason = failure
+            record = lease_record(lease, "failed", now, kind=kind, reason=reason, slot_given_up=given_up, **common)
+            journal.append_record(record)
+            logger.warning("claim %d failed (%s): %s", lease.claim, kind, reason)
+            return "failed"
+        # State first: dying between the two writes re-offers the slot instead of overshooting the budget.
+        save_state(journal, state)
+        child = np.array([lease.hyp[key] for key in plan.hyp_keys])
+        row = journal.append_rows(values, child)
+        journal.append_record(lease_record(lease, "ok", now, row=row, seed=plan.seed))  # its hyp is the row
+        outputs.write_hyp_evolve(journal.run_dir, journal.read_population(plan.hyp_keys))
+    return "ok"
+
+
+def _write_plots(plan: _Plan) -> None:
+    """Render plots from a lock-free read: they may lag a row behind, never tear."""
+    try:
+        outputs.write_plots(plan.journal.run_dir, plan.journal.read_population(plan.hyp_keys), plan.evolved_keys)
+    except Exception as error:  # a plot must never stop an evolution
+        logger.warning("could not write plots: %s", error)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(stop: threading.Event) -> Iterator[None]:
+    """Turn SIGTERM (docker stop) into a graceful stop; only the main thread can install it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+__all__ = [
+    "GenerationContext",
+    "GenerationFailed",
+    "GenerationResult",
+    "Objective",
+    "WorkerSummary",
+    "run_worker",
+]

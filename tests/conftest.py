@@ -1,0 +1,110 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import docker
+import docker.errors
+import pytest
+
+from orchestrator.containers import build_image, connect
+from trainer.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- Docker engine fixtures (container layer) ---------------------------------------------
+# Tests that need an engine are skipped where none answers, except in CI (CI=true), where
+# a missing engine or base image is a failure: .ci/docker-setup.sh must have provided them.
+
+BASE_IMAGE = os.environ.get("EVOLVECTL_BASE_IMAGE", "evolvectl-base:torch")
+TEST_IMAGE = "evolvectl:test"
+
+
+def docker_unavailable(reason: str) -> NoReturn:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: run .ci/docker-setup.sh before the tests)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    try:
+        client = connect()
+    except UserError as error:
+        docker_unavailable(error.message)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_client: docker.DockerClient) -> str:
+    """The local stand-in for the PyTorch base image (Debian + /venv with torch)."""
+    try:
+        docker_client.images.get(BASE_IMAGE)
+    except docker.errors.ImageNotFound:
+        docker_unavailable(f"base image {BASE_IMAGE} not found: run .ci/docker-setup.sh")
+    return BASE_IMAGE
+
+
+def download_wheels(destination: Path) -> None:
+    """The image's small dependencies as wheels, fetched with this machine's pip settings."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    requirements = project["build-system"]["requires"] + project["project"]["dependencies"]
+    wanted = [requirement for requirement in requirements if not requirement.startswith("torch")]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+         "--dest", str(destination), *wanted],
+        check=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def worker_image(docker_client: docker.DockerClient, base_image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The real docker/Dockerfile built on the local base, offline from downloaded wheels.
+
+    The build runs on a copy of the project so the wheels never land in the working tree.
+    """
+    context = tmp_path_factory.mktemp("image") / "context"
+    heavy = shutil.ignore_patterns(".git", "runs", "datasets", "__pycache__", "*.pt", ".pytest_cache", "wheels")
+    shutil.copytree(ROOT, context, ignore=heavy)
+    download_wheels(context / "docker" / "wheels")
+    build_image(docker_client, TEST_IMAGE, context, base_image=base_image, build_args={"OFFLINE": "1"})
+    return TEST_IMAGE
+
+
+# --- end of Docker engine fixtures ---------------------------------------------------------
+
+
+# --- Trainer fixtures (datasets and a trained run) ----------------------------------------
+
+def write_data_yaml(folder: Path, train: int, val: int, size: int, seed: int = 0) -> Path:
+    """A built-in-style synthetic dataset config generating into `folder` (absolute path)."""
+    import yaml
+
+    names = ["disc", "square", "triangle", "cross", "ring", "diamond"]
+    config = {"path": str(folder / "data"), "train": "images/train", "val": "images/val", "names": names,
+              "synthetic": {"seed": seed, "train": train, "val": val, "size": size}}
+    path = folder / "data.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 training and 16 validation images of 64 px: enough for plumbing, not for learning."""
+    return write_data_yaml(tmp_path_factory.mktemp("tiny"), train=32, val=16, size=64)
+
+
+def run_trainer(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m trainer ARGS` as a user runs it; output captured for assertions."""
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})

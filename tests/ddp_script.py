@@ -1,0 +1,74 @@
+"""Run under `torch.distributed.run` (or alone) by tests/test_ddp.py; rank 0 writes the outputs.
+
+train: a few real training steps (engine.train_one_epoch) on a dataset whose images all share one
+box layout, with BatchNorm removed, so that DDP on per-rank batch b must equal one process on 2b.
+validate: engine.evaluate of a fixed model, distributed or not.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer import dist
+from trainer.config import Hyp
+from trainer.data import build_dataloader, build_datasets, load_data_config
+from trainer.ema import ModelEMA
+from trainer.engine import StepCounter, evaluate, train_one_epoch
+from trainer.loss import DetectionLoss
+from trainer.model import DetectionModel
+from trainer.optim import Warmup, build_optimizer
+from trainer.progress import EpochProgress
+
+NO_AUGMENTATION = Hyp(hsv_h=0, hsv_s=0, hsv_v=0, translate=0, scale=0, fliplr=0, mosaic=0)
+
+
+def without_batchnorm(model: nn.Module) -> nn.Module:
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(parent, name, nn.Identity())
+    return model
+
+
+def main(mode: str, data: str, total_batch: int, out: Path) -> None:
+    ctx = dist.init_distributed("cpu")
+    torch.manual_seed(0)
+    config = load_data_config(data)
+    train_set, val_set = build_datasets(config, 64, NO_AUGMENTATION, "", False, seed=0)
+    model = DetectionModel("yolov5n", nc=config.nc)
+    per_rank = total_batch // ctx.world_size
+    loss_fn = DetectionLoss.from_model(model, NO_AUGMENTATION, 0.0, 64)
+    if mode == "train":
+        model = without_batchnorm(model)
+        loader, sampler = build_dataloader(train_set, per_rank, 0, True, 0, ctx.rank, ctx.world_size)
+        optimizer = build_optimizer(model, "SGD", 0.01, 0.937, 5e-4)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = 0.01
+        warmup = Warmup.for_run(3.0, len(loader), total_batch, 0.1, 0.8, 0.937)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        ema, counter = ModelEMA(model), StepCounter()
+        initial = {name: value.clone() for name, value in model.state_dict().items()}
+        wrapped = dist.wrap_model(model, ctx, sync_bn=False)
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            progress = EpochProgress(False, epoch, 2, len(loader), ctx.device)
+            train_one_epoch(wrapped, loss_fn, loader, optimizer, scaler, ema, warmup, 1.0, counter, ctx, None, progress)
+        if ctx.is_main:
+            torch.save({"model": model.state_dict(), "ema": ema.module.state_dict(), "initial": initial,
+                        "steps": counter.iteration}, out)
+    else:
+        loader, _ = build_dataloader(val_set, per_rank, 0, False, 0, ctx.rank, ctx.world_size, shard=True)
+        metrics = evaluate(model.eval(), loader, loss_fn, config.nc, ctx, conf_thres=0.001)
+        if ctx.is_main:
+            keys = ("precision", "recall", "map50", "map", "box_loss", "obj_loss", "cls_loss")
+            out.write_text(json.dumps({key: float(metrics[key]) for key in keys}))
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))

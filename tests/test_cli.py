@@ -1,0 +1,176 @@
+"""The evolvectl command line without an engine: help, one-line errors, GPU checks, run selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from orchestrator import cli
+from orchestrator.launch import LaunchPlan, TrainerOptions, parse_worker_key
+from orchestrator.status import WorkerState
+from trainer.errors import UserError
+
+COMMANDS = ("start", "status", "attach", "logs", "stop", "kill-all", "results", "compose")
+MISSING_ENGINE = "unix:///nonexistent/docker.sock"
+
+
+def invoke(*arguments: str) -> Result:
+    return CliRunner().invoke(cli.main, list(arguments))
+
+
+def assert_one_line_error(result: Result, starts_with: str) -> None:
+    assert result.exit_code != 0
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"Error: {starts_with}"), result.output
+
+
+class FakeBackend:
+    """Records what `start` asked for; sees the GPUs it is told to."""
+
+    name = "docker"
+
+    def __init__(self, gpus: list[int] | None) -> None:
+        self.gpus = gpus
+        self.plans: list[LaunchPlan] = []
+
+    def prepare(self, say: object) -> None:
+        pass
+
+    def visible_gpus(self) -> list[int] | None:
+        return self.gpus
+
+    def start(self, plan: LaunchPlan, say: object) -> list[str]:
+        self.plans.append(plan)
+        return [slot.key for slot in plan.slots]
+
+    def workers(self, run: str, run_dir: Path) -> list[WorkerState]:
+        return []
+
+
+@pytest.fixture
+def fake_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeBackend:
+    backend = FakeBackend([0, 1, 2, 3])
+    monkeypatch.setattr(cli, "open_backend", lambda *args: backend)
+    monkeypatch.chdir(tmp_path)
+    return backend
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Usage: main {command}") or result.output.startswith(f"Usage: evolvectl {command}")
+    summary = getattr(cli, command.replace("-", "_")).help.split("\n")[0]
+    assert " ".join(summary.split()) in " ".join(result.output.split())  # the docstring is the help
+
+
+def test_top_level_help_lists_every_command() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0 and all(command in result.output for command in COMMANDS)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("0-x", "--gpus '0-x': '0-x' is not a GPU index or range"),
+    ("3-1", "--gpus '3-1': range '3-1' runs backwards"),
+    ("1,1", "--gpus '1,1': GPU 1 is listed twice"),
+    ("", "--gpus '': '' is not a GPU index"),
+])
+def test_bad_gpu_specs_are_one_line_errors(spec: str, message: str) -> None:
+    assert_one_line_error(invoke("start", "--gpus", spec), message)
+
+
+def test_a_gpu_the_engine_lacks_lists_the_ones_it_has(fake_backend: FakeBackend) -> None:
+    result = invoke("start", "--gpus", "2-5")
+    assert_one_line_error(result, "--gpus '2-5': no GPU 4, 5; the engine sees: 0, 1, 2, 3")
+    assert fake_backend.plans == []
+
+
+def test_gpus_without_the_nvidia_runtime_suggest_cpu_workers(fake_backend: FakeBackend) -> None:
+    fake_backend.gpus = []
+    result = invoke("start", "--gpus", "0")
+    assert_one_line_error(result, "--gpus 0: the Docker engine cannot hand out GPUs (no NVIDIA runtime")
+    assert "--cpu-workers N" in result.output
+
+
+def test_start_passes_the_chosen_gpus_and_trainer_flags(fake_backend: FakeBackend, tmp_path: Path) -> None:
+    result = invoke("start", "--gpus", "all", "--cpu-workers", "1", "--generations", "40", "--epochs", "3",
+                    "--name", "big", "--", "--cos-lr")
+    assert result.exit_code == 0, result.output
+    [plan] = fake_backend.plans
+    assert [slot.key for slot in plan.slots] == ["gpu0", "gpu1", "gpu2", "gpu3", "cpu0"]
+    assert plan.options.arguments(plan.generations) == [
+        "--generations", "40", "--data", "synthetic", "--epochs", "3", "--cos-lr"]
+    assert plan.run_dir == tmp_path / "runs" / "evolve" / "big"
+    assert "started 5 docker worker(s)" in result.output and "evolvectl attach gpu0 --name big" in result.output
+
+
+def test_start_clears_a_previous_stop(fake_backend: FakeBackend, tmp_path: Path) -> None:
+    stop_file = tmp_path / "runs" / "evolve" / "exp" / "STOP"
+    stop_file.parent.mkdir(parents=True)
+    stop_file.touch()
+    assert invoke("start", "--cpu-workers", "1").exit_code == 0
+    assert not stop_file.exists()
+
+
+def test_start_without_workers_or_with_a_bad_name(fake_backend: FakeBackend) -> None:
+    assert_one_line_error(invoke("start"), "no workers asked for: pass --gpus")
+    assert_one_line_error(invoke("start", "--cpu-workers", "1", "--name", "a/b"), "run name 'a/b' cannot name")
+    assert_one_line_error(invoke("kill-all", "--run", "-x"), "run name '-x' cannot name")
+    assert fake_backend.plans == []
+
+
+def test_docker_backend_without_an_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DOCKER_HOST", MISSING_ENGINE)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("start", "--backend", "docker", "--cpu-workers", "1")
+    assert_one_line_error(result, "Docker engine unreachable: ")
+    assert "--backend local" in result.output
+    assert not (tmp_path / "runs").exists()  # nothing half-started
+
+
+def test_auto_backend_falls_back_to_local_with_a_notice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU: a local GPU worker would really start")
+    monkeypatch.setenv("DOCKER_HOST", MISSING_ENGINE)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.main, ["start", "--gpus", "0"])  # local: PyTorch here sees no GPU
+    assert result.exit_code != 0
+    assert "Docker engine unreachable" in result.stderr and "running workers as local processes" in result.stderr
+    expected = "Error: --gpus 0: PyTorch sees no CUDA GPU on this host; run CPU workers with --cpu-workers N"
+    assert expected in result.stderr
+    assert result.stdout == ""
+
+
+def test_commands_on_a_missing_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(invoke("status"), "no runs under runs/evolve/")
+    (tmp_path / "runs" / "evolve" / "r1").mkdir(parents=True)
+    assert_one_line_error(invoke("logs", "cpu0", "--name", "r2"), "run 'r2' not found")
+    assert_one_line_error(invoke("attach", "nope", "--name", "r1"), "worker 'nope' is not a GPU index")
+
+
+def test_results_without_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "evolve" / "r1").mkdir(parents=True)
+    result = invoke("results", "--name", "r1")
+    assert result.exit_code == 0 and "no generation has finished yet" in result.output
+
+
+def test_worker_keys() -> None:
+    assert [parse_worker_key(text) for text in ("3", "gpu3", "GPU03", "cpu0", " cpu12 ")] == [
+        "gpu3", "gpu3", "gpu3", "cpu0", "cpu12"]
+    for bad in ("", "gpu", "cpu", "3a", "tpu1", "-1"):
+        with pytest.raises(UserError, match="is not a GPU index"):
+            parse_worker_key(bad)
+
+
+def test_trainer_options_become_flags() -> None:
+    options = TrainerOptions(data="d.yaml", cfg="yolov5s", batch_size=32, search_space="s.yaml", extra=("--cos-lr",))
+    assert options.arguments(7) == ["--generations", "7", "--data", "d.yaml", "--cfg", "yolov5s", "--batch-size",
+                                    "32", "--search-space", "s.yaml", "--cos-lr"]

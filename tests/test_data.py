@@ -1,0 +1,407 @@
+"""data.yaml parsing, label checking and caching, the dataset's outputs, and the loaders."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torchvision.io import encode_png, write_file
+
+from trainer.config import Hyp
+from trainer.data import labels as labels_module
+from trainer.data.data_config import load_data_config
+from trainer.data.dataset import YoloDataset, collate
+from trainer.data.labels import Sample, label_path, load_samples
+from trainer.data.loader import build_dataloader, build_datasets
+from trainer.errors import UserError
+
+
+def write_image(path: Path, width: int, height: int, box: tuple[int, int, int, int] | None = None) -> None:
+    """A PNG (lossless, so pixels can be checked exactly): dark grey with an optional white box."""
+    image = torch.full((3, height, width), 40, dtype=torch.uint8)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        image[:, y0:y1, x0:x1] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(str(path), encode_png(image))
+
+
+def write_labels(image: Path, lines: list[str]) -> Path:
+    path = label_path(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+def make_split(root: Path, split: str, count: int, width: int = 64, height: int = 48) -> list[Path]:
+    """`count` images, each with one white box whose label is exact in pixels."""
+    images = []
+    for index in range(count):
+        image = root / "images" / split / f"{index:03d}.png"
+        x0, y0 = 4 + 2 * index % 20, 6 + index % 10
+        box = (x0, y0, x0 + 20, y0 + 16)
+        write_image(image, width, height, box)
+        cx, cy = (box[0] + box[2]) / 2 / width, (box[1] + box[3]) / 2 / height
+        write_labels(image, [f"{index % 3} {cx:.6f} {cy:.6f} {20 / width:.6f} {16 / height:.6f}"])
+        images.append(image)
+    return images
+
+
+def write_yaml(path: Path, values: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+# --- data.yaml ---------------------------------------------------------------------------
+
+
+def test_names_as_list_or_mapping_and_nc_alone(tmp_path: Path) -> None:
+    make_split(tmp_path, "train", 2)
+    make_split(tmp_path, "val", 1)
+    base = {"path": str(tmp_path), "train": "images/train", "val": "images/val"}
+    listed = load_data_config(write_yaml(tmp_path / "a.yaml", {**base, "names": ["cat", "dog"]}))
+    mapped = load_data_config(
+        write_yaml(tmp_path / "b.yaml", {**base, "nc": 2, "names": {1: "dog", 0: "cat"}})
+    )
+    counted = load_data_config(write_yaml(tmp_path / "c.yaml", {**base, "nc": 3}))
+    assert listed.names == mapped.names == ["cat", "dog"] and listed.nc == mapped.nc == 2
+    assert counted.names == ["class0", "class1", "class2"] and counted.nc == 3
+    assert listed.root == tmp_path and listed.train == [tmp_path / "images" / "train"]
+
+
+def test_txt_lists_and_lists_of_sources(tmp_path: Path) -> None:
+    first = make_split(tmp_path, "a", 2)
+    make_split(tmp_path, "b", 3)
+    (tmp_path / "val.txt").write_text(f"images/a/{first[0].name}\n\n{first[1]}\n")
+    config = load_data_config(
+        write_yaml(
+            tmp_path / "data.yaml",
+            {
+                "path": str(tmp_path),
+                "train": ["images/a", "images/b"],
+                "val": "val.txt",
+                "names": ["x", "y", "z"],
+            },
+        )
+    )
+    assert config.train == [tmp_path / "images" / "a", tmp_path / "images" / "b"]
+    assert len(load_samples(config.train, config.nc, "train")) == 5
+    assert [sample.image for sample in load_samples(config.val, config.nc, "val")] == first
+
+
+def test_relative_path_is_found_from_the_working_directory_then_the_yaml_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for base in (tmp_path / "work", tmp_path / "configs"):
+        make_split(base / "set", "train", 1)
+        make_split(base / "set", "val", 1)
+    config_file = write_yaml(
+        tmp_path / "configs" / "data.yaml",
+        {"path": "set", "train": "images/train", "val": "images/val", "nc": 3},
+    )
+    monkeypatch.chdir(tmp_path / "work")
+    assert load_data_config(config_file).root == tmp_path / "work" / "set"
+    monkeypatch.chdir(tmp_path)
+    assert load_data_config(config_file).root == tmp_path / "configs" / "set"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"path": "nowhere"}, "path='nowhere' not found"),
+        ({"train": "images/missing"}, "train folder 'images/missing' not found"),
+        ({"val": "images/empty"}, "val='images/empty'.*has no images"),
+        ({"val": None}, "`val` is missing"),
+        ({"nc": 3}, "nc=3 but 2 names"),
+        ({"names": {0: "a", 2: "b"}}, "must be the class indices"),
+        ({"names": None, "nc": None}, "give `names`"),
+        ({"synthetic": {"sed": 1}}, "unknown synthetic option"),
+    ],
+)
+def test_config_mistakes_are_user_errors_naming_the_value(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    make_split(tmp_path, "train", 1)
+    (tmp_path / "images" / "empty").mkdir()
+    (tmp_path / "images" / "empty" / "notes.md").write_text("no images here")
+    values = {
+        "path": str(tmp_path),
+        "train": "images/train",
+        "val": "images/train",
+        "names": ["a", "b"],
+        **change,
+    }
+    values = {key: value for key, value in values.items() if value is not None}
+    with pytest.raises(UserError, match=message):
+        load_data_config(write_yaml(tmp_path / "data.yaml", values))
+
+
+def test_missing_or_malformed_config_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no-such-data"):
+        load_data_config("no-such-data")
+    (tmp_path / "bad.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_data_config(tmp_path / "bad.yaml")
+
+
+def test_a_synthetic_block_generates_under_the_datasets_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EVOLVECTL_DATASETS", str(tmp_path / "store"))
+    config_file = write_yaml(
+        tmp_path / "tiny.yaml",
+        {
+            "path": "tiny",
+            "train": "images/train",
+            "val": "images/val",
+            "names": ["disc", "square", "triangle", "cross", "ring", "diamond"],
+            "synthetic": {"seed": 2, "train": 3, "val": 2, "size": 64},
+        },
+    )
+    config = load_data_config(config_file)
+    assert config.root == tmp_path / "store" / "tiny"
+    assert len(load_samples(config.train, config.nc, "train")) == 3
+    assert len(load_samples(config.val, config.nc, "val")) == 2
+
+
+@pytest.mark.slow
+def test_the_bundled_synthetic_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVOLVECTL_DATASETS", str(tmp_path))
+    config = load_data_config("synthetic")
+    assert config.root == tmp_path / "synthetic" and config.nc == 6
+    train, val = build_datasets(config, imgsz=256, hyp=Hyp(), cache="", single_cls=False, seed=0)
+    assert (len(train), len(val)) == (400, 100)
+
+
+# --- label discovery, checking and the cache --------------------------------------------
+
+
+def test_label_path_replaces_the_last_images_folder() -> None:
+    assert label_path(Path("/d/images/x/images/a.b.jpg")) == Path("/d/images/x/labels/a.b.txt")
+    assert label_path(Path("/d/pictures/a.png")) == Path("/d/pictures/a.txt")
+
+
+def test_corrupt_labels_and_unreadable_images_are_skipped_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = make_split(tmp_path, "train", 2)
+    folder = tmp_path / "images" / "train"
+    broken = {
+        "class.png": "5 0.5 0.5 0.1 0.1",  # class >= nc
+        "coords.png": "0 0.5 1.5 0.1 0.1",  # outside 0..1
+        "columns.png": "0 0.5 0.5 0.1",
+        "text.png": "0 0.5 half 0.1 0.1",
+    }
+    for name, line in broken.items():
+        write_image(folder / name, 32, 32)
+        write_labels(folder / name, [line])
+    (folder / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    write_image(folder / "background.png", 32, 32)  # no label file: an image with no objects
+    empty = folder / "empty.png"
+    write_image(empty, 32, 32)
+    write_labels(empty, [])
+    duplicated = folder / "twice.png"
+    write_image(duplicated, 32, 32)
+    write_labels(duplicated, ["1 0.5 0.5 0.2 0.2", "1 0.5 0.5 0.2 0.2", "0 0.3 0.3 0.1 0.1"])
+
+    with caplog.at_level(logging.INFO, logger="trainer.data"):
+        samples = load_samples([folder], nc=3, split="train")
+    by_name = {sample.image.name: sample for sample in samples}
+    assert sorted(by_name) == sorted(
+        [image.name for image in good] + ["background.png", "empty.png", "twice.png"]
+    )
+    np.testing.assert_allclose(
+        by_name["twice.png"].labels, [[1, 0.5, 0.5, 0.2, 0.2], [0, 0.3, 0.3, 0.1, 0.1]]
+    )
+    assert len(by_name["background.png"].labels) == 0
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    for name in [*broken, "truncated.png"]:
+        assert any(name in warning for warning in warnings), name
+    assert any("twice.txt: removed 1 duplicate" in warning for warning in warnings)
+    summary = [record.getMessage() for record in caplog.records if record.levelno == logging.INFO][-1]
+    assert summary == "train: 10 images, 3 with labels, 1 missing labels, 1 empty, 5 corrupt"
+
+
+def test_cache_is_written_reused_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = make_split(tmp_path, "train", 3)
+    folder = tmp_path / "images" / "train"
+    first = load_samples([folder], nc=3, split="train")
+    assert (tmp_path / "labels" / "train.cache").is_file()
+
+    def must_not_run(image: Path, nc: int) -> None:
+        raise AssertionError(f"{image} checked again although the cache is valid")
+
+    monkeypatch.setattr(labels_module, "check_image", must_not_run)
+    second = load_samples([folder], nc=3, split="train")
+    assert [(s.image, s.width, s.height, s.labels.tolist()) for s in second] == [
+        (s.image, s.width, s.height, s.labels.tolist()) for s in first
+    ]
+    monkeypatch.undo()
+
+    write_labels(images[0], ["2 0.5 0.5 0.25 0.25"])  # an edited label file invalidates the cache
+    third = load_samples([folder], nc=3, split="train")
+    np.testing.assert_allclose(third[0].labels, [[2, 0.5, 0.5, 0.25, 0.25]])
+
+
+def test_a_read_only_dataset_folder_only_costs_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_split(tmp_path, "train", 2)
+
+    def read_only(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        samples = load_samples([tmp_path / "images" / "train"], nc=3, split="train")
+        load_samples([tmp_path / "images" / "train"], nc=3, split="train")
+    assert len(samples) == 2
+    assert not (tmp_path / "labels" / "train.cache").exists()
+    warnings = [
+        record.getMessage() for record in caplog.records if "cannot write label cache" in record.getMessage()
+    ]
+    assert len(warnings) == 2 and "Read-only file system" in warnings[0]
+
+
+def test_no_usable_image_is_a_user_error(tmp_path: Path) -> None:
+    image = tmp_path / "images" / "train" / "a.png"
+    write_image(image, 16, 16)
+    write_labels(image, ["7 0.5 0.5 0.1 0.1"])
+    with pytest.raises(UserError, match="none of the 1 images is usable"):
+        load_samples([image.parent], nc=2, split="train")
+    with pytest.raises(UserError, match="no usable images"):
+        YoloDataset([], imgsz=64, augment=False, hyp=Hyp())
+
+
+# --- the dataset ------------------------------------------------------------------------
+
+
+def _samples(tmp_path: Path, count: int = 4, width: int = 64, height: int = 48) -> list[Sample]:
+    make_split(tmp_path, "train", count, width, height)
+    return load_samples([tmp_path / "images" / "train"], nc=3, split="train")
+
+
+def test_validation_letterbox_maps_back_to_the_original(tmp_path: Path) -> None:
+    image = tmp_path / "images" / "val" / "wide.png"
+    box = (30, 10, 90, 40)
+    write_image(image, 120, 60, box)
+    write_labels(image, [f"1 {60 / 120} {25 / 60} {60 / 120} {30 / 60}"])
+    dataset = YoloDataset(load_samples([image.parent], 2, "val"), imgsz=96, augment=False, hyp=Hyp())
+    padded, labels, path, shapes = dataset[0]
+    (height0, width0), ((ratio_h, ratio_w), (pad_w, pad_h)) = shapes
+    assert padded.shape == (3, 96, 96) and path == str(image) and (height0, width0) == (60, 120)
+    assert (ratio_w, ratio_h) == (96 / 120, 48 / 60) and (pad_w, pad_h) == (0, 24)
+    assert (padded[:, :pad_h] == 114).all() and (padded[:, pad_h + 48 :] == 114).all()
+
+    cx, cy, w, h = (labels[0, 1:] * 96).tolist()
+    original = [(cx - w / 2 - pad_w) / ratio_w, (cy - h / 2 - pad_h) / ratio_h]
+    original += [(cx + w / 2 - pad_w) / ratio_w, (cy + h / 2 - pad_h) / ratio_h]
+    assert original == pytest.approx(box, abs=1e-3)
+    white = (padded[0] > 200).nonzero()
+    assert white.min(0).values.tolist() == pytest.approx([cy - h / 2, cx - w / 2], abs=1)
+    assert (white.max(0).values + 1).tolist() == pytest.approx([cy + h / 2, cx + w / 2], abs=1)
+
+
+def test_single_class_stride_and_exposed_fields(tmp_path: Path) -> None:
+    samples = _samples(tmp_path)
+    dataset = YoloDataset(samples, imgsz=64, augment=False, hyp=Hyp(), single_cls=True)
+    assert dataset.files == [sample.image for sample in samples]
+    assert dataset.shapes.tolist() == [[64, 48]] * 4
+    assert all(labels[:, 0].tolist() == [0.0] for labels in dataset.labels)
+    assert samples[1].labels[0, 0] == 1  # the samples themselves are untouched
+    with pytest.raises(UserError, match="multiple of the model's stride 32; try 96"):
+        YoloDataset(samples, imgsz=80, augment=False, hyp=Hyp())
+
+
+def test_ram_cache_serves_images_without_the_files(tmp_path: Path) -> None:
+    samples = _samples(tmp_path)
+    from_disk = YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp(mixup=0.5), seed=1)
+    in_ram = YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp(mixup=0.5), seed=1, cache_ram=True)
+    expected = [from_disk[index] for index in range(len(samples))]
+    for sample in samples:
+        sample.image.unlink()
+    for index, (image, labels, _, _) in enumerate(expected):
+        assert torch.equal(in_ram[index][0], image) and torch.equal(in_ram[index][1], labels)
+
+
+def test_collate_stacks_images_and_indexes_targets(tmp_path: Path) -> None:
+    dataset = YoloDataset(_samples(tmp_path, count=3), imgsz=64, augment=False, hyp=Hyp())
+    images, targets, paths, shapes = collate([dataset[0], dataset[1], dataset[2]])
+    assert images.shape == (3, 3, 64, 64) and images.dtype == torch.uint8
+    assert targets.shape == (3, 6) and targets[:, 0].tolist() == [0, 1, 2]
+    assert torch.equal(targets[1, 1:], dataset[1][1][0])
+    assert len(paths) == len(shapes) == 3
+
+
+# --- loaders ----------------------------------------------------------------------------
+
+
+def _epoch_bytes(loader: torch.utils.data.DataLoader) -> list[tuple[bytes, bytes]]:
+    return [(images.numpy().tobytes(), targets.numpy().tobytes()) for images, targets, _, _ in loader]
+
+
+def test_persistent_workers_see_new_hyps_and_epochs_and_match_no_workers(tmp_path: Path) -> None:
+    dataset = YoloDataset(_samples(tmp_path, count=6), imgsz=64, augment=True, hyp=Hyp(fliplr=0.0), seed=3)
+    loader, sampler = build_dataloader(dataset, batch_size=2, workers=2, shuffle=True, seed=5)
+    serial_loader, serial_sampler = build_dataloader(dataset, batch_size=2, workers=0, shuffle=True, seed=5)
+
+    first = _epoch_bytes(loader)
+    assert first == _epoch_bytes(serial_loader)
+
+    dataset.set_hyp(Hyp(fliplr=1.0, mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, translate=0.0, scale=0.0))
+    flipped = next(iter(loader))
+    # No mosaic, no colour or geometry change: every image must be its letterboxed original, mirrored.
+    for image, path in zip(flipped[0], flipped[2]):
+        index = dataset.files.index(Path(path))
+        original = dataset._validation_item(index)[0]
+        assert torch.equal(image, original.flip(-1))
+
+    dataset.set_hyp(Hyp(fliplr=0.0))
+    for epoch in (1, 2):
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        serial_sampler.set_epoch(epoch)
+        assert _epoch_bytes(loader) == _epoch_bytes(serial_loader)
+    assert _epoch_bytes(loader) != first  # a new epoch draws new augmentations and a new order
+
+
+def test_samplers_split_ranks_and_shuffle_like_one_process(tmp_path: Path) -> None:
+    dataset = YoloDataset(_samples(tmp_path, count=5), imgsz=64, augment=False, hyp=Hyp())
+    _, single = build_dataloader(dataset, batch_size=2, workers=0, shuffle=True, seed=7)
+    ranks = [build_dataloader(dataset, 2, 0, True, 7, rank=rank, world_size=2)[1] for rank in (0, 1)]
+    order = list(single)
+    assert sorted(order) == list(range(5))
+    shares = [list(sampler) for sampler in ranks]
+    assert sorted(set(shares[0]) | set(shares[1])) == list(range(5)) and len(shares[0]) == len(shares[1]) == 3
+    single.set_epoch(1)
+    assert list(single) != order
+
+
+def test_validation_shards_cover_every_image_once(tmp_path: Path) -> None:
+    dataset = YoloDataset(_samples(tmp_path, count=5), imgsz=64, augment=False, hyp=Hyp())
+    loaders = [build_dataloader(dataset, 2, 0, False, 0, rank, 2, shard=True)[0] for rank in (0, 1)]
+    paths = [path for loader in loaders for _, _, batch_paths, _ in loader for path in batch_paths]
+    assert sorted(paths) == sorted(str(file) for file in dataset.files)
+    with pytest.raises(ValueError, match="cannot shuffle"):
+        build_dataloader(dataset, 2, 0, True, 0, shard=True)
+
+
+def test_build_datasets_from_a_config(tmp_path: Path) -> None:
+    make_split(tmp_path, "train", 3)
+    make_split(tmp_path, "val", 2)
+    config = load_data_config(
+        write_yaml(
+            tmp_path / "d.yaml",
+            {"path": str(tmp_path), "train": "images/train", "val": "images/val", "nc": 3},
+        )
+    )
+    train, val = build_datasets(config, imgsz=64, hyp=Hyp(), cache="ram", single_cls=False, seed=0)
+    assert (len(train), len(val), train.augment, val.augment) == (3, 2, True, False)
+    assert np.array_equal(val.shapes, [[64, 48], [64, 48]])

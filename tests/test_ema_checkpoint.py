@@ -1,0 +1,71 @@
+"""EMA decay ramp and update, atomic checkpoints, bad checkpoint files."""
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.ema import ModelEMA
+from trainer.errors import UserError
+
+
+def test_ema_decay_ramps_up_with_updates():
+    ema = ModelEMA(nn.Linear(2, 2))
+    ema.updates = 2000
+    assert ema.current_decay() == pytest.approx(0.9999 * (1 - math.exp(-1)))
+
+
+def test_ema_tracks_weighted_average_and_counts_updates():
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.constant_(model.weight, 0.0)
+    ema = ModelEMA(model, decay=0.5, tau=1e-9)  # decay ≈ 0.5 from the first update
+    nn.init.constant_(model.weight, 1.0)
+    ema.update(model)
+    ema.update(model)
+    assert ema.updates == 2
+    assert ema.module.weight.item() == pytest.approx(0.75)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_leaves_integer_buffers_alone_and_round_trips_state():
+    model = nn.BatchNorm1d(3)
+    ema = ModelEMA(model)
+    model.num_batches_tracked += 5
+    ema.update(model)
+    assert ema.module.num_batches_tracked.item() == 0
+    clone = ModelEMA(nn.BatchNorm1d(3))
+    clone.load_state_dict(ema.state_dict())
+    assert clone.updates == 1
+
+
+def test_checkpoint_round_trip_and_no_temp_files_left(tmp_path):
+    path = tmp_path / "weights" / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "epoch": 3}, path)
+    state = load_checkpoint(path)
+    assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert os.listdir(path.parent) == ["last.pt"]
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {}, "epoch": 1}, path)
+    with pytest.raises(Exception):
+        save_checkpoint({"model": {}, "bad": lambda: None}, path)  # lambdas cannot be pickled
+    assert load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"])
+def test_damaged_checkpoint_is_a_user_error(tmp_path, content):
+    path = tmp_path / "last.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="cannot be read"):
+        load_checkpoint(path)
+
+
+def test_missing_checkpoint_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")

@@ -1,0 +1,266 @@
+"""The local backend: supervised worker processes, with a cheap stand-in for the trainer.
+
+The stand-in is a real evolution worker (`run_worker` on the real journal) whose objective
+sleeps instead of training, so budgets, leases, stop files and restarts are all real.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from orchestrator import local
+from orchestrator.cli import main
+from orchestrator.journal import Journal
+from orchestrator.launch import LaunchPlan, TrainerOptions, WorkerSlot
+from orchestrator.local import LocalBackend, process_alive
+from orchestrator.status import collect_status
+from trainer.errors import UserError
+
+FAKE_WORKER = '''
+import argparse, math, os, sys, time
+from pathlib import Path
+from orchestrator.search_space import SearchSpace
+from orchestrator.worker import GenerationResult, run_worker
+from trainer.config import Hyp
+
+parser = argparse.ArgumentParser()
+for flag in ("--generations", "--project", "--name", "--worker-id", "--device", "--data"):
+    parser.add_argument(flag)
+options, _ = parser.parse_known_args()
+run_dir = Path(options.project) / options.name
+fail_once = os.environ.get("FAKE_FAIL_ONCE")
+if fail_once and not Path(fail_once).exists():
+    Path(fail_once).touch()
+    print("fake worker: failing on purpose", flush=True)
+    sys.exit(3)
+
+def objective(hyp, context):
+    print(f"generation {context.claim} on {options.worker_id} data={options.data}", flush=True)
+    print("    1/1          0G    0.1    0.2    0.3    4    64 1/1", flush=True)
+    time.sleep(float(os.environ.get("FAKE_DELAY", "0.2")))
+    score = math.exp(-((hyp.lr0 - 0.02) / 0.02) ** 2)
+    return GenerationResult(score, score, score, 0.5 * score, 1 - score, 1 - score, 0.1)
+
+run_worker(run_dir, Hyp(), SearchSpace.load(), int(options.generations), objective, options.worker_id, seed=0,
+           lease_ttl=10.0, plot_interval=None)
+'''
+
+TINY_DATA = """\
+path: {root}
+train: images/train
+val: images/val
+nc: 6
+names: [disc, square, triangle, cross, ring, diamond]
+synthetic: {{seed: 0, train: 2, val: 1, size: 64}}
+"""
+
+
+@pytest.fixture
+def fake_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The stand-in trainer, used by every LocalBackend (the CLI's too); its workers are killed afterwards."""
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setattr(local, "TRAINER_COMMAND", (sys.executable, str(script)))
+    monkeypatch.chdir(tmp_path)
+    yield script
+    LocalBackend(tmp_path / "runs").remove_all(None)
+    LocalBackend(tmp_path / "runs" / "evolve").remove_all(None)
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_DATA.format(root=tmp_path / "datasets" / "tiny"))
+    return path
+
+
+def plan_for(tmp_path: Path, data: Path, generations: int, workers: int = 2, run: str = "r1") -> LaunchPlan:
+    slots = tuple(WorkerSlot(None, index) for index in range(workers))
+    return LaunchPlan(run, tmp_path / "runs", slots, generations, TrainerOptions(data=str(data)))
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def states(backend: LocalBackend, plan: LaunchPlan) -> dict[str, str]:
+    return {worker.key: worker.state for worker in backend.workers(plan.run, plan.run_dir)}
+
+
+def training(plan: LaunchPlan) -> set[str]:
+    """Workers that have begun a generation (their log says so)."""
+    logs = (plan.run_dir / "workers").glob("*.log")
+    return {log.stem for log in logs if "generation " in log.read_text()}
+
+
+def cli(*arguments: str) -> Result:
+    return CliRunner().invoke(main, list(arguments), catch_exceptions=False)
+
+
+@pytest.mark.slow
+def test_workers_meet_the_budget_exactly_and_exit(fake_worker: Path, tiny_data: Path, tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "runs")
+    plan = plan_for(tmp_path, tiny_data, generations=5)
+    assert backend.start(plan, print) == ["cpu0", "cpu1"]
+    wait_for(lambda: all(state == "exited" for state in states(backend, plan).values()))
+    workers = backend.workers(plan.run, plan.run_dir)
+    assert [(worker.key, worker.exit_code, worker.restarts) for worker in workers] == [("cpu0", 0, 0), ("cpu1", 0, 0)]
+    assert Journal(plan.run_dir).count_rows() == 5
+    report = collect_status(plan.run, plan.run_dir, backend.name, workers)
+    assert report.progress.done == 5 and report.progress.generations == 5
+    assert sum(row.results for row in report.workers) == 5
+    log = (plan.run_dir / "workers" / "cpu0.log").read_text()
+    assert f"data={tiny_data}" in log  # the host's data YAML, as an absolute path
+
+
+@pytest.mark.slow
+def test_start_again_leaves_live_workers_alone_then_stop_is_graceful(
+    fake_worker: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_DELAY", "1.0")
+    backend = LocalBackend(tmp_path / "runs")
+    plan = plan_for(tmp_path, tiny_data, generations=100)
+    backend.start(plan, print)
+    wait_for(lambda: training(plan) == {"cpu0", "cpu1"})
+    pids = {path.stem: path.read_text() for path in (plan.run_dir / "workers").glob("*.json")}
+    assert backend.start(plan, print) == []  # a second start duplicates nothing
+    assert {path.stem: path.read_text() for path in (plan.run_dir / "workers").glob("*.json")} == pids
+    result = cli("stop", "--project", "runs", "--name", plan.run, "--backend", "local")
+    assert result.exit_code == 0, result.output
+    wait_for(lambda: set(states(backend, plan).values()) == {"exited"}, timeout_s=30)
+    assert {worker.exit_code for worker in backend.workers(plan.run, plan.run_dir)} == {0}
+    assert 0 < Journal(plan.run_dir).count_rows() < 100
+
+
+@pytest.mark.slow
+def test_stop_now_kills_and_kill_all_forgets(fake_worker: Path, tiny_data: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_DELAY", "5.0")
+    backend = LocalBackend(tmp_path / "runs")
+    plan = plan_for(tmp_path, tiny_data, generations=100)
+    backend.start(plan, print)
+    wait_for(lambda: set(states(backend, plan).values()) == {"running"})
+    pids = [int(state["pid"]) for state in map(_state_of, (plan.run_dir / "workers").glob("*.json"))]
+    result = cli("stop", "--now", "--project", "runs", "--name", plan.run, "--backend", "local")
+    assert result.exit_code == 0 and "killed cpu0, cpu1" in result.output
+    assert not any(process_alive(pid) for pid in pids)
+    assert [(w.state, w.exit_code) for w in backend.workers(plan.run, plan.run_dir)] == [("exited", 137)] * 2
+
+    backend.start(plan, print)  # resumes: both come back
+    wait_for(lambda: set(states(backend, plan).values()) == {"running"})
+    result = cli("kill-all", "--backend", "local", "--project", "runs")
+    assert result.exit_code == 0 and "removed 2 worker(s)" in result.output
+    assert backend.workers(plan.run, plan.run_dir) == []
+    assert (plan.run_dir / "workers" / "cpu0.log").exists()  # the logs stay for reading
+
+
+def _state_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_a_failing_worker_is_restarted_and_the_budget_stays_exact(
+    fake_worker: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_FAIL_ONCE", str(tmp_path / "failed-once"))
+    backend = LocalBackend(tmp_path / "runs")
+    plan = plan_for(tmp_path, tiny_data, generations=3, workers=1)
+    backend.start(plan, print)
+    wait_for(lambda: states(backend, plan) == {"cpu0": "exited"})
+    [worker] = backend.workers(plan.run, plan.run_dir)
+    assert (worker.restarts, worker.exit_code) == (1, 0)
+    assert Journal(plan.run_dir).count_rows() == 3
+    log = (plan.run_dir / "workers" / "cpu0.log").read_text()
+    assert "failing on purpose" in log and "restart 1 of 3" in log
+
+
+@pytest.mark.slow
+def test_cli_start_wait_logs_and_results(fake_worker: Path, tiny_data: Path, tmp_path: Path) -> None:
+    result = cli("start", "--backend", "local", "--cpu-workers", "2", "--generations", "4", "--data", str(tiny_data),
+                 "--name", "main", "--wait")
+    assert result.exit_code == 0, result.output
+    assert "4/4 generations (100%)" in result.output and "budget reached" in result.output
+    assert "Top 4 of 4 generations" in result.output
+    assert f"best hyperparameters: {tmp_path / 'runs' / 'evolve' / 'main' / 'hyp_evolve.yaml'}" in result.output
+    assert (tmp_path / "runs" / "evolve" / "main" / "fitness.png").is_file()
+    logs = cli("logs", "cpu1", "--backend", "local")  # the latest run by default
+    assert logs.exit_code == 0 and "on evolvectl-main-cpu1" in logs.output
+    status = cli("status")  # auto picks the backend the run was started with
+    assert status.exit_code == 0 and "local workers" in status.output and "exited (0)" in status.output
+
+
+def test_attach_to_a_missing_worker_is_one_line(fake_worker: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "evolve" / "r1"  # the default project, under the working directory
+    (run_dir / "workers").mkdir(parents=True)
+    (run_dir / "launch.json").write_text('{"run": "r1", "backend": "local", "workers": ["cpu0"], '
+                                         '"generations": 2, "hyp": null, "search_space": null}')
+    (run_dir / "workers" / "cpu0.json").write_text('{"state": "exited", "pid": -1, "exit_code": 0, "restarts": 0}')
+    result = CliRunner().invoke(main, ["attach", "gpu3"])
+    assert result.exit_code != 0 and result.exception is not None and isinstance(result.exception, SystemExit)
+    assert result.output.strip() == "Error: run r1 has no worker gpu3; its workers: cpu0"
+
+
+def test_a_failed_spawn_leaves_nothing_started(
+    fake_worker: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_popen = subprocess.Popen
+    spawned: list[subprocess.Popen] = []
+
+    def second_fails(command: list[str], **kwargs: object) -> subprocess.Popen:
+        if "orchestrator.supervisor" not in command:
+            return real_popen(command, **kwargs)  # anything else (library internals) runs as usual
+        if spawned:
+            raise OSError(24, "Too many open files")
+        spawned.append(real_popen(command, **kwargs))
+        return spawned[-1]
+
+    monkeypatch.setattr(local.subprocess, "Popen", second_fails)
+    backend = LocalBackend(tmp_path / "runs")
+    plan = plan_for(tmp_path, tiny_data, generations=50)
+    with pytest.raises(UserError, match="cannot start local worker cpu1"):
+        backend.start(plan, print)
+    with pytest.raises(ProcessLookupError):  # the first worker was killed again, and reaped
+        os.kill(spawned[0].pid, 0)
+    assert backend.workers(plan.run, plan.run_dir) == []
+
+
+def test_process_alive_sees_through_zombies_and_foreign_pids() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    time.sleep(1.0)  # it has ended by now: a zombie until someone waits for it
+    assert not process_alive(child.pid)
+    assert not process_alive(os.getpid())  # alive, but not a supervisor: never signalled
+
+
+@pytest.mark.slow
+def test_the_real_trainer_as_local_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's main job, shrunk: two `python -m trainer --evolve` processes share a budget of 4."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "tiny.yaml"
+    data.write_text(TINY_DATA.replace("train: 2, val: 1", "train: 16, val: 8").format(root=tmp_path / "tiny"))
+    try:
+        result = cli("start", "--backend", "local", "--cpu-workers", "2", "--generations", "4", "--data", str(data),
+                     "--epochs", "1", "--imgsz", "64", "--batch-size", "8", "--workers", "0", "--name", "real",
+                     "--wait", "--", "--noautoanchor")
+    finally:
+        LocalBackend(tmp_path / "runs" / "evolve").remove_all(None)
+    run_dir = tmp_path / "runs" / "evolve" / "real"
+    logs = "".join(log.read_text() for log in sorted((run_dir / "workers").glob("*.log")))
+    assert result.exit_code == 0, result.output + logs
+    csv_lines = (run_dir / "evolve.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].lstrip().startswith("metrics/precision")
+    assert "budget reached" in result.output and "Top 4 of 4 generations" in result.output
+    for key in ("cpu0", "cpu1"):  # both ran the real trainer on the shared run and saw the budget met
+        assert f"Worker evolvectl-real-{key}: budget reached" in logs

@@ -1,0 +1,70 @@
+"""LR schedule, warmup, parameter groups and weight-decay scaling, checked against YOLOv5's formulas."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.optim import NOMINAL_BATCH, Warmup, build_optimizer, lr_lambda, scaled_weight_decay
+
+
+def small_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+
+
+def test_parameter_groups_split_bias_weights_norm():
+    optimizer = build_optimizer(small_net(), "SGD", lr=0.01, momentum=0.937, weight_decay=5e-4)
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    assert [p.shape for p in groups["bias"]["params"]] == [torch.Size([4]), torch.Size([2])]  # BN bias + conv bias
+    assert [p.shape for p in groups["weights"]["params"]] == [torch.Size([4, 3, 3, 3]), torch.Size([2, 4, 1, 1])]
+    assert [p.shape for p in groups["norm"]["params"]] == [torch.Size([4])]
+    assert groups["weights"]["weight_decay"] == 5e-4
+    assert groups["bias"]["weight_decay"] == groups["norm"]["weight_decay"] == 0.0
+    assert optimizer.defaults["nesterov"] is True
+
+
+@pytest.mark.parametrize("name,cls", [("Adam", torch.optim.Adam), ("AdamW", torch.optim.AdamW)])
+def test_adam_uses_momentum_as_beta1(name, cls):
+    optimizer = build_optimizer(small_net(), name, lr=0.001, momentum=0.9, weight_decay=0.0)
+    assert isinstance(optimizer, cls) and optimizer.defaults["betas"] == (0.9, 0.999)
+
+
+def test_linear_and_cosine_schedules_end_at_lrf():
+    linear, cosine = lr_lambda(10, 0.01, cosine=False), lr_lambda(10, 0.01, cosine=True)
+    assert linear(0) == pytest.approx(1.0) and linear(10) == pytest.approx(0.01)
+    assert linear(5) == pytest.approx(0.5 * 0.99 + 0.01)
+    assert cosine(0) == pytest.approx(1.0) and cosine(10) == pytest.approx(0.01)
+    assert cosine(5) == pytest.approx((1 - math.cos(math.pi / 2)) / 2 * (0.01 - 1) + 1)
+
+
+def test_weight_decay_scaled_to_nominal_batch():
+    assert scaled_weight_decay(5e-4, 64) == pytest.approx(5e-4)
+    assert scaled_weight_decay(5e-4, 16) == pytest.approx(5e-4)  # 16 × accumulate 4 = 64
+    assert scaled_weight_decay(5e-4, 128) == pytest.approx(1e-3)
+
+
+def test_warmup_length_is_at_least_100_iterations():
+    assert Warmup.for_run(3.0, 10, 16, 0.1, 0.8, 0.937).iterations == 100
+    assert Warmup.for_run(3.0, 50, 16, 0.1, 0.8, 0.937).iterations == 150
+    assert Warmup.for_run(0.0, 50, 16, 0.1, 0.8, 0.937).iterations == 0
+
+
+def test_warmup_interpolates_lr_momentum_and_accumulation():
+    optimizer = build_optimizer(small_net(), "SGD", lr=0.01, momentum=0.937, weight_decay=5e-4)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = 0.01
+    warmup = Warmup(iterations=100, batch_size=16, warmup_bias_lr=0.1, warmup_momentum=0.8, momentum=0.937)
+    warmup.apply(optimizer, 0, scheduled_lr_factor=1.0)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == {"bias": pytest.approx(0.1), "weights": 0.0, "norm": 0.0}
+    assert optimizer.param_groups[0]["momentum"] == pytest.approx(0.8)
+    warmup.apply(optimizer, 50, scheduled_lr_factor=1.0)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs["bias"] == pytest.approx(0.055) and lrs["weights"] == pytest.approx(0.005)
+    assert optimizer.param_groups[1]["momentum"] == pytest.approx(0.8685)
+    assert warmup.accumulate(0) == 1
+    assert warmup.accumulate(50) == round(1 + 0.5 * (NOMINAL_BATCH / 16 - 1))
+    assert warmup.accumulate(100) == warmup.accumulate(10_000) == 4
+    warmup.apply(optimizer, 100, scheduled_lr_factor=1.0)  # after warmup nothing changes
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(0.005)

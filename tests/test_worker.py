@@ -1,0 +1,366 @@
+"""The worker loop and its leases: global budget, failures, killed workers, stop and restart."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.journal import RESULT_COLUMNS, Journal, run_columns
+from orchestrator.leases import RunState, WorkerIdentity, expire_leases, offer_slot, reclaim_lease, start_lease
+from orchestrator.search_space import SearchSpace
+from orchestrator.worker import GenerationContext, GenerationFailed, GenerationResult, run_worker
+from trainer.config import Hyp
+from trainer.errors import UserError
+
+SPACE = SearchSpace.load()
+KEYS = run_columns(Hyp())
+BASE = np.array([Hyp().as_dict()[key] for key in KEYS])
+FORK = multiprocessing.get_context("fork")
+
+
+def smooth_objective(hyp: Hyp, context: GenerationContext, delay: float = 0.0) -> GenerationResult:
+    """A cheap stand-in for training: a smooth bump around lr0=0.02, momentum=0.9."""
+    time.sleep(delay)
+    score = math.exp(-(((hyp.lr0 - 0.02) / 0.02) ** 2) - ((hyp.momentum - 0.9) / 0.1) ** 2)
+    return GenerationResult(score, score, score, 0.6 * score, 1 - score, 1 - score, 0.1)
+
+
+def _evolve(run_dir: Path, generations: int, objective: Callable = smooth_objective, **options: object):
+    options = {"worker_id": "w0", "seed": 3, "lease_ttl": 5.0, "plot_interval": None, **options}
+    return run_worker(run_dir, Hyp(), SPACE, generations, objective, **options)
+
+
+def _worker_process(run_dir: Path, worker_id: str, generations: int, delay: float, ttl: float) -> None:
+    _evolve(run_dir, generations, partial(smooth_objective, delay=delay), worker_id=worker_id, lease_ttl=ttl)
+
+
+def _records(run_dir: Path, status: str) -> list[dict]:
+    return [record for record in Journal(run_dir).read_records() if record["status"] == status]
+
+
+def _state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "claims.json").read_text())
+
+
+def _workers_seen(run_dir: Path) -> set[str]:
+    """Workers that hold a lease or have finished a generation."""
+    if not (run_dir / "claims.json").exists():
+        return set()
+    leased = {lease["worker"] for lease in _state(run_dir)["leases"].values()}
+    return leased | {record["worker"] for record in _records(run_dir, "ok")}
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _assert_exact_budget(run_dir: Path, generations: int) -> None:
+    """Exactly `generations` rows, each from its own claim, no child trained twice, nothing in flight."""
+    population = Journal(run_dir).read_population(KEYS)
+    assert len(population) == generations
+    ok = _records(run_dir, "ok")
+    assert sorted(record["row"] for record in ok) == list(range(generations))
+    assert len({record["claim"] for record in ok}) == generations
+    assert len({tuple(row) for row in population.hyps}) == generations
+    state = _state(run_dir)
+    assert state["leases"] == {} and state["retry"] == []
+
+
+def test_one_worker_trains_the_base_first_then_exactly_the_budget(tmp_path: Path) -> None:
+    summary = _evolve(tmp_path / "run", 4)
+    assert (summary.ok, summary.failed, summary.exit_reason) == (4, 0, "budget reached")
+    _assert_exact_budget(tmp_path / "run", 4)
+    population = Journal(tmp_path / "run").read_population(KEYS)
+    np.testing.assert_array_equal(population.hyps[0], BASE)
+    sources = [record["source"] for record in _records(tmp_path / "run", "ok")]
+    assert sources == ["base", "mutation", "mutation", "mutation"]
+    assert (tmp_path / "run" / "hyp_evolve.yaml").exists()
+
+
+def test_failures_are_recorded_not_rows_never_parents_and_retried(tmp_path: Path) -> None:
+    first_tries = iter(["ok", "raise", "nan", "crash"])
+
+    def flaky(hyp: Hyp, context: GenerationContext) -> GenerationResult:
+        outcome = next(first_tries, "ok") if context.attempt == 1 else "ok"
+        if outcome == "raise":
+            raise GenerationFailed("loss is NaN at epoch 2", kind="diverged")
+        if outcome == "nan":
+            return GenerationResult(math.nan, 0, 0, 0, 0, 0, 0)
+        if outcome == "crash":
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return smooth_objective(hyp, context)
+
+    summary = _evolve(tmp_path / "run", 4, flaky)
+    assert (summary.ok, summary.failed) == (4, 3)
+    _assert_exact_budget(tmp_path / "run", 4)
+    failed = _records(tmp_path / "run", "failed")
+    assert [record["kind"] for record in failed] == ["diverged", "diverged", "crash"]
+    assert "non-finite result" in failed[1]["reason"] and "illegal memory access" in failed[2]["reason"]
+    assert not any(record["slot_given_up"] for record in failed)
+    rows = {tuple(row) for row in Journal(tmp_path / "run").read_population(KEYS).hyps}
+    for record in failed:
+        assert tuple(record["hyp"][key] for key in KEYS) not in rows
+    retried = [record["source"] for record in _records(tmp_path / "run", "ok") if record["attempt"] == 2]
+    assert retried == [f"retry of claim {record['claim']}" for record in failed]
+
+
+def test_a_slot_failing_every_attempt_is_given_up_and_counts_toward_the_budget(tmp_path: Path) -> None:
+    def always_oom(hyp: Hyp, context: GenerationContext) -> GenerationResult:
+        raise GenerationFailed("CUDA out of memory", kind="oom")
+
+    summary = _evolve(tmp_path / "run", 2, always_oom, max_attempts=3)
+    assert (summary.ok, summary.failed, summary.exit_reason) == (0, 6, "budget reached")
+    failed = _records(tmp_path / "run", "failed")
+    assert sorted(record["attempt"] for record in failed) == [1, 1, 2, 2, 3, 3]
+    assert sum(record["slot_given_up"] for record in failed) == 2
+    assert _state(tmp_path / "run")["failed_slots"] == 2
+    assert Journal(tmp_path / "run").count_rows() == 0
+    assert not (tmp_path / "run" / "hyp_evolve.yaml").exists()
+
+
+def test_same_seed_gives_the_same_evolution(tmp_path: Path) -> None:
+    for name, seed in (("a", 11), ("b", 11), ("c", 12)):
+        _evolve(tmp_path / name, 4, seed=seed)
+    csv = {name: (tmp_path / name / "evolve.csv").read_bytes() for name in "abc"}
+    assert csv["a"] == csv["b"]
+    assert csv["a"] != csv["c"]
+
+
+def test_heartbeat_keeps_a_long_generation_alive_while_another_worker_waits(tmp_path: Path) -> None:
+    ttl = 1.0
+    seen_expiries: list[float] = []
+
+    def slow(hyp: Hyp, context: GenerationContext) -> GenerationResult:
+        time.sleep(2.5 * ttl)
+        seen_expiries.append(_state(context.run_dir)["leases"][str(context.claim)]["expires"] - time.time())
+        return smooth_objective(hyp, context)
+
+    run_dir = tmp_path / "run"
+    summaries = []
+    other = threading.Thread(target=lambda: summaries.append(_evolve(run_dir, 1, slow, worker_id="w1", lease_ttl=ttl)))
+    other.start()  # both workers start on a fresh run: one creates it, the other joins it
+    summaries.append(_evolve(run_dir, 1, slow, lease_ttl=ttl))
+    other.join()
+    assert sorted(summary.ok for summary in summaries) == [0, 1]  # the waiting worker never took over
+    assert len(seen_expiries) == 1 and 0 < seen_expiries[0] <= ttl
+    assert _records(run_dir, "expired") == []
+    _assert_exact_budget(run_dir, 1)
+
+
+def test_stop_event_and_stop_file_end_the_worker_after_its_generation(tmp_path: Path) -> None:
+    stop = threading.Event()
+
+    def stop_during(hyp: Hyp, context: GenerationContext) -> GenerationResult:
+        stop.set()
+        return smooth_objective(hyp, context)
+
+    summary = _evolve(tmp_path / "run", 5, stop_during, stop=stop)
+    assert (summary.ok, summary.exit_reason) == (1, "stop requested")
+    Journal(tmp_path / "run").request_stop()
+    assert _evolve(tmp_path / "run", 5).ok == 0
+    Journal(tmp_path / "run").clear_stop()
+    assert _evolve(tmp_path / "run", 5).ok == 4
+    _assert_exact_budget(tmp_path / "run", 5)
+
+
+def test_population_yaml_children_come_first_and_csv_rows_are_imported(tmp_path: Path) -> None:
+    seed_yaml = tmp_path / "seed.yaml"
+    seed_yaml.write_text("lr0: 0.03\nmosaic: 0.5\n")
+    _evolve(tmp_path / "first", 2, population=[seed_yaml])
+    first = Journal(tmp_path / "first").read_population(KEYS)
+    assert first.hyp_at(0)["lr0"] == 0.03 and first.hyp_at(0)["mosaic"] == 0.5 and first.hyp_at(0)["lrf"] == 0.01
+    assert _records(tmp_path / "first", "ok")[0]["source"] == f"population:{seed_yaml}"
+
+    _evolve(tmp_path / "second", 2, population=[tmp_path / "first" / "evolve.csv"])
+    second = Journal(tmp_path / "second").read_population(KEYS)
+    assert len(second) == 4  # 2 imported rows, then a budget of 2 new ones
+    np.testing.assert_array_equal(second.hyps[:2], first.hyps)
+    assert _records(tmp_path / "second", "imported")[0]["rows"] == [0, 1]
+    new = _records(tmp_path / "second", "ok")
+    assert all(record["source"] == "mutation" and set(record["parents"]) <= {0, 1, 2} for record in new)
+
+
+def _snapshot(path: Path) -> dict[str, bytes] | None:
+    if not path.exists():
+        return None
+    return {str(item.relative_to(path)): item.read_bytes() if item.is_file() else b"<dir>" for item in path.rglob("*")}
+
+
+def _yolov5_run(path: Path) -> None:
+    """A YOLOv5 run directory whose evolve.csv also evolves anchors (a column this run lacks)."""
+    path.mkdir()
+    names = [*RESULT_COLUMNS, *KEYS, "anchors"]
+    row = [0.5] * 7 + list(BASE) + [3.0]
+    (path / "evolve.csv").write_text(
+        ",".join(f"{n:>20s}" for n in names) + "\n" + ",".join(f"{v:20.5g}" for v in row) + "\n"
+    )
+
+
+BAD_INPUTS: dict[str, Callable[[Path, Path], object]] = {
+    "zero budget": lambda run, tmp: _evolve(run, 0),
+    "negative budget": lambda run, tmp: _evolve(run, -3),
+    "unknown key in space": lambda run, tmp: SearchSpace.from_mapping({"lr": [1, 0, 1]}),
+    "low above high": lambda run, tmp: SearchSpace.from_mapping({"lr0": [1, 0.1, 0.01]}),
+    "nothing to evolve": lambda run, tmp: run_worker(
+        run, Hyp(), SearchSpace.from_mapping({"lr0": [0, 0, 1]}), 3, smooth_objective, "w0", 0, plot_interval=None
+    ),
+    "population csv header differs": lambda run, tmp: (
+        _yolov5_run(tmp / "old"),
+        _evolve(run, 3, population=[tmp / "old" / "evolve.csv"]),
+    ),
+    "population yaml unknown key": lambda run, tmp: (
+        (tmp / "p.yaml").write_text("lr: 0.1\n"),
+        _evolve(run, 3, population=[tmp / "p.yaml"]),
+    ),
+}
+
+
+@pytest.mark.parametrize("existing", [False, True])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_a_user_error_and_leaves_the_run_directory_untouched(
+    tmp_path: Path, case: str, existing: bool
+) -> None:
+    run_dir = tmp_path / "run"
+    if existing:
+        _evolve(run_dir, 1)
+    before = _snapshot(run_dir)
+    with pytest.raises(UserError):
+        BAD_INPUTS[case](run_dir, tmp_path)
+    assert _snapshot(run_dir) == before
+
+
+def test_a_run_directory_with_other_columns_is_refused_untouched(tmp_path: Path) -> None:
+    ours, theirs = tmp_path / "ours", tmp_path / "yolov5"
+    _evolve(ours, 1)
+    _yolov5_run(theirs)  # evolves anchors, which an anchor-less base hyp has no column for
+    before = {path: _snapshot(path) for path in (ours, theirs)}
+    with pytest.raises(UserError, match="anchors"):
+        run_worker(ours, Hyp(anchors=3.0), SPACE, 3, smooth_objective, "w0", 0, plot_interval=None)
+    with pytest.raises(UserError, match="anchors"):
+        _evolve(theirs, 3)
+    assert {path: _snapshot(path) for path in (ours, theirs)} == before
+
+
+def test_a_yolov5_run_directory_with_matching_columns_is_continued(tmp_path: Path) -> None:
+    run_dir = tmp_path / "yolov5"
+    _yolov5_run(run_dir)
+    run_worker(run_dir, Hyp(anchors=3.0), SPACE, 2, smooth_objective, "w0", 0, plot_interval=None)
+    population = Journal(run_dir).read_population((*KEYS, "anchors"))
+    assert len(population) == 3  # its own row is kept as a result, then 2 new generations
+    assert _state(run_dir)["imported_rows"] == 1
+
+
+def test_leases_expire_into_retries_of_the_same_child_then_are_given_up() -> None:
+    state = RunState(list(KEYS[:1]), generations=2)
+    identity = WorkerIdentity("w0", host="h", pid=1)
+    first = offer_slot(state, rows=0)
+    start_lease(state, first, {"lr0": 0.02}, [], identity, now=100.0, ttl=10.0)
+    second = offer_slot(state, rows=0)
+    start_lease(state, second, {"lr0": 0.03}, [], identity, now=100.0, ttl=50.0)
+    assert offer_slot(state, rows=0) is None  # both slots in flight
+    assert expire_leases(state, now=105.0, max_attempts=2) == []
+    [record] = expire_leases(state, now=111.0, max_attempts=2)
+    assert (record["status"], record["claim"], record["slot_given_up"]) == ("expired", 0, False)
+    retry = offer_slot(state, rows=0)
+    assert (retry.claim, retry.attempt, retry.hyp, retry.source) == (2, 2, {"lr0": 0.02}, "retry of claim 0")
+    lease = start_lease(state, retry, retry.hyp, [], identity, now=111.0, ttl=10.0)
+    [record] = expire_leases(state, now=140.0, max_attempts=2)  # the second lease lives until 150
+    assert record["slot_given_up"] and state.failed_slots == 1 and state.done(rows=0) == 1
+    assert not reclaim_lease(state, lease)  # its slot was given up: a late result is stale
+    assert offer_slot(state, rows=1) is None  # 1 row + 1 given up = the budget of 2
+
+
+def test_a_late_result_keeps_its_slot_only_until_someone_else_takes_it() -> None:
+    state = RunState(list(KEYS[:1]), generations=1)
+    identity = WorkerIdentity("w0", host="h", pid=1)
+    lease = start_lease(state, offer_slot(state, rows=0), {"lr0": 0.02}, [], identity, now=0.0, ttl=1.0)
+    expire_leases(state, now=5.0, max_attempts=3)
+    assert reclaim_lease(state, lease) and state.retry == []  # nobody took the slot: the result counts
+    lease = start_lease(state, offer_slot(state, rows=0), {"lr0": 0.02}, [], identity, now=6.0, ttl=1.0)
+    expire_leases(state, now=10.0, max_attempts=3)
+    offer_slot(state, rows=0)  # another worker takes the retry
+    assert not reclaim_lease(state, lease)
+
+
+def test_three_workers_with_one_killed_mid_generation_end_with_exactly_the_budget(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    victim = FORK.Process(target=_worker_process, args=(run_dir, "w1", 9, 60.0, 1.0))  # hangs in training
+    victim.start()
+    _wait_for(lambda: "w1" in _workers_seen(run_dir))
+    workers = {name: FORK.Process(target=_worker_process, args=(run_dir, name, 9, 0.2, 1.0)) for name in ("w0", "w2")}
+    for process in workers.values():
+        process.start()
+    _wait_for(lambda: {"w0", "w2"} <= _workers_seen(run_dir))
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join()
+    for process in workers.values():
+        process.join(60)
+        assert process.exitcode == 0
+    _assert_exact_budget(run_dir, 9)
+    [expired] = _records(run_dir, "expired")
+    assert expired["worker"] == "w1"
+    [resumed] = [
+        record for record in _records(run_dir, "ok") if record["source"] == f"retry of claim {expired['claim']}"
+    ]
+    population = Journal(run_dir).read_population(KEYS)
+    assert population.hyp_at(resumed["row"]) == expired["hyp"]  # the lost child was trained, not dropped
+
+
+def test_sigterm_then_restart_continues_at_the_right_count(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = [FORK.Process(target=_worker_process, args=(run_dir, f"w{i}", 12, 0.3, 1.0)) for i in range(2)]
+    for process in first:
+        process.start()
+    _wait_for(lambda: {"w0", "w1"} <= _workers_seen(run_dir) and Journal(run_dir).count_rows() >= 2)
+    for process in first:
+        os.kill(process.pid, signal.SIGTERM)  # what `docker stop` sends
+    for process in first:
+        process.join(30)
+        assert process.exitcode == 0
+    stopped_at = Journal(run_dir).count_rows()
+    assert 2 <= stopped_at < 12 and _state(run_dir)["leases"] == {}  # each finished its generation
+    assert _records(run_dir, "expired") == [] and _records(run_dir, "failed") == []
+    second = [FORK.Process(target=_worker_process, args=(run_dir, f"w{i}", 12, 0.05, 1.0)) for i in range(2)]
+    for process in second:
+        process.start()
+    for process in second:
+        process.join(60)
+        assert process.exitcode == 0
+    _assert_exact_budget(run_dir, 12)
+
+
+def test_killing_every_worker_then_restarting_trains_the_lost_children(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    hung = [FORK.Process(target=_worker_process, args=(run_dir, f"w{i}", 4, 60.0, 0.5)) for i in range(2)]
+    for process in hung:
+        process.start()
+    _wait_for(lambda: (run_dir / "claims.json").exists() and len(_state(run_dir)["leases"]) == 2)
+    lost = [lease["hyp"] for lease in _state(run_dir)["leases"].values()]
+    for process in hung:
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+    restarted = [FORK.Process(target=_worker_process, args=(run_dir, f"w{i}", 4, 0.05, 0.5)) for i in range(2)]
+    for process in restarted:
+        process.start()
+    for process in restarted:
+        process.join(60)
+        assert process.exitcode == 0
+    _assert_exact_budget(run_dir, 4)
+    population = Journal(run_dir).read_population(KEYS)
+    trained = [population.hyp_at(row) for row in range(len(population))]
+    assert all(child in trained for child in lost)
+    assert BASE.tolist() in population.hyps.tolist()  # claim 0, the base hyp, was among the lost

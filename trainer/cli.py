@@ -1,0 +1,141 @@
+"""`python -m trainer`: YOLOv5 train.py's flags, one training, one evolution worker, or a DDP launch."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import threading
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from trainer import __version__, dist
+from trainer.config import Hyp, TrainConfig
+from trainer.errors import UserError
+from trainer.paths import resolve_config
+from trainer.progress import setup_logging
+
+LOGGER = logging.getLogger("trainer")
+
+
+def latest_checkpoint(search_root: Path = Path("runs")) -> Path:
+    candidates = sorted(search_root.glob("**/weights/last.pt"), key=lambda path: path.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"--resume found no last.pt under {search_root}/: pass the checkpoint path")
+    return candidates[-1]
+
+
+def build_config(options: dict[str, Any]) -> TrainConfig:
+    """Turn parsed flags into the run's frozen config (the hyp file is read and validated here)."""
+    hyp = Hyp.from_yaml(resolve_config(options["hyp"], "hyps"))
+    fields = {name: options[name] for name in TrainConfig.__dataclass_fields__ if name in options}
+    return TrainConfig(**{**fields, "hyp": hyp, "hyp_path": str(options["hyp"])})
+
+
+def launch_ddp(devices: list[str], options: dict[str, Any]) -> int:
+    """Re-run this command under torch.distributed.run, one process per GPU on this node.
+
+    We never fall back to DataParallel: `--device 0,1` means DDP. The rendezvous port is
+    chosen free on a single node, so two jobs on one machine do not clash.
+    """
+    single_node = options["nnodes"] == 1
+    port = options["master_port"] or (dist.free_port() if single_node else 29500)
+    nproc = 1 if devices == ["cpu"] else len(devices)
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--nnodes={options['nnodes']}", f"--node_rank={options['node_rank']}",
+               f"--master_addr={options['master_addr']}", f"--master_port={port}",
+               "-m", "trainer", *sys.argv[1:]]
+    LOGGER.info("Starting DDP: %d process(es) on this node, %d node(s), rendezvous %s:%d",
+                nproc, options["nnodes"], options["master_addr"], port)
+    process = subprocess.Popen(command)
+    # torchrun forwards SIGTERM to every rank, which then finish their epoch and save.
+    signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
+    return process.wait()
+
+
+def train_command(options: dict[str, Any]) -> None:
+    from trainer.checkpoint import load_checkpoint
+    from trainer.train import next_run_dir, run
+
+    ctx = dist.init_distributed(options["device"], options["dist_timeout"])
+    setup_logging(ctx.is_main)
+    try:
+        resume_state = None
+        if options["resume"]:
+            checkpoint = latest_checkpoint() if options["resume"] == "latest" else Path(options["resume"])
+            resume_state = load_checkpoint(checkpoint)
+            cfg = TrainConfig.from_dict(resume_state["config"]).replace(
+                device=options["device"], workers=options["workers"])
+            save_dir = checkpoint.parent.parent
+        else:
+            cfg = build_config(options)
+            save_dir = dist.broadcast_object(next_run_dir(cfg.project, cfg.name, cfg.exist_ok), ctx)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the epoch, save, exit
+        result = run(cfg, ctx, save_dir, resume_state=resume_state, stop=stop)
+        if ctx.is_main:
+            LOGGER.info("Results saved to %s (best fitness %.4f)", save_dir, result.best_fitness)
+    finally:
+        dist.cleanup()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--data", default="synthetic", help="data.yaml path or a bundled name (synthetic = built-in data)")
+@click.option("--cfg", default="yolov5n", help="model YAML path or a bundled name (yolov5n/s/m/l/x)")
+@click.option("--weights", default="", help="initial weights: an evolvectl checkpoint (.pt)")
+@click.option("--hyp", default="hyp.scratch-low", help="hyperparameter YAML path or bundled name")
+@click.option("--epochs", default=100, type=click.IntRange(min=1))
+@click.option("--batch-size", "--batch", "batch_size", default=16, type=click.IntRange(min=1),
+              help="total batch size over all GPUs")
+@click.option("--imgsz", "--img", "--img-size", "imgsz", default=640, type=click.IntRange(min=32),
+              help="train and val image size (pixels)")
+@click.option("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 (DDP) or cpu")
+@click.option("--workers", default=8, type=click.IntRange(min=0), help="dataloader workers per process")
+@click.option("--project", default="runs/train", help="save to project/name")
+@click.option("--name", default="exp", help="save to project/name")
+@click.option("--exist-ok", is_flag=True, help="existing project/name ok, do not increment")
+@click.option("--resume", is_flag=False, flag_value="latest", default="",
+              help="resume the most recent run, or the given last.pt")
+@click.option("--cache", is_flag=False, flag_value="ram", default="", type=click.Choice(["", "ram"]),
+              help="cache decoded images in RAM")
+@click.option("--optimizer", default="SGD", type=click.Choice(["SGD", "Adam", "AdamW"]))
+@click.option("--cos-lr", is_flag=True, help="cosine LR schedule")
+@click.option("--label-smoothing", default=0.0, type=click.FloatRange(0.0, 1.0))
+@click.option("--seed", default=0, type=int, help="global training seed")
+@click.option("--patience", default=100, type=click.IntRange(min=0), help="early stopping patience (0 = off)")
+@click.option("--single-cls", is_flag=True, help="train multi-class data as single-class")
+@click.option("--noval", is_flag=True, help="only validate the final epoch")
+@click.option("--nosave", is_flag=True, help="only save the final checkpoint")
+@click.option("--noautoanchor", is_flag=True, help="disable AutoAnchor")
+@click.option("--save-json", is_flag=True, help="write COCO-format predictions.json")
+@click.option("--sync-bn", is_flag=True, help="SyncBatchNorm in DDP (worth it at ≤8 images per GPU)")
+@click.option("--evolve", "evolve", is_flag=False, flag_value=300, default=None, type=click.IntRange(min=1),
+              help="run as an evolution worker; optional total generations (default 300)")
+@click.option("--generations", default=None, type=int, help="total generations of the evolution (all workers)")
+@click.option("--evolve-population", default=None, help="seed the evolution from hyp YAMLs (folder) or an evolve.csv")
+@click.option("--search-space", default="search_space", help="evolution search space YAML")
+@click.option("--worker-id", default=None, help="evolution worker name (default: host-pid)")
+@click.option("--nnodes", default=1, type=click.IntRange(min=1), help="DDP: number of machines")
+@click.option("--node-rank", default=0, type=click.IntRange(min=0), help="DDP: rank of this machine")
+@click.option("--master-addr", default="127.0.0.1", help="DDP: address of the rank-0 machine")
+@click.option("--master-port", default=0, type=click.IntRange(min=0, max=65535), help="DDP: port (0 = free port)")
+@click.option("--dist-timeout", default=30.0, type=click.FloatRange(min=0.1), help="DDP: minutes to wait for peers")
+@click.option("--local-rank", "--local_rank", "local_rank", default=-1, hidden=True)
+@click.version_option(__version__, prog_name="trainer")
+def main(**options: Any) -> None:
+    """Train a YOLO-family detector (YOLOv5's recipe), or run as a hyperparameter-evolution worker."""
+    logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stderr)
+    if options["evolve"] is not None or options["generations"] is not None:
+        if options["resume"] or options["nnodes"] > 1:
+            raise UserError("--evolve runs one process per GPU: drop --resume/--nnodes (evolutions resume by themselves)")
+        from trainer.evolve import evolve_command
+        evolve_command(options)
+        return
+    devices = dist.parse_devices(options["device"])
+    wants_ddp = len(devices) > 1 or options["nnodes"] > 1
+    if wants_ddp and not dist.launched_by_torchrun():
+        sys.exit(launch_ddp(devices, options))
+    train_command(options)

@@ -1,0 +1,284 @@
+"""Image and box transforms: letterbox for validation; mosaic, random perspective, mixup,
+copy-paste, colour and flips for training.
+
+Images are uint8 tensors (3, H, W). Boxes are float tensors (n, 5) holding class, x0, y0,
+x1, y1 in pixels of the image they travel with; every transform moves both together. Random
+choices come from the numpy Generator passed in, never from global state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass, fields
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from trainer.config import Hyp
+
+FILL = 114  # grey of letterbox and warp borders
+MIN_SIDE = 2.0  # pixels: thinner boxes after a transform are dropped
+MIN_AREA_RATIO = 0.1  # of the box's area before the transform (scaled), else mostly cut off
+MAX_ASPECT = 20.0
+PASTE_MAX_COVER = 0.3  # a pasted box may cover at most this share of an existing box
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The hyperparameters that drive augmentation, in the order they are shared with workers."""
+
+    hsv_h: float
+    hsv_s: float
+    hsv_v: float
+    degrees: float
+    translate: float
+    scale: float
+    shear: float
+    perspective: float
+    flipud: float
+    fliplr: float
+    mosaic: float
+    mixup: float
+    copy_paste: float
+
+    @classmethod
+    def from_hyp(cls, hyp: Hyp) -> Augmentation:
+        return cls(**{field.name: float(getattr(hyp, field.name)) for field in fields(cls)})
+
+    def as_tuple(self) -> tuple[float, ...]:
+        return astuple(self)
+
+
+def resize_to_fit(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize so the long side is `size`, keeping the aspect ratio."""
+    height, width = image.shape[1:]
+    ratio = size / max(height, width)
+    if ratio == 1:
+        return image
+    new_size = [max(1, round(height * ratio)), max(1, round(width * ratio))]
+    return F.resize(image, new_size, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+
+
+def letterbox(image: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad an image that fits in size×size to exactly that, centred; returns the (left, top) padding."""
+    height, width = image.shape[1:]
+    left, top = (size - width) // 2, (size - height) // 2
+    padded = F.pad(image, [left, top, size - width - left, size - height - top], fill=FILL)
+    return padded, (left, top)
+
+
+def shift_boxes(boxes: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    shifted = boxes.clone()
+    shifted[:, [1, 3]] += dx
+    shifted[:, [2, 4]] += dy
+    return shifted
+
+
+def mosaic(
+    images: list[torch.Tensor], boxes: list[torch.Tensor], size: int, centre: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four images around `centre` on a 2·size canvas: they meet it with their bottom-right,
+    bottom-left, top-right and top-left corners. Boxes are clipped to the canvas."""
+    canvas_size = 2 * size
+    canvas = torch.full((3, canvas_size, canvas_size), FILL, dtype=torch.uint8)
+    centre_x, centre_y = centre
+    placed = []
+    for position, (image, image_boxes) in enumerate(zip(images, boxes)):
+        height, width = image.shape[1:]
+        x = centre_x - width if position in (0, 2) else centre_x
+        y = centre_y - height if position in (0, 1) else centre_y
+        left, top = max(x, 0), max(y, 0)
+        right, bottom = min(x + width, canvas_size), min(y + height, canvas_size)
+        canvas[:, top:bottom, left:right] = image[:, top - y : bottom - y, left - x : right - x]
+        placed.append(shift_boxes(image_boxes, x, y))
+    merged = torch.cat(placed)
+    merged[:, 1:].clamp_(0, canvas_size)
+    return canvas, merged
+
+
+def covered_share(boxes: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+    """For each xyxy box, the share of its area that the xyxy box `cover` overlaps."""
+    overlap_width = (torch.minimum(boxes[:, 2], cover[2]) - torch.maximum(boxes[:, 0], cover[0])).clamp(min=0)
+    overlap_height = (torch.minimum(boxes[:, 3], cover[3]) - torch.maximum(boxes[:, 1], cover[1])).clamp(
+        min=0
+    )
+    areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-9)
+    return overlap_width * overlap_height / areas
+
+
+def copy_paste(
+    image: torch.Tensor, boxes: torch.Tensor, probability: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy each box's pixels, with `probability`, to its mirror position across the vertical
+    centre line (mirrored), unless that would hide much of a box already there.
+
+    YOLOv5 pastes segmentation masks; with box labels only, the whole box is the patch.
+    """
+    if probability <= 0 or not len(boxes):
+        return image, boxes
+    image, width = image.clone(), image.shape[2]
+    all_boxes = boxes
+    for row in boxes[torch.from_numpy(rng.random(len(boxes)) < probability)]:
+        left, top, right, bottom = (round(value) for value in row[1:].tolist())
+        if right - left < 1 or bottom - top < 1:
+            continue
+        pasted = torch.tensor([row[0], width - right, top, width - left, bottom], dtype=boxes.dtype)
+        if covered_share(all_boxes[:, 1:], pasted[1:]).max() >= PASTE_MAX_COVER:
+            continue
+        image[:, top:bottom, width - right : width - left] = image[:, top:bottom, left:right].flip(-1)
+        all_boxes = torch.cat([all_boxes, pasted[None]])
+    return image, all_boxes
+
+
+def perspective_matrix(
+    in_size: tuple[int, int], out_size: int, augmentation: Augmentation, rng: np.random.Generator
+) -> tuple[np.ndarray, float]:
+    """A random 3×3 map from input to output pixels, and its scale factor.
+
+    The input's centre goes to the origin, then perspective, rotation with scale, shear, and
+    a translation that puts it near the output's centre (YOLOv5's order of composition).
+    """
+    in_height, in_width = in_size
+    centre = np.array([[1.0, 0.0, -in_width / 2], [0.0, 1.0, -in_height / 2], [0.0, 0.0, 1.0]])
+    perspective = np.eye(3)
+    perspective[2, :2] = rng.uniform(-augmentation.perspective, augmentation.perspective, 2)
+    angle = math.radians(rng.uniform(-augmentation.degrees, augmentation.degrees))
+    # Kept positive: a scale gain of 1 or more would otherwise allow a singular or mirrored map.
+    scale = max(rng.uniform(1 - augmentation.scale, 1 + augmentation.scale), 0.05)
+    cos, sin = scale * math.cos(angle), scale * math.sin(angle)
+    rotation = np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]])
+    shear = np.eye(3)
+    shear[0, 1], shear[1, 0] = np.tan(np.radians(rng.uniform(-augmentation.shear, augmentation.shear, 2)))
+    translation = np.eye(3)
+    translation[:2, 2] = (0.5 + rng.uniform(-augmentation.translate, augmentation.translate, 2)) * out_size
+    return translation @ shear @ rotation @ perspective @ centre, scale
+
+
+def apply_homography(
+    matrix: np.ndarray, xs: torch.Tensor, ys: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map points through a 3×3 matrix. Written out per element rather than as a matmul so
+    the result does not depend on the BLAS kernel, which can vary with the thread count."""
+    (a, b, c), (d, e, f), (g, h, i) = matrix.tolist()
+    denominator = xs * g + ys * h + i
+    return (xs * a + ys * b + c) / denominator, (xs * d + ys * e + f) / denominator
+
+
+def warp(image: torch.Tensor, matrix: np.ndarray, out_size: int) -> torch.Tensor:
+    """Warp an image by `matrix` into an out_size×out_size image with grey borders.
+
+    torchvision's affine and perspective keep the input's canvas size; a mosaic is twice the
+    output's side, so they would warp four times the pixels and crop. Sampling the output
+    grid directly does a quarter of the work.
+    """
+    in_height, in_width = image.shape[1:]
+    # For each output pixel centre: where it comes from, in grid_sample's -1..1 coordinates.
+    to_grid = np.array([[2 / in_width, 0, -1], [0, 2 / in_height, -1], [0, 0, 1]]) @ np.linalg.inv(matrix)
+    centres = torch.arange(out_size, dtype=torch.float32) + 0.5
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    grid = torch.stack(apply_homography(to_grid, xs, ys), dim=-1)[None]
+    # Shift by the fill value so that zero padding outside the input becomes the grey border.
+    shifted = image[None].to(torch.float32).sub_(FILL)
+    warped = torch.nn.functional.grid_sample(
+        shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return warped[0].add_(FILL).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def transform_boxes(boxes: torch.Tensor, matrix: np.ndarray, out_size: int) -> torch.Tensor:
+    """The xyxy boxes enclosing each box's four mapped corners, clipped to the output."""
+    xs = boxes[:, [0, 2, 2, 0]]
+    ys = boxes[:, [1, 1, 3, 3]]
+    mapped_x, mapped_y = apply_homography(matrix, xs, ys)
+    enclosing = torch.stack([mapped_x.amin(1), mapped_y.amin(1), mapped_x.amax(1), mapped_y.amax(1)], dim=1)
+    return enclosing.clamp_(0, out_size)
+
+
+def keep_boxes(before: torch.Tensor, after: torch.Tensor, scale: float) -> torch.Tensor:
+    """Which transformed boxes are still worth learning from: not a sliver, not mostly cut
+    off (area vs the scaled original), not absurdly elongated."""
+    width, height = after[:, 2] - after[:, 0], after[:, 3] - after[:, 1]
+    area_before = (before[:, 2] - before[:, 0]) * (before[:, 3] - before[:, 1]) * scale**2
+    aspect = torch.maximum(width / (height + 1e-9), height / (width + 1e-9))
+    return (
+        (width > MIN_SIDE)
+        & (height > MIN_SIDE)
+        & (width * height / (area_before + 1e-9) > MIN_AREA_RATIO)
+        & (aspect < MAX_ASPECT)
+    )
+
+
+def random_perspective(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    out_size: int,
+    augmentation: Augmentation,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Randomly rotate, scale, shear, translate and tilt into out_size×out_size, dropping
+    boxes that end up too small or mostly outside."""
+    matrix, scale = perspective_matrix(tuple(image.shape[1:]), out_size, augmentation, rng)
+    warped = warp(image, matrix, out_size)
+    moved = transform_boxes(boxes[:, 1:], matrix, out_size)
+    keep = keep_boxes(boxes[:, 1:], moved, scale)
+    return warped, torch.cat([boxes[keep, :1], moved[keep]], dim=1)
+
+
+def mixup(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    other: torch.Tensor,
+    other_boxes: torch.Tensor,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend two training images with a Beta(32, 32) weight (close to half each); keep all boxes."""
+    weight = rng.beta(32.0, 32.0)
+    blended = image.float() * weight + other.float() * (1 - weight)
+    return blended.round_().to(torch.uint8), torch.cat([boxes, other_boxes])
+
+
+def rotate_hue(image: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Shift hue by `fraction` of the colour circle, as a rotation of the chroma plane in YIQ.
+
+    torchvision's adjust_hue converts to HSV and back, about ten times slower on a CPU worker;
+    for augmentation a chroma rotation shifts hue just as well.
+    """
+    to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    angle = 2 * math.pi * fraction
+    rotation = np.array(
+        [[1, 0, 0], [0, math.cos(angle), -math.sin(angle)], [0, math.sin(angle), math.cos(angle)]]
+    )
+    matrix = (np.linalg.inv(to_yiq) @ rotation @ to_yiq).tolist()
+    red, green, blue = image.float()
+    rotated = torch.stack([red * r + green * g + blue * b for r, g, b in matrix])
+    return rotated.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def augment_colour(image: torch.Tensor, augmentation: Augmentation, rng: np.random.Generator) -> torch.Tensor:
+    """Random hue, saturation and value gains within ±hsv_h, ±hsv_s, ±hsv_v."""
+    gains = rng.uniform(-1, 1, 3) * (augmentation.hsv_h, augmentation.hsv_s, augmentation.hsv_v)
+    hue, saturation, value = gains.tolist()
+    if hue:
+        image = rotate_hue(image, hue)
+    if saturation:
+        image = F.adjust_saturation(image, 1 + saturation)
+    if value:
+        image = F.adjust_brightness(image, 1 + value)
+    return image
+
+
+def random_flips(
+    image: torch.Tensor, boxes: torch.Tensor, augmentation: Augmentation, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip up-down with probability flipud and left-right with probability fliplr."""
+    height, width = image.shape[1:]
+    flip_vertical, flip_horizontal = (rng.random(2) < (augmentation.flipud, augmentation.fliplr)).tolist()
+    boxes = boxes.clone()
+    if flip_vertical:
+        image = F.vertical_flip(image)
+        boxes[:, [2, 4]] = height - boxes[:, [4, 2]]
+    if flip_horizontal:
+        image = F.horizontal_flip(image)
+        boxes[:, [1, 3]] = width - boxes[:, [3, 1]]
+    return image, boxes

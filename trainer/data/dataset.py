@@ -1,0 +1,195 @@
+"""The detection dataset: letterboxed images for validation, augmented ones for training.
+
+Hyperparameter evolution trains many generations with different augmentation settings in one
+process. Rebuilding datasets and loaders for each would re-cache images and restart workers,
+so the augmentation hyperparameters and the epoch live in a small shared-memory tensor that
+`set_hyp` and `set_epoch` update and that persistent DataLoader workers read on every sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.ops import box_convert
+
+from trainer.config import Hyp
+from trainer.data.augment import (
+    Augmentation,
+    augment_colour,
+    copy_paste,
+    letterbox,
+    mixup,
+    mosaic,
+    random_flips,
+    random_perspective,
+    resize_to_fit,
+    shift_boxes,
+)
+from trainer.data.labels import Sample, read_image
+from trainer.errors import UserError
+
+logger = logging.getLogger("trainer.data")
+
+# ((h0, w0), ((h / h0, w / w0), (pad_left, pad_top))): maps letterboxed pixels back to the original.
+Shapes = tuple[tuple[int, int], tuple[tuple[float, float], tuple[int, int]]]
+Item = tuple[torch.Tensor, torch.Tensor, str, Shapes | None]
+AUGMENTATION_SIZE = len(fields(Augmentation))
+
+
+class YoloDataset(Dataset):
+    """Images with their boxes as (class, cx, cy, w, h), normalised to the returned image.
+
+    Every random choice for a sample comes from a generator seeded by (seed, epoch, index),
+    so a sample is the same whatever the number of workers, and after resuming.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        imgsz: int,
+        augment: bool,
+        hyp: Hyp,
+        cache_ram: bool = False,
+        seed: int = 0,
+        single_cls: bool = False,
+        stride: int = 32,
+    ) -> None:
+        if not samples:
+            raise UserError("the dataset has no usable images; check the data config's train and val entries")
+        if imgsz < stride or imgsz % stride:
+            suggestion = max(stride, math.ceil(imgsz / stride) * stride)
+            raise UserError(
+                f"image size {imgsz} must be a multiple of the model's stride {stride}; try {suggestion}"
+            )
+        self.files = [sample.image for sample in samples]
+        self.labels = [self._class_zero(sample.labels) if single_cls else sample.labels for sample in samples]
+        self.shapes = np.array([(sample.width, sample.height) for sample in samples], dtype=np.int64)
+        self.imgsz = imgsz
+        self.augment = augment
+        self.seed = seed
+        # Augmentation hyperparameters, then the epoch; shared so persistent workers see updates.
+        self._settings = torch.zeros(AUGMENTATION_SIZE + 1, dtype=torch.float64).share_memory_()
+        self.set_hyp(hyp)
+        self.set_epoch(0)
+        self._images = self._decode_all() if cache_ram else None
+
+    @staticmethod
+    def _class_zero(labels: np.ndarray) -> np.ndarray:
+        labels = labels.copy()
+        labels[:, 0] = 0
+        return labels
+
+    def set_hyp(self, hyp: Hyp) -> None:
+        """Use these augmentation hyperparameters from the next sample on, in every worker."""
+        self._settings[:AUGMENTATION_SIZE] = torch.tensor(
+            Augmentation.from_hyp(hyp).as_tuple(), dtype=torch.float64
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed the next samples' augmentation for this epoch, in every worker."""
+        self._settings[AUGMENTATION_SIZE] = epoch
+
+    @property
+    def augmentation(self) -> Augmentation:
+        return Augmentation(*self._settings[:AUGMENTATION_SIZE].tolist())
+
+    @property
+    def epoch(self) -> int:
+        return int(self._settings[AUGMENTATION_SIZE])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _decode_all(self) -> list[torch.Tensor]:
+        """Decode and resize every image once, in threads (decoding releases the GIL).
+
+        Done here, in the main process, so DataLoader workers forked later share the pixels.
+        """
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            images = list(pool.map(self._read_resized, range(len(self))))
+        megabytes = sum(image.numel() for image in images) / 2**20
+        logger.info("cached %d images in RAM (%.0f MB)", len(images), megabytes)
+        return images
+
+    def _read_resized(self, index: int) -> torch.Tensor:
+        return resize_to_fit(read_image(self.files[index]), self.imgsz)
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """The image with its long side resized to imgsz, from RAM when cached."""
+        return self._images[index] if self._images is not None else self._read_resized(index)
+
+    def _image_and_boxes(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The resized image and its boxes as (class, x0, y0, x1, y1) in its pixels."""
+        image = self.load_image(index)
+        height, width = image.shape[1:]
+        labels = torch.from_numpy(self.labels[index])
+        corners = box_convert(labels[:, 1:] * torch.tensor([width, height, width, height]), "cxcywh", "xyxy")
+        return image, torch.cat([labels[:, :1], corners], dim=1)
+
+    def _normalised(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Pixel (class, x0, y0, x1, y1) on the imgsz square to normalised (class, cx, cy, w, h)."""
+        return torch.cat([boxes[:, :1], box_convert(boxes[:, 1:], "xyxy", "cxcywh") / self.imgsz], dim=1)
+
+    def __getitem__(self, index: int) -> Item:
+        if not self.augment:
+            return self._validation_item(index)
+        augmentation = self.augmentation
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        with_mosaic = bool(rng.random() < augmentation.mosaic)
+        image, boxes = self._training_view(index, with_mosaic, augmentation, rng)
+        if rng.random() < augmentation.mixup:
+            other_index = int(rng.integers(len(self)))
+            other, other_boxes = self._training_view(other_index, with_mosaic, augmentation, rng)
+            image, boxes = mixup(image, boxes, other, other_boxes, rng)
+        image = augment_colour(image, augmentation, rng)
+        image, boxes = random_flips(image, boxes, augmentation, rng)
+        # A training image has no single mapping back to one original, hence no shapes.
+        return image.contiguous(), self._normalised(boxes), str(self.files[index]), None
+
+    def _training_view(
+        self, index: int, with_mosaic: bool, augmentation: Augmentation, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A mosaic of this and three random images, or this one letterboxed; then copy-paste
+        and a random perspective down to imgsz×imgsz."""
+        if with_mosaic:
+            indices = [index, *rng.integers(len(self), size=3).tolist()]
+            images, boxes = zip(*(self._image_and_boxes(i) for i in indices))
+            centre = rng.integers(self.imgsz // 2, 3 * self.imgsz // 2, size=2, endpoint=True).tolist()
+            image, merged = mosaic(list(images), list(boxes), self.imgsz, (centre[0], centre[1]))
+        else:
+            image, merged = self._image_and_boxes(index)
+            image, (left, top) = letterbox(image, self.imgsz)
+            merged = shift_boxes(merged, left, top)
+        image, merged = copy_paste(image, merged, augmentation.copy_paste, rng)
+        return random_perspective(image, merged, self.imgsz, augmentation, rng)
+
+    def _validation_item(self, index: int) -> Item:
+        """The image letterboxed to imgsz×imgsz with grey padding; no randomness."""
+        image, boxes = self._image_and_boxes(index)
+        height, width = image.shape[1:]
+        original_width, original_height = (int(value) for value in self.shapes[index])
+        padded, (left, top) = letterbox(image, self.imgsz)
+        shapes = (
+            (original_height, original_width),
+            ((height / original_height, width / original_width), (left, top)),
+        )
+        return padded, self._normalised(shift_boxes(boxes, left, top)), str(self.files[index]), shapes
+
+
+def collate(
+    batch: Sequence[Item],
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], tuple[Shapes | None, ...]]:
+    """Stack images; join labels into (N, 6) targets: image index in the batch, class, cx, cy, w, h."""
+    images, labels, paths, shapes = zip(*batch)
+    targets = [
+        torch.cat([torch.full((len(boxes), 1), float(i)), boxes], dim=1) for i, boxes in enumerate(labels)
+    ]
+    return torch.stack(images), torch.cat(targets), paths, shapes

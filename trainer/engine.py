@@ -1,0 +1,130 @@
+"""The loops: one training epoch and one validation pass. Both return plain dicts of numbers."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torchvision.ops import box_convert
+
+from trainer import dist
+from trainer.coco import coco_records, image_id_from_path
+from trainer.dist import DistContext
+from trainer.ema import ModelEMA
+from trainer.errors import TrainingDiverged
+from trainer.metrics import DetectionMetrics
+from trainer.optim import Warmup
+from trainer.postprocess import non_max_suppression, scale_boxes
+from trainer.progress import EpochProgress
+
+LossFunction = Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class StepCounter:
+    """Counters that outlive an epoch and are checkpointed: iterations seen, last optimiser step."""
+
+    iteration: int = 0
+    last_step: int = -1
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def train_one_epoch(model: nn.Module, loss_fn: LossFunction, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, ema: ModelEMA | None, warmup: Warmup, lr_factor: float,
+                    counter: StepCounter, ctx: DistContext, amp_dtype: torch.dtype | None,
+                    progress: EpochProgress, max_norm: float = 10.0) -> dict[str, float]:
+    """Train one epoch with gradient accumulation to the nominal batch; returns mean train losses."""
+    model.train()
+    mean_items = torch.zeros(3, device=ctx.device)
+    batches = 0
+    for images, targets, _, _ in progress.track(loader):
+        images = images.to(ctx.device, non_blocking=True).float() / 255
+        targets = targets.to(ctx.device)
+        warmup.apply(optimizer, counter.iteration, lr_factor)
+        step_now = counter.iteration - counter.last_step >= warmup.accumulate(counter.iteration)
+        # Skip the gradient all-reduce on batches that only accumulate.
+        sync = model.no_sync() if ctx.distributed and not step_now else nullcontext()
+        with sync:
+            with autocast(ctx.device, amp_dtype):
+                predictions = model(images)
+            loss, items = loss_fn([p.float() for p in predictions], targets)
+            # Every rank sees the same reduced items, so all ranks stop together on divergence.
+            items = dist.all_reduce_mean(items, ctx)
+            if not torch.isfinite(items).all():
+                raise TrainingDiverged(
+                    f"loss is not finite at iteration {counter.iteration} (box, obj, cls = "
+                    f"{items.tolist()}): lower lr0 or check the labels"
+                )
+            # DDP averages gradients over ranks; undo that so the step matches one process on the total batch.
+            scaler.scale(loss * ctx.world_size).backward()
+        if step_now:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(dist.unwrap_model(model))
+            counter.last_step = counter.iteration
+        mean_items = (mean_items * batches + items) / (batches + 1)
+        batches += 1
+        counter.iteration += 1
+        progress.describe(mean_items.tolist(), int(targets.shape[0]), int(images.shape[-1]))
+    box, obj, cls = mean_items.tolist()
+    return {"box_loss": box, "obj_loss": obj, "cls_loss": cls}
+
+
+def image_labels(targets: torch.Tensor, index: int, height: int, width: int) -> torch.Tensor:
+    """Labels of one image as (m, 5) `[cls, x1, y1, x2, y2]` in input pixels."""
+    labels = targets[targets[:, 0] == index, 1:]
+    boxes = box_convert(labels[:, 1:5], "cxcywh", "xyxy") * labels.new_tensor([width, height, width, height])
+    return torch.cat([labels[:, :1], boxes], dim=1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, loss_fn: LossFunction, nc: int, ctx: DistContext,
+             amp_dtype: torch.dtype | None = None, conf_thres: float = 0.001, iou_thres: float = 0.6,
+             collect_json: bool = False) -> dict[str, Any]:
+    """Validate on this rank's shard; rank results are merged so every rank returns the full metrics.
+
+    Boxes are compared in original-image pixels, as COCO-format predictions are written.
+    """
+    model.eval()
+    metrics = DetectionMetrics()
+    loss_sum = torch.zeros(3, device=ctx.device)
+    batches = 0
+    records: list[dict[str, Any]] = []
+    for images, targets, paths, shapes in loader:
+        images = images.to(ctx.device, non_blocking=True).float() / 255
+        targets = targets.to(ctx.device)
+        with autocast(ctx.device, amp_dtype):
+            decoded, raw = model(images)
+        loss_sum += loss_fn([r.float() for r in raw], targets)[1]
+        batches += 1
+        detections = non_max_suppression(decoded.float(), conf_thres, iou_thres, multi_label=nc > 1)
+        height, width = images.shape[2:]
+        for index, predicted in enumerate(detections):
+            labels = image_labels(targets, index, height, width)
+            predicted = predicted.clone()
+            predicted[:, :4] = scale_boxes(predicted[:, :4], shapes[index])
+            labels[:, 1:] = scale_boxes(labels[:, 1:], shapes[index])
+            metrics.update(predicted.cpu(), labels.cpu())
+            if collect_json:
+                records.extend(coco_records(predicted.cpu(), image_id_from_path(paths[index])))
+    states = dist.gather_objects(metrics.state(), ctx)
+    losses = dist.gather_objects((loss_sum.cpu(), batches), ctx)
+    merged = DetectionMetrics.merged(states).compute()
+    total_batches = max(sum(count for _, count in losses), 1)
+    box, obj, cls = (sum(loss for loss, _ in losses) / total_batches).tolist()
+    merged.update({"box_loss": box, "obj_loss": obj, "cls_loss": cls})
+    if collect_json:
+        merged["records"] = [record for part in dist.gather_objects(records, ctx) for record in part]
+    return merged

@@ -1,0 +1,91 @@
+"""What a person sees (a progress bar or plain log lines) and what a program reads (results.csv)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence, TypeVar
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+LOGGER = logging.getLogger("trainer")
+Item = TypeVar("Item")
+
+RESULTS_COLUMNS = (
+    "epoch", "train/box_loss", "train/obj_loss", "train/cls_loss",
+    "metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
+    "val/box_loss", "val/obj_loss", "val/cls_loss", "x/lr0", "x/lr1", "x/lr2",
+)
+
+
+def setup_logging(is_main: bool, level: int = logging.INFO) -> None:
+    """Log lines from rank 0 only; other ranks log warnings and errors."""
+    logging.basicConfig(format="%(message)s", stream=sys.stderr, force=True,
+                        level=level if is_main else logging.WARNING)
+
+
+def gpu_memory_text(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "0G"
+    return f"{torch.cuda.memory_reserved(device) / 1e9:.3g}G"
+
+
+class EpochProgress:
+    """Iterates a loader showing epoch, GPU memory, box/obj/cls loss, instances and image size.
+
+    A rich bar when stderr is a terminal; otherwise a few plain log lines per epoch so that
+    container logs and CI output stay readable.
+    """
+
+    HEADER = ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size")
+
+    def __init__(self, enabled: bool, epoch: int, epochs: int, total: int, device: torch.device,
+                 log_every: int = 10):
+        self.enabled, self.epoch, self.epochs, self.total = enabled, epoch, epochs, total
+        self.device = device
+        self.interactive = enabled and sys.stderr.isatty()
+        self.log_every = max(1, total // log_every)
+        self.text = ""
+
+    def describe(self, mean_losses: Sequence[float], instances: int, size: int) -> None:
+        box, obj, cls = mean_losses
+        self.text = (f"{self.epoch + 1:>5}/{self.epochs:<5} {gpu_memory_text(self.device):>8} "
+                     f"{box:>9.4g} {obj:>9.4g} {cls:>9.4g} {instances:>9} {size:>6}")
+
+    def track(self, iterable: Iterable[Item]) -> Iterator[Item]:
+        if not self.enabled:
+            yield from iterable
+            return
+        header = "{:>11} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6}".format(*self.HEADER)
+        if not self.interactive:
+            LOGGER.info(header)
+            for index, item in enumerate(iterable):
+                yield item
+                if (index + 1) % self.log_every == 0 or index + 1 == self.total:
+                    LOGGER.info("%s %d/%d", self.text, index + 1, self.total)
+            return
+        Console(stderr=True).print(header, highlight=False)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+            task = progress.add_task(self.text, total=self.total)
+            for item in iterable:
+                yield item
+                progress.update(task, advance=1, description=self.text)
+
+
+def format_row(values: Sequence[float | str], numeric: bool) -> str:
+    """YOLOv5's fixed-width CSV cells: names `%20s`, numbers `%20.5g`."""
+    return ",".join(("%20.5g" % value) if numeric else ("%20s" % value) for value in values) + "\n"
+
+
+def append_results(path: Path, values: Sequence[float]) -> None:
+    """One row per epoch, header first, in YOLOv5's results.csv columns."""
+    if len(values) != len(RESULTS_COLUMNS):
+        raise ValueError(f"results row has {len(values)} values, expected {len(RESULTS_COLUMNS)}")
+    header = "" if path.exists() else format_row(RESULTS_COLUMNS, numeric=False)
+    with path.open("a") as stream:
+        stream.write(header + format_row(values, numeric=True))

@@ -1,0 +1,240 @@
+"""`run()`: one training, read top to bottom like the recipe it is."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from trainer import dist
+from trainer.autoanchor import check_anchors
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.coco import write_predictions_json
+from trainer.config import TrainConfig
+from trainer.data import DataConfig, build_dataloader, build_datasets, load_data_config
+from trainer.dist import DistContext
+from trainer.ema import ModelEMA
+from trainer.engine import StepCounter, evaluate, train_one_epoch
+from trainer.errors import UserError
+from trainer.loss import DetectionLoss
+from trainer.metrics import fitness
+from trainer.model import DetectionModel
+from trainer.optim import Warmup, build_optimizer, lr_lambda, scaled_weight_decay
+from trainer.progress import EpochProgress, append_results
+
+LOGGER = logging.getLogger("trainer")
+RESULT_KEYS = ("precision", "recall", "map50", "map", "box_loss", "obj_loss", "cls_loss")
+
+
+@dataclass
+class PreparedData:
+    """Datasets and loaders built once and reused by every training in this process (evolution)."""
+
+    data: DataConfig
+    train_set: Any
+    val_set: Any
+    train_loader: Any
+    train_sampler: Any
+    val_loader: Any
+
+
+@dataclass
+class TrainResult:
+    """Final validation of the run (the EMA model after the last epoch) and where it was saved."""
+
+    metrics: dict[str, float]
+    best_fitness: float
+    epochs_run: int
+    save_dir: Path | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def values(self) -> tuple[float, ...]:
+        """The seven numbers of an evolve.csv row, in its column order."""
+        return tuple(float(self.metrics[key]) for key in RESULT_KEYS)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def next_run_dir(project: str | Path, name: str, exist_ok: bool) -> Path:
+    """`runs/train/exp`, then `exp2`, `exp3`… unless `exist_ok` reuses the first."""
+    base = Path(project) / name
+    if exist_ok or not base.exists():
+        return base
+    index = 2
+    while (candidate := Path(project) / f"{name}{index}").exists():
+        index += 1
+    return candidate
+
+
+def prepare_data(cfg: TrainConfig, ctx: DistContext, stride: int = 32) -> PreparedData:
+    """Verify labels, fill caches and start loader workers: once per process, not per generation."""
+    data = load_data_config(cfg.data)
+    if cfg.batch_size % ctx.world_size:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} is the total over {ctx.world_size} processes and must divide "
+            f"evenly: use a multiple of {ctx.world_size}, e.g. {ctx.world_size * max(1, cfg.batch_size // ctx.world_size)}"
+        )
+    per_rank = cfg.batch_size // ctx.world_size
+    train_set, val_set = build_datasets(data, cfg.imgsz, cfg.hyp, cfg.cache, cfg.single_cls, cfg.seed, stride)
+    pin = ctx.device.type == "cuda"
+    train_loader, train_sampler = build_dataloader(train_set, per_rank, cfg.workers, True, cfg.seed,
+                                                   ctx.rank, ctx.world_size, pin)
+    val_loader = build_dataloader(val_set, per_rank * 2, cfg.workers, False, cfg.seed,
+                                  ctx.rank, ctx.world_size, pin, shard=True)[0]
+    return PreparedData(data, train_set, val_set, train_loader, train_sampler, val_loader)
+
+
+def label_sizes(dataset: Any, imgsz: int) -> torch.Tensor:
+    """Label widths/heights in pixels after the long side is resized to `imgsz` (AutoAnchor's input)."""
+    shapes = imgsz * dataset.shapes / dataset.shapes.max(1, keepdims=True)
+    sizes = [labels[:, 3:5] * shape for shape, labels in zip(shapes, dataset.labels) if len(labels)]
+    return torch.from_numpy(np.concatenate(sizes) if sizes else np.zeros((0, 2))).float()
+
+
+def amp_dtype_for(device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None  # fp32 on CPU: autocast there is slow and changes the numbers
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def build_model(cfg: TrainConfig, nc: int, device: torch.device) -> DetectionModel:
+    anchors = round(cfg.hyp.anchors) if cfg.hyp.anchors else None
+    model = DetectionModel(cfg.cfg, nc=nc, anchors=anchors)
+    if cfg.weights:
+        state = load_checkpoint(cfg.weights)
+        weights = (state.get("ema") or {}).get("module") or state["model"]
+        own = model.state_dict()
+        matching = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(matching, strict=False)
+        LOGGER.info("Transferred %d/%d items from %s", len(matching), len(own), cfg.weights)
+    return model.to(device)
+
+
+def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: PreparedData | None = None,
+        resume_state: dict[str, Any] | None = None, stop: threading.Event | None = None) -> TrainResult:
+    """Train `cfg.epochs` epochs; write the run folder on rank 0 unless `save_dir` is None.
+
+    When `stop` is set (SIGTERM), the run ends after the current epoch's checkpoint, ready for --resume.
+    """
+    # The same seed on every rank: each builds the same model and EMA before DDP syncs them.
+    # Per-sample augmentation has its own generators, seeded by (seed, epoch, index).
+    seed_everything(cfg.seed, cfg.deterministic)
+    writes = save_dir is not None and ctx.is_main
+    if writes:
+        (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+        (save_dir / "hyp.yaml").write_text(yaml.safe_dump(cfg.hyp.as_dict(), sort_keys=False))
+        (save_dir / "opt.yaml").write_text(yaml.safe_dump(cfg.as_dict(), sort_keys=False))
+
+    prepared = prepared or prepare_data(cfg, ctx)
+    prepared.train_set.set_hyp(cfg.hyp)
+    nc = 1 if cfg.single_cls else prepared.data.nc
+    model = build_model(cfg, nc, ctx.device)
+
+    if not cfg.noautoanchor and resume_state is None:
+        anchors = None
+        if ctx.is_main:
+            report = check_anchors(model, label_sizes(prepared.train_set, cfg.imgsz), cfg.hyp.anchor_t,
+                                   cfg.imgsz, generator=torch.Generator().manual_seed(cfg.seed))
+            LOGGER.info("AutoAnchor: best possible recall %.4f%s", report.bpr_before,
+                        f" → {report.bpr_after:.4f}, anchors replaced" if report.replaced else "")
+            anchors = model.detect.anchors.cpu()
+        model.detect.anchors.copy_(dist.broadcast_object(anchors, ctx).to(ctx.device))
+
+    batches_per_epoch = len(prepared.train_loader)
+    per_rank_batch = cfg.batch_size // ctx.world_size
+    weight_decay = scaled_weight_decay(cfg.hyp.weight_decay, cfg.batch_size)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.hyp.lr0, cfg.hyp.momentum, weight_decay)
+    lr_factor = lr_lambda(cfg.epochs, cfg.hyp.lrf, cfg.cos_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_factor)
+    amp_dtype = amp_dtype_for(ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    ema = ModelEMA(model)  # on every rank: distributed validation evaluates the same EMA weights everywhere
+    warmup = Warmup.for_run(cfg.hyp.warmup_epochs, batches_per_epoch, cfg.batch_size,
+                            cfg.hyp.warmup_bias_lr, cfg.hyp.warmup_momentum, cfg.hyp.momentum)
+    counter = StepCounter()
+    start_epoch, best_fitness, best_epoch = 0, -1.0, 0  # -1: no validated epoch yet
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        scaler.load_state_dict(resume_state["scaler"])
+        ema.load_state_dict(resume_state["ema"])
+        counter = StepCounter(**resume_state["counter"])
+        start_epoch = resume_state["epoch"] + 1
+        best_fitness, best_epoch = resume_state["best_fitness"], resume_state["best_epoch"]
+        if start_epoch >= cfg.epochs:
+            raise UserError(f"run already finished {cfg.epochs} epochs: nothing to resume")
+        LOGGER.info("Resuming from epoch %d of %d", start_epoch + 1, cfg.epochs)
+
+    train_model = dist.wrap_model(model, ctx, cfg.sync_bn)
+    loss_fn = DetectionLoss.from_model(model, cfg.hyp, cfg.label_smoothing, cfg.imgsz)
+    LOGGER.info("Training %s for %d epochs: %d images, batch %d (%d per process × %d), %s",
+                cfg.cfg, cfg.epochs, len(prepared.train_set), cfg.batch_size, per_rank_batch,
+                ctx.world_size, ctx.device)
+
+    history: list[dict[str, float]] = []
+    metrics: dict[str, Any] = {}
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.epochs):
+        prepared.train_sampler.set_epoch(epoch)
+        prepared.train_set.set_epoch(epoch)
+        progress = EpochProgress(ctx.is_main, epoch, cfg.epochs, batches_per_epoch, ctx.device)
+        train_losses = train_one_epoch(train_model, loss_fn, prepared.train_loader, optimizer, scaler, ema,
+                                       warmup, lr_factor(epoch), counter, ctx, amp_dtype, progress)
+        learning_rates = [group["lr"] for group in optimizer.param_groups]
+        scheduler.step()
+        final_epoch = epoch + 1 == cfg.epochs
+        validated = not cfg.noval or final_epoch
+        if validated:
+            metrics = evaluate(ema.module, prepared.val_loader, loss_fn, nc, ctx, amp_dtype,
+                               collect_json=cfg.save_json and final_epoch)
+            current = fitness(metrics["precision"], metrics["recall"], metrics["map50"], metrics["map"])
+            if current > best_fitness:
+                best_fitness, best_epoch = current, epoch
+        row = {"epoch": epoch, **{f"train/{k}": v for k, v in train_losses.items()},
+               **{key: float(metrics.get(key, 0.0)) for key in RESULT_KEYS}}
+        history.append(row)
+        if ctx.is_main:
+            LOGGER.info("%20s P %.3f  R %.3f  mAP50 %.3f  mAP50-95 %.3f", "all", metrics.get("precision", 0.0),
+                        metrics.get("recall", 0.0), metrics.get("map50", 0.0), metrics.get("map", 0.0))
+        if writes:
+            append_results(save_dir / "results.csv", [epoch, *train_losses.values(),
+                                                      *(float(metrics.get(k, 0.0)) for k in RESULT_KEYS),
+                                                      *learning_rates])
+            if not cfg.nosave or final_epoch:
+                state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         "counter": {"iteration": counter.iteration, "last_step": counter.last_step},
+                         "epoch": epoch, "best_fitness": best_fitness, "best_epoch": best_epoch,
+                         "config": cfg.as_dict(), "model_yaml": model.yaml, "names": prepared.data.names}
+                save_checkpoint(state, save_dir / "weights" / "last.pt")
+                if best_epoch == epoch:
+                    save_checkpoint(state, save_dir / "weights" / "best.pt")
+            if cfg.save_json and final_epoch and "records" in metrics:
+                write_predictions_json(metrics["records"], save_dir / "predictions.json")
+        no_progress = validated and 0 < cfg.patience <= epoch - best_epoch
+        interrupted = stop is not None and stop.is_set() and not final_epoch
+        if dist.broadcast_object(no_progress, ctx):
+            LOGGER.info("Stopping early: no improvement in %d epochs (best epoch %d)", cfg.patience, best_epoch + 1)
+            break
+        if dist.broadcast_object(interrupted, ctx):
+            LOGGER.info("Stopped after epoch %d of %d; continue with --resume %s", epoch + 1, cfg.epochs,
+                        save_dir / "weights" / "last.pt" if save_dir else "")
+            break
+    metrics.pop("records", None)
+    return TrainResult(metrics=metrics, best_fitness=best_fitness, epochs_run=epoch + 1 - start_epoch,
+                       save_dir=save_dir, history=history)
