@@ -118,6 +118,8 @@ def train_command(options: dict[str, Any]) -> None:
 @click.option("--evolve-population", default=None, help="seed the evolution from hyp YAMLs (folder) or an evolve.csv")
 @click.option("--search-space", default="search_space", help="evolution search space YAML")
 @click.option("--worker-id", default=None, help="evolution worker name (default: host-pid)")
+@click.option("--lease-ttl", default=60.0, type=click.FloatRange(min=1.0),
+              help="evolution: seconds without a heartbeat before a worker's generation is handed out again")
 @click.option("--nnodes", default=1, type=click.IntRange(min=1), help="DDP: number of machines")
 @click.option("--node-rank", default=0, type=click.IntRange(min=0), help="DDP: rank of this machine")
 @click.option("--master-addr", default="127.0.0.1", help="DDP: address of the rank-0 machine")

@@ -81,6 +81,7 @@ def evolve_command(options: dict[str, Any]) -> None:
     prepared = prepare_data(cfg, ctx)
     summary = run_worker(run_dir, cfg.hyp, space, generations, make_objective(cfg, ctx, prepared), worker_id,
                          cfg.seed, gpu=os.environ.get("EVOLVECTL_GPU") or str(ctx.device),
-                         population=population_sources(options["evolve_population"]))
+                         population=population_sources(options["evolve_population"]),
+                         lease_ttl=options["lease_ttl"])
     LOGGER.info("Worker %s: %s (%d results, %d failed); results in %s", summary.worker_id, summary.exit_reason,
                 summary.ok, summary.failed, run_dir)

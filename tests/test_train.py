@@ -1,0 +1,134 @@
+"""The trainer as a user runs it: resume equivalence, run-folder contents, and every bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_trainer
+
+TINY = ["--imgsz", "64", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--seed", "3"]
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user mistake: non-zero exit, one `Error:` line naming the problem, no traceback."""
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Error:" in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_ends_with_the_same_weights(tiny_data, tmp_path):
+    common = ["--data", str(tiny_data), *TINY, "--epochs", "2", "--project", str(tmp_path)]
+    straight = run_trainer(*common, "--name", "straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    # SIGTERM during epoch 1: the trainer finishes the epoch, saves last.pt and exits cleanly.
+    process = subprocess.Popen([sys.executable, "-m", "trainer", *common, "--name", "cut"], cwd=tmp_path,
+                               stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if line.startswith("Training "):
+            process.send_signal(signal.SIGTERM)
+            break
+    seen.extend(process.stderr)
+    assert process.wait(timeout=600) == 0, "".join(seen)[-3000:]
+    assert any("Stopped after epoch 1 of 2" in line for line in seen), "".join(seen)[-3000:]
+    assert len((tmp_path / "cut" / "results.csv").read_text().splitlines()) == 2
+
+    resumed = run_trainer("--resume", str(tmp_path / "cut" / "weights" / "last.pt"), "--workers", "0", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from epoch 2 of 2" in resumed.stderr
+
+    a = torch.load(tmp_path / "straight" / "weights" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "weights" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1 and a["counter"] == b["counter"]
+    for part in ("model",):
+        for name, value in a[part].items():
+            assert torch.allclose(value.float(), b[part][name].float(), rtol=1e-5, atol=1e-7), name
+    for name, value in a["ema"]["module"].items():
+        assert torch.allclose(value.float(), b["ema"]["module"][name].float(), rtol=1e-5, atol=1e-7), name
+    assert (tmp_path / "straight" / "results.csv").read_text() == (tmp_path / "cut" / "results.csv").read_text()
+
+
+@pytest.mark.slow
+def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
+    result = run_trainer("--data", str(tiny_data), *TINY, "--epochs", "1", "--project", str(tmp_path),
+                         "--name", "exp", "--save-json", "--noautoanchor", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "exp"
+    assert sorted(p.name for p in run.iterdir()) == ["hyp.yaml", "opt.yaml", "predictions.json", "results.csv", "weights"]
+    assert sorted(p.name for p in (run / "weights").iterdir()) == ["best.pt", "last.pt"]
+    header = [cell.strip() for cell in (run / "results.csv").read_text().splitlines()[0].split(",")]
+    assert header[:4] == ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss"]
+    assert header[4:8] == ["metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]
+    assert yaml.safe_load((run / "hyp.yaml").read_text())["lr0"] == 0.01
+    assert yaml.safe_load((run / "opt.yaml").read_text())["epochs"] == 1
+    again = run_trainer("--data", str(tiny_data), *TINY, "--epochs", "1", "--project", str(tmp_path),
+                        "--name", "exp", "--noval", "--nosave", "--noautoanchor", cwd=tmp_path)
+    assert again.returncode == 0 and (tmp_path / "exp2" / "weights" / "last.pt").is_file()
+
+
+def write_yaml(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_missing_data_config(tmp_path):
+    assert_user_error(run_trainer("--data", "nowhere.yaml", *TINY, cwd=tmp_path), "nowhere.yaml", "not found")
+
+
+def test_nc_that_disagrees_with_names(tmp_path):
+    (tmp_path / "images").mkdir()
+    data = write_yaml(tmp_path / "d.yaml", {"path": str(tmp_path), "train": "images", "val": "images",
+                                            "nc": 3, "names": ["a", "b"]})
+    assert_user_error(run_trainer("--data", str(data), *TINY, cwd=tmp_path), "nc")
+
+
+def test_missing_image_folder(tmp_path):
+    data = write_yaml(tmp_path / "d.yaml", {"path": str(tmp_path), "train": "images/train", "val": "images/val",
+                                            "names": ["a"]})
+    assert_user_error(run_trainer("--data", str(data), *TINY, cwd=tmp_path), "images/train")
+
+
+def test_empty_dataset(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+    data = write_yaml(tmp_path / "d.yaml", {"path": str(tmp_path), "train": "images/train", "val": "images/val",
+                                            "names": ["a"]})
+    assert_user_error(run_trainer("--data", str(data), *TINY, cwd=tmp_path), "images")
+
+
+def test_unknown_hyp_key(tmp_path, tiny_data):
+    hyp = write_yaml(tmp_path / "hyp.yaml", {"lr0": 0.01, "lr_zero": 0.1})
+    assert_user_error(run_trainer("--data", str(tiny_data), "--hyp", str(hyp), *TINY, cwd=tmp_path), "lr_zero")
+
+
+def test_unknown_model_config(tmp_path, tiny_data):
+    assert_user_error(run_trainer("--data", str(tiny_data), "--cfg", "yolov9q", *TINY, cwd=tmp_path), "yolov9q")
+
+
+def test_resume_without_a_checkpoint(tmp_path):
+    assert_user_error(run_trainer("--resume", str(tmp_path / "last.pt"), cwd=tmp_path), "last.pt")
+    assert_user_error(run_trainer("--resume", cwd=tmp_path), "no last.pt")
+
+
+def test_gpus_on_a_machine_without_cuda(tmp_path, tiny_data):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert_user_error(run_trainer("--data", str(tiny_data), "--device", "0,1", cwd=tmp_path), "no CUDA GPU")
+
+
+def test_bad_flag_values_are_rejected_by_the_parser(tmp_path):
+    result = run_trainer("--epochs", "0", cwd=tmp_path)
+    assert result.returncode == 2 and "--epochs" in result.stderr and "Traceback" not in result.stderr
