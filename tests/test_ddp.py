@@ -82,7 +82,7 @@ def test_distributed_validation_equals_single_process(tiny_data, tmp_path):
     ddp = json.loads((tmp_path / "ddp.json").read_text())
     for key in ("precision", "recall", "map50", "map"):
         assert ddp[key] == pytest.approx(single[key], abs=1e-9), key
-    assert single["recall"] > 0  # the untrained model still finds some boxes: the comparison is not vacuous
+    assert single["recall"] > 0 and single["map50"] > 0  # chance matches: the comparison is not vacuous
     for key in ("box_loss", "obj_loss", "cls_loss"):
         assert ddp[key] == pytest.approx(single[key], rel=0.05), key  # batch composition differs
 

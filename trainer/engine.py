@@ -102,6 +102,9 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: LossFunction, nc: int,
     loss_sum = torch.zeros(3, device=ctx.device)
     batches = 0
     records: list[dict[str, Any]] = []
+    # Batches follow the sampler's order, so each image's data set index is known: it orders
+    # the merged metrics exactly as one process would see them.
+    image_indices = iter(loader.sampler)
     for images, targets, paths, shapes in loader:
         images = images.to(ctx.device, non_blocking=True).float() / 255
         targets = targets.to(ctx.device)
@@ -116,12 +119,12 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: LossFunction, nc: int,
             predicted = predicted.clone()
             predicted[:, :4] = scale_boxes(predicted[:, :4], shapes[index])
             labels[:, 1:] = scale_boxes(labels[:, 1:], shapes[index])
-            metrics.update(predicted.cpu(), labels.cpu())
+            metrics.update(predicted.cpu(), labels.cpu(), order=next(image_indices))
             if collect_json:
                 records.extend(coco_records(predicted.cpu(), image_id_from_path(paths[index])))
-    states = dist.gather_objects(metrics.state(), ctx)
+    parts = dist.gather_objects(metrics.parts(), ctx)
     losses = dist.gather_objects((loss_sum.cpu(), batches), ctx)
-    merged = DetectionMetrics.merged(states).compute()
+    merged = DetectionMetrics.merged(parts).compute()
     total_batches = max(sum(count for _, count in losses), 1)
     box, obj, cls = (sum(loss for loss, _ in losses) / total_batches).tolist()
     merged.update({"box_loss": box, "obj_loss": obj, "cls_loss": cls})

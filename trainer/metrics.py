@@ -191,31 +191,37 @@ class MatchState:
 class DetectionMetrics:
     """Accumulates matched detections image by image; `compute()` gives the data set's metrics.
 
-    Distributed validation: every rank runs `update` on its own images, then the ranks
-    exchange `state()` (e.g. `torch.distributed.all_gather_object(states, metrics.state())`)
-    and `DetectionMetrics.merged(states).compute()` gives the metrics of all images, the
-    same as one process seeing them all (up to the order of exactly equal scores).
+    Distributed validation: every rank runs `update` on its own images, passing each image's
+    index in the data set as `order`; the ranks exchange `parts()` (e.g. with
+    `torch.distributed.all_gather_object`) and `DetectionMetrics.merged(parts).compute()` gives
+    exactly the metrics of one process seeing every image in order, equal scores included.
     """
 
     def __init__(self, iou_thresholds: Tensor = IOU_THRESHOLDS) -> None:
         self.iou_thresholds = iou_thresholds
-        self._states: list[MatchState] = []
+        self._parts: list[tuple[int, MatchState]] = []
 
-    def update(self, detections: Tensor, labels: Tensor) -> None:
-        """Add one image: detections (n, 6) xyxy/conf/class, labels (m, 5) class/xyxy, same pixels."""
+    def update(self, detections: Tensor, labels: Tensor, order: int | None = None) -> None:
+        """Add one image: detections (n, 6) xyxy/conf/class, labels (m, 5) class/xyxy, same pixels.
+
+        `order` places the image among all images (its data set index); default: update order.
+        """
         detections, labels = detections.detach(), labels.detach()
-        self._states.append(
-            MatchState(
-                tp=match_predictions(detections, labels, self.iou_thresholds).numpy(),
-                conf=detections[:, 4].float().cpu().numpy(),
-                pred_cls=detections[:, 5].long().cpu().numpy(),
-                target_cls=labels[:, 0].long().cpu().numpy(),
-            )
+        state = MatchState(
+            tp=match_predictions(detections, labels, self.iou_thresholds).numpy(),
+            conf=detections[:, 4].float().cpu().numpy(),
+            pred_cls=detections[:, 5].long().cpu().numpy(),
+            target_cls=labels[:, 0].long().cpu().numpy(),
         )
+        self._parts.append((len(self._parts) if order is None else order, state))
+
+    def parts(self) -> list[tuple[int, MatchState]]:
+        """The per-image states with their order keys: what ranks exchange."""
+        return list(self._parts)
 
     def state(self) -> MatchState:
-        """Everything accumulated so far, concatenated in update order."""
-        parts = self._states
+        """Everything accumulated so far, concatenated in image order."""
+        parts = [state for _, state in sorted(self._parts, key=lambda part: part[0])]
         # The empty first entry fixes shape and dtype when nothing was added.
         return MatchState(
             tp=np.concatenate([np.zeros((0, len(self.iou_thresholds)), bool)] + [part.tp for part in parts]),
@@ -226,11 +232,12 @@ class DetectionMetrics:
 
     @classmethod
     def merged(
-        cls, states: Iterable[MatchState], iou_thresholds: Tensor = IOU_THRESHOLDS
+        cls, parts_per_rank: Iterable[list[tuple[int, MatchState]]], iou_thresholds: Tensor = IOU_THRESHOLDS
     ) -> DetectionMetrics:
-        """A fresh accumulator holding the given states (one per rank), in the given order."""
+        """A fresh accumulator holding every rank's `parts()`, ordered by their keys."""
         metrics = cls(iou_thresholds)
-        metrics._states.extend(states)
+        for parts in parts_per_rank:
+            metrics._parts.extend(parts)
         return metrics
 
     def compute(self) -> dict[str, float | np.ndarray]:

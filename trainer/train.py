@@ -208,7 +208,7 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
         row = {"epoch": epoch, **{f"train/{k}": v for k, v in train_losses.items()},
                **{key: float(metrics.get(key, 0.0)) for key in RESULT_KEYS}}
         history.append(row)
-        if ctx.is_main:
+        if ctx.is_main and validated:
             LOGGER.info("%20s P %.3f  R %.3f  mAP50 %.3f  mAP50-95 %.3f", "all", metrics.get("precision", 0.0),
                         metrics.get("recall", 0.0), metrics.get("map50", 0.0), metrics.get("map", 0.0))
         if writes:
