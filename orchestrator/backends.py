@@ -10,12 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from orchestrator.container_spec import DEFAULT_MAX_RESTARTS, DEFAULT_SHM_SIZE
 from orchestrator.launch import LaunchPlan, LaunchRecord
 from orchestrator.status import WorkerState
 from trainer.errors import UserError
+
+if TYPE_CHECKING:
+    from orchestrator.ddp import DdpPlan
 
 Write = Callable[[str], None]
 DEFAULT_IMAGE = "evolvectl:latest"
@@ -45,6 +48,12 @@ class Backend(Protocol):
 
     def output(self, run: str, run_dir: Path, key: str, write: Write, follow: bool, tail: int | None) -> None:
         """Write a worker's output, then (with `follow`) its live output until it stops or Ctrl-C."""
+
+    def start_ddp(self, plan: DdpPlan, say: Write) -> list[str]:
+        """Start the run's DDP training unless it runs; returns ["ddp"] when it was started."""
+
+    def terminate(self, run: str, run_dir: Path) -> list[str]:
+        """Ask the run's live workers to finish their epoch or generation and exit; returns their keys."""
 
 
 @dataclass(frozen=True)

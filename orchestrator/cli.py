@@ -1,14 +1,14 @@
 """`evolvectl`: start, watch, stop and read a hyperparameter evolution, one worker per GPU.
 
-Workers are named by GPU index (`3` or `gpu3`) or, for CPU workers, `cpu0`, `cpu1`, ...
-Commands on an existing run take it from --name (default: the most recently started run
-under --project) and use the backend it was started with.
+Workers are named by GPU index (`3` or `gpu3`) or, for CPU workers, `cpu0`, `cpu1`, ...;
+a DDP training (`evolvectl ddp`) has one worker, `ddp`. Commands on an existing run take it
+from --name (default: the most recently started run under --project, which by default
+means runs/evolve and runs/train) and use the backend it was started with.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,89 +16,45 @@ import click
 from rich.console import Console
 
 from orchestrator import __version__
-from orchestrator.backends import CHOICES, DEFAULT_IMAGE, Backend, WorkerSettings, backend_for_run, open_backend
-from orchestrator.container_spec import DEFAULT_MAX_RESTARTS, DEFAULT_SHM_SIZE, check_run_name
+from orchestrator.backends import CHOICES, Backend, WorkerSettings, backend_for_run, open_backend
+from orchestrator.container_spec import DDP_KEY, check_run_name
+from orchestrator.ddp import CHECKPOINT, DdpPlan, Rendezvous, check_batch_size, check_devices, trained_epochs
 from orchestrator.gpus import parse_gpu_spec
 from orchestrator.journal import Journal, JournalLockTimeout
 from orchestrator.launch import (
+    DDP_MODE,
+    DDP_PROJECT,
     DEFAULT_PROJECT,
     LaunchPlan,
     LaunchRecord,
-    TrainerOptions,
     existing_run_dir,
+    is_ddp_run,
     parse_worker_key,
+    searched_projects,
     worker_slots,
 )
-from orchestrator.status import ACTIVE_STATES, StatusReport, collect_status, render_status
+from orchestrator.options import (
+    DEFAULT_RUN,
+    backend_option,
+    ddp_options,
+    ddp_trainer_options,
+    launch_options,
+    run_options,
+    settings_from,
+    trainer_options,
+)
+from orchestrator.status import (
+    ACTIVE_STATES,
+    StatusReport,
+    collect_status,
+    collect_training_status,
+    render_progress,
+    render_status,
+)
 from orchestrator.views import follow_run, print_results, show_build_progress
 from trainer.errors import UserError
 
-DEFAULT_RUN = "exp"
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
-
-
-class GpuSpec(click.ParamType):
-    """`0-7`, `0,2,5`, `3` or `all`: checked for syntax here, against the engine's GPUs at start."""
-
-    name = "GPUS"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        text = str(value).strip()
-        if text.lower() != "all":
-            parse_gpu_spec(text, None)  # its UserError names the bad piece, on one line
-        return text
-
-
-backend_option = click.option(
-    "--backend", type=click.Choice(CHOICES), default="auto", envvar="EVOLVECTL_BACKEND",
-    help="docker, local processes, or auto (docker when an engine answers; for a run: the one it started with)",
-)
-
-
-def run_options(command: Callable[..., Any], name_help: str = "run name (default: the latest run started)") -> Any:
-    """--project and --name: which run."""
-    command = click.option("--name", "--run", "name", default=None, envvar="EVOLVECTL_RUN", help=name_help)(command)
-    return click.option("--project", type=click.Path(path_type=Path), default=DEFAULT_PROJECT,
-                        envvar="EVOLVECTL_PROJECT", help="folder of runs (a run's folder: project/name)")(command)
-
-
-def launch_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The workers to run, their image and the trainer's flags (shared by start and compose)."""
-    options = [
-        click.option("--gpus", type=GpuSpec(), default=None, help="GPUs, one worker each: 0-7, 0,2,5 or all"),
-        click.option("--cpu-workers", type=click.IntRange(min=0), default=0, help="CPU workers (no GPU needed)"),
-        click.option("--generations", type=click.IntRange(min=1), default=300, help="total budget, all workers"),
-        click.option("--data", default="synthetic", help="data YAML path or bundled name (synthetic)"),
-        click.option("--cfg", default=None, help="model YAML path or bundled name (yolov5n/s/m/l/x)"),
-        click.option("--hyp", default=None, help="base hyperparameter YAML path or bundled name"),
-        click.option("--epochs", type=click.IntRange(min=1), default=None, help="epochs per generation"),
-        click.option("--batch-size", type=click.IntRange(min=1), default=None),
-        click.option("--imgsz", type=click.IntRange(min=32), default=None, help="image size (pixels)"),
-        click.option("--workers", type=click.IntRange(min=0), default=None, help="dataloader processes per worker"),
-        click.option("--seed", type=int, default=None, help="training seed of every generation"),
-        click.option("--search-space", default=None, help="search space YAML overriding the bundled one"),
-        click.option("--evolve-population", default=None, help="seed hyp YAMLs / evolve.csv (files or folder)"),
-        click.option("--image", default=DEFAULT_IMAGE, envvar="EVOLVECTL_IMAGE", help="worker image"),
-        click.option("--base-image", default=None, envvar="BASE_IMAGE",
-                     help="PyTorch base image for the build (default: the Dockerfile's)"),
-        click.option("--shm-size", default=DEFAULT_SHM_SIZE, help="shared memory per container"),
-        click.option("--max-restarts", type=click.IntRange(min=0), default=DEFAULT_MAX_RESTARTS,
-                     help="restarts of a failing worker"),
-        click.argument("trainer_args", nargs=-1, type=click.UNPROCESSED),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return run_options(command, name_help=f"run name (default: {DEFAULT_RUN})")
-
-
-def trainer_options(values: dict[str, Any]) -> TrainerOptions:
-    names = ("data", "cfg", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed", "search_space",
-             "evolve_population")
-    return TrainerOptions(**{name: values[name] for name in names}, extra=tuple(values["trainer_args"]))
-
-
-def settings_from(values: dict[str, Any], build: bool = False) -> WorkerSettings:
-    return WorkerSettings(values["image"], values["base_image"], build, values["shm_size"], values["max_restarts"])
 
 
 def choose_gpus(spec: str | None, backend: Backend) -> list[int]:
@@ -123,7 +79,15 @@ def _console(stderr: bool = False) -> Console:
 
 
 def _report(backend: Backend, run: str, run_dir: Path) -> StatusReport:
-    return collect_status(run, run_dir, backend.name, backend.workers(run, run_dir))
+    record = LaunchRecord.load(run_dir)
+    workers = backend.workers(run, run_dir)
+    if record is not None and record.mode == DDP_MODE:
+        return collect_training_status(run, run_dir, backend.name, workers, record.started, record.start_epoch)
+    return collect_status(run, run_dir, backend.name, workers)
+
+
+def _where(run: str, project: Path, default: Path) -> str:
+    return f"--name {run}" + (f" --project {project}" if project != default else "")
 
 
 class EvolvectlGroup(click.Group):
@@ -172,13 +136,62 @@ def start(project: Path, name: str | None, backend: str, build: bool, wait: bool
     console.print(f"run [bold]{run}[/]: started {len(started)} {workers.name} worker(s)"
                   + (f", {left} already running" if left else "") + f"; results in {plan.run_dir}")
     if not wait:
-        where = f"--name {run}" + (f" --project {project}" if project != DEFAULT_PROJECT else "")
+        where = _where(run, project, DEFAULT_PROJECT)
         for what, command in (("watch", "status --watch"), ("attach", f"attach {plan.slots[0].key}"), ("stop", "stop")):
             console.print(f"  {what:<7} evolvectl {command} {where}")
         return
     report = follow_run(console, lambda: _report(workers, run, plan.run_dir), until_exited=True)
     print_results(console, run, plan.run_dir)
     _fail_on_bad_exits(report, run)
+
+
+@main.command(context_settings=CONTEXT)
+@ddp_options
+@backend_option
+@click.option("--build", is_flag=True, help="rebuild the image even if it exists")
+@click.option("--wait", is_flag=True, help="stay in the foreground until the training ends")
+def ddp(project: Path, name: str | None, backend: str, build: bool, wait: bool, **values: Any) -> None:
+    """Train one model with DDP over the chosen GPUs: one container (or local process) holding them all.
+
+    One process per GPU under torchrun; --batch-size is the total over all of them. Outputs
+    (results.csv, weights/) go to PROJECT/NAME. Running it again for a stopped or crashed run
+    resumes from its weights/last.pt. Several hosts: run it on each with --nnodes, --node-rank,
+    --master-addr and --master-port. Other trainer flags go after `--`.
+    """
+    run = check_run_name(name or DEFAULT_RUN)
+    rendezvous = Rendezvous(values["nnodes"], values["node_rank"], values["master_addr"], values["master_port"])
+    _check_ddp_request(values["gpus"], values["cpu_procs"], values["batch_size"], rendezvous.nnodes)
+    console, notices = _console(), _console(stderr=True)
+    workers = open_backend(backend, project, settings_from(values, build), lambda text: notices.print(text))
+    with console.status(f"preparing the {workers.name} training") as spinner:
+        workers.prepare(show_build_progress(console, spinner))
+        gpus = choose_gpus(values["gpus"], workers)
+    plan = DdpPlan(run, project, tuple(gpus), values["cpu_procs"], ddp_trainer_options(values), rendezvous)
+    done = trained_epochs(run, plan.run_dir)
+    started = workers.start_ddp(plan, lambda text: console.print(text, style="dim"))
+    if started:
+        LaunchRecord(run, workers.name, (DDP_KEY,), 0, _host_file(values["hyp"]), None,
+                     values["image"] if workers.name == "docker" else None, mode=DDP_MODE,
+                     start_epoch=done).save(plan.run_dir)
+    resumed = f", resuming after epoch {done} from {plan.run_dir / CHECKPOINT}" if started and done else ""
+    console.print(f"run [bold]{run}[/]: DDP training {'started' if started else 'already running'} "
+                  f"({plan.processes * rendezvous.nnodes} processes){resumed}; results in {plan.run_dir}")
+    if not wait:
+        where = _where(run, project, DDP_PROJECT)
+        for what, command in (("watch", "status --watch"), ("attach", f"attach {DDP_KEY}"), ("stop", "stop")):
+            console.print(f"  {what:<7} evolvectl {command} {where}")
+        return
+    report = follow_run(console, lambda: _report(workers, run, plan.run_dir), until_exited=True)
+    console.print(f"results: {plan.run_dir / 'results.csv'}, weights: {plan.run_dir / 'weights'}")
+    _fail_on_bad_exits(report, run)
+
+
+def _check_ddp_request(gpus: str | None, cpu_procs: int, batch_size: int | None, nnodes: int) -> None:
+    """What can be checked before any engine is asked: one kind of device, and a batch that divides."""
+    check_devices(gpus is not None, cpu_procs)
+    count = cpu_procs or (None if gpus is None or gpus.lower() == "all" else len(parse_gpu_spec(gpus, None)))
+    if count is not None:
+        check_batch_size(batch_size, count, cpu_procs == 0, nnodes)
 
 
 def _fail_on_bad_exits(report: StatusReport, run: str) -> None:
@@ -213,7 +226,7 @@ def status(project: Path, name: str | None, backend: str, watch: bool, interval:
 def attach(worker: str, project: Path, name: str | None, backend: str, tail: int) -> None:
     """Stream a worker's live output; Ctrl-C detaches and the worker keeps running.
 
-    WORKER is a GPU index (3 or gpu3) or a CPU worker (cpu0).
+    WORKER is a GPU index (3 or gpu3), a CPU worker (cpu0) or ddp (a DDP training).
     """
     key = parse_worker_key(worker)
     run, run_dir = existing_run_dir(project, name)
@@ -234,7 +247,7 @@ def attach(worker: str, project: Path, name: str | None, backend: str, tail: int
 @click.option("--follow", "-f", is_flag=True, help="keep printing new output (Ctrl-C stops)")
 @click.option("--tail", type=click.IntRange(min=0), default=None, help="only the last N lines")
 def logs(worker: str, project: Path, name: str | None, backend: str, follow: bool, tail: int | None) -> None:
-    """Print a worker's output so far (WORKER: 3, gpu3 or cpu0)."""
+    """Print a worker's output so far (WORKER: 3, gpu3, cpu0 or ddp)."""
     key = parse_worker_key(worker)
     run, run_dir = existing_run_dir(project, name)
     workers = backend_for_run(backend, project, run_dir, WorkerSettings(), lambda text: None)
@@ -252,8 +265,15 @@ def _write_raw(text: str) -> None:
 @backend_option
 @click.option("--now", is_flag=True, help="kill the workers at once instead of after their generation")
 def stop(project: Path, name: str | None, backend: str, now: bool) -> None:
-    """Stop a run: each worker finishes its current generation, then exits (--now: kill them)."""
+    """Stop a run: each worker finishes its current generation, then exits (--now: kill them).
+
+    A DDP training finishes its current epoch, saves weights/last.pt and exits.
+    """
     run, run_dir = existing_run_dir(project, name)
+    if is_ddp_run(run_dir):
+        _stop_training(backend_for_run(backend, project, run_dir, WorkerSettings(), lambda text: None),
+                       run, run_dir, now)
+        return
     Journal(run_dir).request_stop()  # also keeps a restarting worker from training again
     console = _console()
     if not now:
@@ -266,10 +286,25 @@ def stop(project: Path, name: str | None, backend: str, now: bool) -> None:
                   "when the run is started again")
 
 
+def _stop_training(workers: Backend, run: str, run_dir: Path, now: bool) -> None:
+    console = _console()
+    resume = f"`evolvectl ddp --name {run}` with the same devices resumes it"
+    if now:
+        killed = workers.kill(run, run_dir)
+        console.print(f"run {run}: killed {', '.join(killed) or 'no live training'}; {resume} from its last epoch")
+        return
+    asked = workers.terminate(run, run_dir)
+    if not asked:
+        console.print(f"run {run}: no live training to stop")
+        return
+    console.print(f"run {run}: the training finishes its current epoch, saves {run_dir / CHECKPOINT} and exits; "
+                  f"`evolvectl status --name {run}` shows it go, {resume}")
+
+
 @main.command("kill-all", context_settings=CONTEXT)
 @click.option("--run", "--name", "run", default=None, help="only this run's workers (default: every run)")
 @click.option("--project", type=click.Path(path_type=Path), default=DEFAULT_PROJECT, envvar="EVOLVECTL_PROJECT",
-              help="folder holding the runs of local workers")
+              help="folder holding the runs of local workers (the default covers runs/train too)")
 @click.option("--backend", type=click.Choice(CHOICES), default="auto", envvar="EVOLVECTL_BACKEND",
               help="auto: containers (when an engine answers) and local workers")
 def kill_all(run: str | None, project: Path, backend: str) -> None:
@@ -280,12 +315,14 @@ def kill_all(run: str | None, project: Path, backend: str) -> None:
     if backend in ("auto", "docker"):
         removed += _remove_containers(run, required=backend == "docker")
     if backend in ("auto", "local"):
-        removed += open_backend("local", project, WorkerSettings(), lambda text: None).remove_all(run)
+        for place in searched_projects(project):
+            removed += open_backend("local", place, WorkerSettings(), lambda text: None).remove_all(run)
     _console().print(f"removed {len(removed)} worker(s)" + (f": {', '.join(removed)}" if removed else ""))
 
 
 def _remove_containers(run: str | None, required: bool) -> list[str]:
-    from orchestrator.containers import connect, kill_all as remove_containers
+    from orchestrator.containers import connect
+    from orchestrator.containers import kill_all as remove_containers
 
     try:
         client = connect()
@@ -300,8 +337,16 @@ def _remove_containers(run: str | None, required: bool) -> list[str]:
 @run_options
 @click.option("--top", type=click.IntRange(min=1), default=5, help="rows of the table")
 def results(project: Path, name: str | None, top: int) -> None:
-    """The fittest generations, the best hyperparameters (hyp_evolve.yaml) and the plots."""
+    """The fittest generations, the best hyperparameters (hyp_evolve.yaml) and the plots.
+
+    For a DDP training: its epochs, mAP and where its results.csv and weights are.
+    """
     run, run_dir = existing_run_dir(project, name)
+    if is_ddp_run(run_dir):
+        progress = collect_training_status(run, run_dir, "", ()).progress
+        _console().print(render_progress(progress), f"results: {run_dir / 'results.csv'}, "
+                         f"weights: {run_dir / 'weights'}", sep="\n")
+        return
     print_results(_console(), run, run_dir, top)
 
 

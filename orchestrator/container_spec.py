@@ -4,7 +4,8 @@ Inside every container the layout is fixed, whatever the host looks like:
 - `/runs` is the run volume (read-write): every worker of a run writes to `/runs/evolve/<run>`.
 - `/datasets/<name>` is the dataset folder (read-only). With the working directory at
   `/workspace`, a YOLOv5-style data YAML that says `path: ../datasets/<name>` finds it.
-- The one GPU a worker gets is its device 0, because the engine exposes only that GPU.
+- The one GPU a worker gets is its device 0, because the engine exposes only that GPU
+  (and a DDP job's n GPUs are its devices 0 to n-1).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ GPU_LABEL = "org.evolvectl.gpu"
 SLOT_LABEL = "org.evolvectl.slot"
 ROLE_LABEL = "org.evolvectl.role"
 EVOLVE_ROLE = "evolve-worker"
+# One DDP training job (`evolvectl ddp`): one worker per host, whatever its GPU count.
+DDP_ROLE = "ddp"
+DDP_KEY = "ddp"
 
 RUNS_DIR = "/runs"
 DATASETS_DIR = "/datasets"
@@ -71,6 +75,7 @@ class WorkerSpec:
     working_dir: str = WORKDIR
     user: str = WORKER_USER
     entrypoint: tuple[str, ...] | None = None  # None: the image's own (`python -m trainer`)
+    network_mode: str | None = None  # None: Docker's default bridge; "host" for a DDP job across hosts
 
     def device_requests(self) -> list[docker.types.DeviceRequest]:
         """Ask the NVIDIA runtime for exactly these GPUs (`--gpus '"device=3"'`)."""
@@ -99,6 +104,8 @@ class WorkerSpec:
             kwargs["device_requests"] = self.device_requests()
         if self.entrypoint is not None:
             kwargs["entrypoint"] = list(self.entrypoint)
+        if self.network_mode is not None:
+            kwargs["network_mode"] = self.network_mode
         return kwargs
 
 
@@ -116,6 +123,11 @@ def worker_name(run: str, gpu: int | None, slot: int) -> str:
     """`evolvectl-<run>-gpu<k>` for the worker on GPU k, `evolvectl-<run>-cpu<slot>` otherwise."""
     device = f"gpu{gpu}" if gpu is not None else f"cpu{slot}"
     return f"{PROJECT}-{check_run_name(run)}-{device}"
+
+
+def ddp_name(run: str) -> str:
+    """`evolvectl-<run>-ddp`: the one container of a DDP training on this host."""
+    return f"{PROJECT}-{check_run_name(run)}-{DDP_KEY}"
 
 
 def run_labels(run: str | None = None) -> dict[str, str]:

@@ -2,6 +2,9 @@
 
 Every worker of a run bind-mounts the run folder from the host at `/runs/evolve/<run>` and
 runs as the host user, so the host reads the journal directly and owns every file in it.
+A DDP training is one container (role `ddp`) with its run folder at `/runs/train/<run>`.
+An evolution and a training may share a run name (in different projects): each run sees
+only the containers of its own kind.
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import docker
 import docker.errors
 from docker.models.containers import Container
 
+import docker
 import orchestrator
 from orchestrator.container_spec import (
+    DDP_KEY,
+    DDP_ROLE,
     DEFAULT_MAX_RESTARTS,
     DEFAULT_SHM_SIZE,
     GPU_LABEL,
+    ROLE_LABEL,
     SLOT_LABEL,
     WORKER_USER,
     Mount,
@@ -38,14 +44,17 @@ from orchestrator.containers import (
     log_tail,
     start_worker,
 )
+from orchestrator.ddp import DdpPlan, ddp_spec
 from orchestrator.gpus import visible_gpus
-from orchestrator.launch import LaunchPlan, WorkerSlot
+from orchestrator.launch import LaunchPlan, WorkerSlot, is_ddp_run
 from orchestrator.run_inputs import StagedInputs, container_run_dir, stage_for_containers
 from orchestrator.status import WorkerState
 from trainer.errors import UserError
 
 PROJECT_ROOT = Path(orchestrator.__file__).resolve().parent.parent
 STATUS_LOG_LINES = 40
+# Run inside a DDP container by `stop`: SIGTERM to the ranks themselves (see orchestrator.ranks).
+SIGNAL_RANKS = ("python", "-m", "orchestrator.ranks", "--signal", "TERM")
 
 Write = Callable[[str], None]
 
@@ -91,6 +100,8 @@ def _environment(slot: WorkerSlot, user: str, cpu_workers: int) -> dict[str, str
 
 
 def worker_key(container: Container) -> str:
+    if container.labels.get(ROLE_LABEL) == DDP_ROLE:
+        return DDP_KEY
     gpu = container.labels.get(GPU_LABEL, "")
     if gpu.isdigit():
         return f"gpu{gpu}"
@@ -160,9 +171,27 @@ class DockerBackend:
             raise
         return [worker_key(container) for container in made]
 
+    def start_ddp(self, plan: DdpPlan, say: Write) -> list[str]:
+        """Start the training's container unless it runs; returns ["ddp"] when it was started."""
+        staged = stage_for_containers(plan.options, plan.run, plan.run_dir)
+        spec = ddp_spec(plan, staged, self.image, host_user(), self.shm_size, self.max_restarts)
+        alive = {container.name for container in list_workers(self.client, plan.run)
+                 if container.status in ALIVE_STATES}
+        start_worker(self.client, spec)
+        if spec.name in alive:
+            return []
+        say(f"started {DDP_KEY}: container {spec.name}" + (f" on GPUs {spec.labels[GPU_LABEL]}" if plan.gpus else ""))
+        return [DDP_KEY]
+
+    def _run_containers(self, run: str, run_dir: Path) -> list[Container]:
+        """The run's containers of its own kind: a training's, or an evolution's workers."""
+        training = is_ddp_run(run_dir)
+        return [container for container in list_workers(self.client, run)
+                if (container.labels.get(ROLE_LABEL) == DDP_ROLE) == training]
+
     def workers(self, run: str, run_dir: Path) -> list[WorkerState]:
         states = []
-        for container in list_workers(self.client, run):
+        for container in self._run_containers(run, run_dir):
             attributes = container.attrs
             running = container.status == "running"
             states.append(WorkerState(
@@ -178,19 +207,39 @@ class DockerBackend:
     def kill(self, run: str, run_dir: Path) -> list[str]:
         """Kill the run's live containers (stop --now). Docker counts this as a manual stop: no restart."""
         killed = []
-        for container in list_workers(self.client, run):
+        for container in self._run_containers(run, run_dir):
             if container.status in ALIVE_STATES:
                 with engine_errors(f"killing {container.name}"):
                     container.stop(timeout=0)
                 killed.append(worker_key(container))
         return killed
 
+    def terminate(self, run: str, run_dir: Path) -> list[str]:
+        """Ask the run's live containers to finish their epoch, save and exit; returns their keys.
+
+        Their restart policy is dropped first, so that an exit with an error on the way out
+        does not start the training again. SIGTERM goes to the ranks themselves when the image
+        can find them, else to the container's init, which passes it on.
+        """
+        asked = []
+        for container in self._run_containers(run, run_dir):
+            if container.status not in ALIVE_STATES:
+                continue
+            with engine_errors(f"stopping {container.name}"):
+                container.update(restart_policy={"Name": "no", "MaximumRetryCount": 0})
+                if container.status != "running":
+                    container.stop(timeout=0)  # between attempts (or paused): no epoch in progress to finish
+                elif container.exec_run(list(SIGNAL_RANKS)).exit_code != 0:
+                    container.kill(signal="SIGTERM")
+            asked.append(worker_key(container))
+        return asked
+
     def remove_all(self, run: str | None) -> list[str]:
         return kill_all(self.client, run)
 
     def output(self, run: str, run_dir: Path, key: str, write: Write, follow: bool, tail: int | None) -> None:
         """The worker's output (its last `tail` lines), then live until it stops or Ctrl-C."""
-        container = self._container(run, key)
+        container = self._container(run, run_dir, key)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
             with engine_errors(f"reading logs of {container.name}"):
@@ -201,8 +250,8 @@ class DockerBackend:
             return  # Ctrl-C detaches; the container keeps running
         write(decoder.decode(b"", final=True))
 
-    def _container(self, run: str, key: str) -> Container:
-        containers = list_workers(self.client, run)
+    def _container(self, run: str, run_dir: Path, key: str) -> Container:
+        containers = self._run_containers(run, run_dir)
         for container in containers:
             if worker_key(container) == key:
                 return container

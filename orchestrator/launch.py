@@ -3,9 +3,11 @@
 A run is a folder on the host, `<project>/<run>` (default `runs/evolve/<run>`), holding the
 journal (evolve.csv and friends), `launch.json` (how it was started, so later commands know
 its backend) and, for local workers, `workers/` (one state file and one log per worker).
+A DDP training (`evolvectl ddp`) is a run too, by default under `runs/train/<run>`, holding
+the trainer's own outputs (results.csv, weights/) instead of a journal.
 
 Workers are named by a key: `gpu3` for the worker on GPU 3, `cpu0`, `cpu1`, ... for CPU
-workers. `attach 3` is short for `attach gpu3`.
+workers, `ddp` for the one worker of a DDP training. `attach 3` is short for `attach gpu3`.
 """
 
 from __future__ import annotations
@@ -18,16 +20,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from orchestrator.container_spec import check_run_name, worker_name
+from orchestrator.container_spec import DDP_KEY, check_run_name, worker_name
 from orchestrator.journal import write_atomic
 from trainer.errors import UserError
 
 DEFAULT_PROJECT = Path("runs/evolve")
+DDP_PROJECT = Path("runs/train")  # where YOLOv5 users look for a training's results
+EVOLVE_MODE = "evolve"
+DDP_MODE = "ddp"
 LAUNCH_NAME = "launch.json"
 WORKERS_DIR = "workers"
 BACKENDS = ("docker", "local")
 
-_KEY_PATTERN = re.compile(r"(?:(gpu)?(\d+)|(cpu)(\d+))")
+_KEY_PATTERN = re.compile(r"(?:(gpu)?(\d+)|(cpu)(\d+)|(ddp))")
 
 
 @dataclass(frozen=True)
@@ -55,10 +60,12 @@ def worker_slots(gpus: Sequence[int], cpu_workers: int) -> list[WorkerSlot]:
 
 
 def parse_worker_key(text: str) -> str:
-    """`3` or `gpu3` names the worker on GPU 3, `cpu0` the first CPU worker."""
+    """`3` or `gpu3` names the worker on GPU 3, `cpu0` the first CPU worker, `ddp` a DDP training."""
     match = _KEY_PATTERN.fullmatch(text.strip().lower())
     if match is None:
-        raise UserError(f"worker '{text}' is not a GPU index (3, gpu3) or a CPU worker (cpu0)")
+        raise UserError(f"worker '{text}' is not a GPU index (3, gpu3), a CPU worker (cpu0) or ddp")
+    if match.group(5):
+        return DDP_KEY
     if match.group(3):
         return f"cpu{int(match.group(4))}"
     return f"gpu{int(match.group(2))}"
@@ -82,13 +89,21 @@ class TrainerOptions:
 
     def arguments(self, generations: int) -> list[str]:
         """Flags for `python -m trainer --evolve`, without the run's place and the worker's identity."""
-        flags = ["--generations", str(generations), "--data", self.data]
-        for name in ("cfg", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed",
-                     "search_space", "evolve_population"):
+        names = ("cfg", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed", "search_space", "evolve_population")
+        return ["--generations", str(generations), "--data", self.data, *self._flags(names), *self.extra]
+
+    def training_arguments(self) -> list[str]:
+        """Flags for one training (`evolvectl ddp`): no evolution flags, which would make it a worker."""
+        names = ("cfg", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed")
+        return ["--data", self.data, *self._flags(names), *self.extra]
+
+    def _flags(self, names: Sequence[str]) -> list[str]:
+        flags = []
+        for name in names:
             value = getattr(self, name)
             if value is not None:
                 flags += [f"--{name.replace('_', '-')}", str(value)]
-        return flags + list(self.extra)
+        return flags
 
     def with_paths(self, **paths: str | None) -> TrainerOptions:
         return replace(self, **paths)
@@ -130,6 +145,8 @@ class LaunchRecord:
     search_space: str | None
     image: str | None = None
     started: float = field(default_factory=time.time)
+    mode: str = EVOLVE_MODE  # or DDP_MODE: one training, whose progress is its results.csv
+    start_epoch: int = 0  # DDP: epochs already trained when started (a resumed run), for the ETA
 
     def save(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,18 +164,39 @@ class LaunchRecord:
         return cls(**values)
 
 
-def latest_run(project: Path) -> str:
-    """The most recently started run under `project`, for commands given no --name."""
-    launched = sorted(project.glob(f"*/{LAUNCH_NAME}"), key=lambda path: path.stat().st_mtime)
+def searched_projects(project: Path) -> tuple[Path, ...]:
+    """The default --project stands for both homes of runs: evolutions and DDP trainings."""
+    return (DEFAULT_PROJECT, DDP_PROJECT) if project == DEFAULT_PROJECT else (project,)
+
+
+def latest_run(projects: Sequence[Path], run: str | None = None) -> Path | None:
+    """The folder of the most recently started run (named `run`, if given) under any of `projects`."""
+    pattern = f"{check_run_name(run)}/{LAUNCH_NAME}" if run else f"*/{LAUNCH_NAME}"
+    launched = [path for project in projects for path in project.glob(pattern)]
     if not launched:
-        raise UserError(f"no runs under {project}/: start one with `evolvectl start`, or pass --project/--name")
-    return launched[-1].parent.name
+        return None
+    return max(launched, key=lambda path: path.stat().st_mtime).parent.absolute()
 
 
 def existing_run_dir(project: Path, run: str | None) -> tuple[str, Path]:
-    """The run's name and folder for commands that read a run: it must exist."""
-    run = run or latest_run(project)
+    """The run's name and folder for commands that read a run: it must exist.
+
+    Under the default --project a name may exist as an evolution and as a DDP training: the
+    one started last is meant (each command's output names the folder it read).
+    """
+    projects = searched_projects(project)
+    found = latest_run(projects, run)
+    if found is not None:
+        return found.name, found
+    if run is None:
+        places = " or ".join(f"{place}/" for place in projects)
+        raise UserError(f"no runs under {places}: start one with `evolvectl start`, or pass --project/--name")
     run_dir = run_directory(project, run)
     if not run_dir.is_dir():
         raise UserError(f"run '{run}' not found: no folder {run_dir} (see --project, --name)")
     return run, run_dir
+
+
+def is_ddp_run(run_dir: Path) -> bool:
+    record = LaunchRecord.load(run_dir)
+    return record is not None and record.mode == DDP_MODE

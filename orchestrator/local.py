@@ -5,6 +5,8 @@ started in its own session (so it outlives the command that started it, and one 
 its process group reaches the trainer and its dataloader processes). Its files live in the
 run folder: `workers/<key>.json` (state: pid, restarts, exit code) and `workers/<key>.log`
 (everything it prints). Attach follows the log; stop, kill-all and status read the state.
+A DDP training is one such worker, keyed `ddp`, whose command is the whole job (the
+trainer starting torchrun, or torchrun over CPU processes).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import orchestrator
-from orchestrator.container_spec import DEFAULT_MAX_RESTARTS
+from orchestrator.container_spec import DDP_KEY, DEFAULT_MAX_RESTARTS
+from orchestrator.ddp import CHECKPOINT, DdpPlan, job_command, job_environment, resuming
 from orchestrator.launch import WORKERS_DIR, LaunchPlan, WorkerSlot
+from orchestrator.ranks import descendants, process_table, signal_ranks
 from orchestrator.run_inputs import stage_local
 from orchestrator.status import ACTIVE_STATES, WorkerState
 from orchestrator.supervisor import write_state
@@ -118,23 +122,43 @@ class LocalBackend:
         device = "cpu" if slot.gpu is None else str(slot.gpu)
         worker = [*self.trainer_command, "--evolve", *arguments, "--project", str(plan.project.absolute()),
                   "--name", plan.run, "--worker-id", slot.worker_id(plan.run), "--device", device]
-        state_path = workers_dir / f"{slot.key}.json"
+        return self._supervise(slot.key, worker, workers_dir, _worker_environment(slot, plan))
+
+    def _supervise(self, key: str, worker: list[str], workers_dir: Path, environment: dict[str, str]) -> int:
+        """Start `worker` under a detached supervisor, logging to workers/<key>.log; returns its pid."""
+        state_path = workers_dir / f"{key}.json"
         command = [sys.executable, "-m", SUPERVISOR_MODULE, "--state", str(state_path),
                    "--max-restarts", str(self.max_restarts), "--", *worker]
-        log_path = workers_dir / f"{slot.key}.log"
+        log_path = workers_dir / f"{key}.log"
         with log_path.open("ab") as log:
-            log.write(f"[evolvectl] {time.strftime('%Y-%m-%d %H:%M:%S')} starting {slot.key}\n".encode())
+            log.write(f"[evolvectl] {time.strftime('%Y-%m-%d %H:%M:%S')} starting {key}\n".encode())
             log.flush()
             try:
                 process = subprocess.Popen(
                     command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, env=_worker_environment(slot, plan),
+                    start_new_session=True, env=environment,
                 )
             except OSError as error:
-                raise UserError(f"cannot start local worker {slot.key}: {error}") from None
+                raise UserError(f"cannot start local worker {key}: {error}") from None
         # Written after the fact, so it can (rarely) hide the supervisor's first "running": both count as live.
         write_state(state_path, state="starting", pid=process.pid, restarts=0)
         return process.pid
+
+    def start_ddp(self, plan: DdpPlan, say: Write) -> list[str]:
+        """Start the training unless it runs; returns ["ddp"] when it was started."""
+        workers_dir = plan.run_dir / WORKERS_DIR
+        workers_dir.mkdir(parents=True, exist_ok=True)
+        state = _read_json(workers_dir / f"{DDP_KEY}.json")
+        if state is not None and state.get("state") in ACTIVE_STATES and process_alive(state["pid"]):
+            return []
+        options = stage_local(plan.options).options
+        devices = ",".join(map(str, plan.gpus)) or "cpu"  # this host's own GPU indices
+        job = job_command(plan, options, str(plan.project.absolute()), devices, sys.executable)
+        checkpoint = str(plan.run_dir / CHECKPOINT)
+        environment = {**job_environment(plan), **_local_environment()}  # this host's own settings win
+        pid = self._supervise(DDP_KEY, [*resuming(checkpoint), *job], workers_dir, environment)
+        say(f"started {DDP_KEY}: local process {pid}" + (f" on GPUs {devices}" if plan.gpus else ""))
+        return [DDP_KEY]
 
     def workers(self, run: str, run_dir: Path) -> list[WorkerState]:
         states = []
@@ -159,6 +183,18 @@ class LocalBackend:
                             restarts=state.get("restarts", 0))
                 killed.append(path.stem)
         return killed
+
+    def terminate(self, run: str, run_dir: Path) -> list[str]:
+        """Ask the run's live workers to finish their epoch, save and exit (a DDP training's stop)."""
+        asked = []
+        for path in sorted((run_dir / WORKERS_DIR).glob("*.json")):
+            state = _read_json(path)
+            if state is None or not process_alive(int(state.get("pid", -1))):
+                continue
+            if not signal_ranks(int(state["pid"]), signal.SIGTERM):
+                os.kill(int(state["pid"]), signal.SIGTERM)  # no ranks yet: the supervisor passes it on, then stops
+            asked.append(path.stem)
+        return asked
 
     def remove_all(self, run: str | None) -> list[str]:
         """Kill the workers of `run` (every run under the project if None) and forget them; logs stay."""
@@ -198,10 +234,17 @@ class LocalBackend:
 
 
 def _kill_group(pid: int) -> None:
+    # Listed first: killed processes' children are handed to init at once, out of the tree.
+    tree = descendants(pid, process_table())
     try:
-        os.killpg(pid, signal.SIGKILL)  # the supervisor leads its session: this reaches every process of it
+        os.killpg(pid, signal.SIGKILL)  # the supervisor leads its session: this reaches most of its processes
     except (ProcessLookupError, PermissionError):
         return
+    for child in tree:  # torchrun puts each rank in a session of its own
+        try:
+            os.kill(child, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
     deadline = time.monotonic() + KILL_WAIT_S
     while process_alive(pid) and time.monotonic() < deadline:  # also reaps it if it is our child
         time.sleep(0.02)
@@ -216,11 +259,17 @@ def _log_tail(path: Path) -> str:
         return ""
 
 
-def _worker_environment(slot: WorkerSlot, plan: LaunchPlan) -> dict[str, str]:
-    """This host's environment, with the project importable and CPU workers sharing the cores."""
+def _local_environment() -> dict[str, str]:
+    """This host's environment, with the project importable and output unbuffered."""
     environment = dict(os.environ, PYTHONUNBUFFERED="1")
     package_root = str(Path(orchestrator.__file__).resolve().parent.parent)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
+    return environment
+
+
+def _worker_environment(slot: WorkerSlot, plan: LaunchPlan) -> dict[str, str]:
+    """This host's environment, with the project importable and CPU workers sharing the cores."""
+    environment = _local_environment()
     if slot.gpu is not None:
         environment["EVOLVECTL_GPU"] = str(slot.gpu)
     else:

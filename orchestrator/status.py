@@ -2,6 +2,8 @@
 
 Collecting reads the run folder's journal (budget, leases, rows, provenance timings) and
 what the backend says about its workers; rendering is a pure function of the dataclasses.
+A DDP training has no journal: its progress is the trainer's results.csv (one row per
+epoch) against the epochs in its opt.yaml.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from orchestrator.container_spec import DDP_KEY
 from orchestrator.journal import Journal
 from orchestrator.leases import load_state
 
@@ -26,6 +30,11 @@ ACTIVE_STATES = ("running", "restarting", "starting")
 ETA_WINDOW = 20
 # The trainer's plain (non-terminal) progress line starts with "<epoch>/<epochs>  <memory>G".
 _EPOCH_LINE = re.compile(r"^\s*(\d+)/(\d+)\s+[\d.]+G\s", re.MULTILINE)
+# What the trainer writes into a training's folder: one row per epoch, and the options it runs with.
+RESULTS_NAME = "results.csv"
+OPTIONS_NAME = "opt.yaml"
+MAP50_COLUMN = "metrics/mAP_0.5"
+MAP_COLUMN = "metrics/mAP_0.5:0.95"
 
 
 @dataclass(frozen=True)
@@ -69,9 +78,24 @@ class RunProgress:
 
 
 @dataclass(frozen=True)
+class TrainingProgress:
+    """How far one DDP training is."""
+
+    run: str
+    run_dir: Path
+    epochs: int | None  # planned; None until the trainer wrote opt.yaml
+    done: int  # epochs in results.csv
+    map50: float | None  # of the last epoch
+    map: float | None
+    best_map: float | None
+    best_epoch: int | None  # counted from 1, as the trainer prints epochs
+    eta_seconds: float | None
+
+
+@dataclass(frozen=True)
 class StatusReport:
     backend: str
-    progress: RunProgress
+    progress: RunProgress | TrainingProgress
     workers: tuple[WorkerRow, ...]
 
 
@@ -137,6 +161,71 @@ def collect_status(run: str, run_dir: Path, backend: str, workers: Sequence[Work
     return StatusReport(backend, progress, tuple(rows))
 
 
+def read_results(run_dir: Path) -> list[dict[str, float]]:
+    """The rows of a training's results.csv, by column name; a half-written last line is left out."""
+    try:
+        lines = (run_dir / RESULTS_NAME).read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return []
+    complete = [line for line in lines if line.endswith("\n")]
+    if not complete:
+        return []
+    names = [name.strip() for name in complete[0].split(",")]
+    rows = []
+    for line in complete[1:]:
+        cells = line.split(",")
+        try:
+            values = [float(cell) for cell in cells]
+        except ValueError:
+            continue  # a second header, from a training started over in the same folder
+        if len(values) == len(names):
+            rows.append(dict(zip(names, values, strict=True)))
+    return rows
+
+
+def planned_epochs(run_dir: Path) -> int | None:
+    """The epochs the trainer was asked for, from the opt.yaml it writes when it starts."""
+    try:
+        options = yaml.safe_load((run_dir / OPTIONS_NAME).read_text())
+    except (FileNotFoundError, yaml.YAMLError):
+        return None
+    epochs = options.get("epochs") if isinstance(options, dict) else None
+    return epochs if isinstance(epochs, int) else None
+
+
+def epochs_done(rows: Sequence[dict[str, float]]) -> int:
+    """The last epoch's number (a resumed run may repeat the epoch it crashed in), counted from 1."""
+    return int(rows[-1]["epoch"]) + 1 if rows else 0
+
+
+def collect_training_status(run: str, run_dir: Path, backend: str, workers: Sequence[WorkerState],
+                            started: float | None = None, start_epoch: int = 0) -> StatusReport:
+    """A DDP training's progress from its results.csv; the ETA from the epochs trained since `started`."""
+    rows = read_results(run_dir)
+    done, epochs = epochs_done(rows), planned_epochs(run_dir)
+    maps = [row.get(MAP_COLUMN, 0.0) for row in rows]
+    best = int(np.argmax(maps)) if maps else None
+    eta = None
+    trained = done - start_epoch
+    if started is not None and epochs is not None and trained > 0:
+        seconds_per_epoch = ((run_dir / RESULTS_NAME).stat().st_mtime - started) / trained
+        eta = max(epochs - done, 0) * max(seconds_per_epoch, 0.0)
+    progress = TrainingProgress(
+        run=run, run_dir=run_dir, epochs=epochs, done=done,
+        map50=rows[-1].get(MAP50_COLUMN) if rows else None, map=maps[-1] if maps else None,
+        best_map=maps[best] if best is not None else None,
+        best_epoch=int(rows[best]["epoch"]) + 1 if best is not None else None,
+        eta_seconds=eta,
+    )
+    worker_rows = tuple(
+        WorkerRow(key=worker.key, state=worker.state, restarts=worker.restarts, exit_code=worker.exit_code,
+                  generation=None, epoch=current_epoch(worker.log_tail) if worker.state == "running" else None,
+                  results=done, last_fitness=None, best_fitness=None)
+        for worker in workers
+    )
+    return StatusReport(backend, progress, worker_rows)
+
+
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
@@ -163,6 +252,8 @@ def _state_text(row: WorkerRow) -> Text:
 
 def render_workers(rows: Sequence[WorkerRow]) -> Table:
     table = Table(box=None, header_style="bold")
+    if rows and all(row.key == DDP_KEY for row in rows):
+        return _render_training_workers(table, rows)
     for name, justify in (("worker", "left"), ("state", "left"), ("restarts", "right"), ("gen", "right"),
                           ("epoch", "right"), ("results", "right"), ("last fitness", "right"),
                           ("best fitness", "right")):
@@ -181,8 +272,32 @@ def render_workers(rows: Sequence[WorkerRow]) -> Table:
     return table
 
 
-def render_progress(progress: RunProgress) -> Text:
+def _render_training_workers(table: Table, rows: Sequence[WorkerRow]) -> Table:
+    """A DDP job's worker: no generations or fitness, just its state and the epoch it trains."""
+    for name, justify in (("worker", "left"), ("state", "left"), ("restarts", "right"), ("epoch", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(row.key, _state_text(row), str(row.restarts), row.epoch or "-")
+    return table
+
+
+def render_training_progress(progress: TrainingProgress) -> Text:
+    """One line: epochs done / planned, the last and best mAP, and the ETA."""
+    if progress.epochs is None:
+        return Text(f"run {progress.run}: waiting for the training to start in {progress.run_dir}")
+    parts = [f"{progress.done}/{progress.epochs} epochs ({min(progress.done / progress.epochs, 1.0):.0%})"]
+    if progress.map is not None:
+        parts.append(f"mAP50 {progress.map50 or 0.0:.4f} · mAP50-95 {progress.map:.4f}")
+        parts.append(f"best mAP50-95 {progress.best_map:.4f} (epoch {progress.best_epoch})")
+    parts.append("training finished" if progress.done >= progress.epochs
+                 else f"ETA {format_duration(progress.eta_seconds)}")
+    return Text(f"run {progress.run}: ", style="bold") + Text(" · ".join(parts))
+
+
+def render_progress(progress: RunProgress | TrainingProgress) -> Text:
     """One line: done / budget, failures, best fitness and the ETA."""
+    if isinstance(progress, TrainingProgress):
+        return render_training_progress(progress)
     if progress.generations is None:
         return Text(f"run {progress.run}: waiting for the first worker to prepare {progress.run_dir}")
     share = min(progress.done / progress.generations, 1.0)
@@ -213,6 +328,8 @@ def render_status(report: StatusReport) -> RenderableType:
 
 def budget_reached(report: StatusReport) -> bool:
     progress = report.progress
+    if isinstance(progress, TrainingProgress):
+        return progress.epochs is not None and progress.done >= progress.epochs
     return progress.generations is not None and progress.done >= progress.generations
 
 

@@ -12,7 +12,7 @@ from orchestrator.launch import LaunchPlan, TrainerOptions, parse_worker_key
 from orchestrator.status import WorkerState
 from trainer.errors import UserError
 
-COMMANDS = ("start", "status", "attach", "logs", "stop", "kill-all", "results", "compose")
+COMMANDS = ("start", "ddp", "status", "attach", "logs", "stop", "kill-all", "results", "compose")
 MISSING_ENGINE = "unix:///nonexistent/docker.sock"
 
 

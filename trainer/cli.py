@@ -50,9 +50,13 @@ def launch_ddp(devices: list[str], options: dict[str, Any]) -> int:
                "-m", "trainer", *sys.argv[1:]]
     LOGGER.info("Starting DDP: %d process(es) on this node, %d node(s), rendezvous %s:%d",
                 nproc, options["nnodes"], options["master_addr"], port)
+    from orchestrator.ranks import signal_ranks
+
     process = subprocess.Popen(command)
-    # torchrun forwards SIGTERM to every rank, which then finish their epoch and save.
-    signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
+    # SIGTERM goes to the ranks themselves: each finishes its epoch, rank 0 saves, all exit.
+    # torchrun would signal their whole process groups, dataloader workers included, mid-epoch.
+    signal.signal(signal.SIGTERM, lambda *_: signal_ranks(process.pid, signal.SIGTERM)
+                  or process.send_signal(signal.SIGTERM))
     return process.wait()
 
 

@@ -1,0 +1,124 @@
+"""End to end on a real Docker engine: `evolvectl ddp --cpu-procs 2` trains one tiny model in one container.
+
+The image is the real docker/Dockerfile built on the local PyTorch base (conftest's
+`worker_image`); the two processes meet through torchrun and talk over gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+from click.testing import CliRunner, Result
+
+from conftest import write_data_yaml
+from orchestrator.cli import main
+from orchestrator.containers import kill_all, list_workers
+from orchestrator.status import read_results
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+@pytest.fixture
+def run_name(docker_client: docker.DockerClient) -> Iterator[str]:
+    run = f"e2e-ddp-{uuid.uuid4().hex[:8]}"
+    yield run
+    kill_all(docker_client, run)
+
+
+def cli(*arguments: str) -> Result:
+    return CliRunner().invoke(main, list(arguments), catch_exceptions=False)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_a_ddp_training_in_one_cpu_container(
+    docker_client: docker.DockerClient, worker_image: str, run_name: str, tmp_path: Path
+) -> None:
+    (tmp_path / "tiny").mkdir()
+    data = write_data_yaml(tmp_path / "tiny", train=32, val=16, size=64)
+    project = tmp_path / "runs"
+    run_dir = project / run_name
+    where = ("--project", str(project), "--name", run_name)
+    start = ("ddp", "--backend", "docker", "--image", worker_image, "--cpu-procs", "2", "--data", str(data),
+             "--cfg", "yolov5n", "--imgsz", "64", "--epochs", "2", "--batch-size", "8", "--workers", "0", *where,
+             "--", "--noautoanchor")
+
+    started = cli(*start)
+    assert started.exit_code == 0 and "DDP training started (2 processes)" in started.output, started.output
+    container = docker_client.containers.get(f"evolvectl-{run_name}-ddp")
+    attributes = container.attrs
+    assert container.labels["org.evolvectl.role"] == "ddp"
+    assert attributes["HostConfig"]["DeviceRequests"] in (None, [])
+    assert attributes["HostConfig"]["RestartPolicy"]["Name"] == "on-failure"
+    assert attributes["Config"]["Entrypoint"][:2] == ["sh", "-c"]
+    mounts = {mount["Destination"]: mount for mount in attributes["Mounts"]}
+    assert mounts[f"/runs/train/{run_name}"]["RW"] is True and mounts["/datasets/data"]["RW"] is False
+
+    # Both ranks run, as children of torchrun, where `evolvectl stop` would find them.
+    wait_for(lambda: "Epoch" in container.logs().decode(), 90, "training to start")
+    found = container.exec_run(["python", "-m", "orchestrator.ranks", "--signal", "0"])
+    assert found.exit_code == 0 and len(found.output.split()) == 2, found.output
+
+    wait_for(lambda: docker_client.containers.get(container.id).status == "exited", 120, "the training to end")
+    container.reload()
+    assert container.attrs["State"]["ExitCode"] == 0 and container.attrs["RestartCount"] == 0
+    logs = container.logs().decode()
+    assert "batch 8 (4 per process × 2)" in logs and "Training yolov5n for 2 epochs" in logs
+    assert logs.count("Results saved to") == 1, logs[-3000:]  # rank 0 alone writes and reports
+    assert [int(row["epoch"]) for row in read_results(run_dir)] == [0, 1]
+    for weights in ("last.pt", "best.pt"):
+        assert os.stat(run_dir / "weights" / weights).st_uid == os.getuid()  # on the host, owned by its user
+
+    status = cli("status", *where)
+    assert "2/2 epochs (100%)" in status.output and "training finished" in status.output and "exited (0)" in status.output
+    assert "Results saved to" in cli("logs", "ddp", *where).output
+    again = CliRunner().invoke(main, list(start))
+    assert again.exit_code != 0 and f"run {run_name} already trained its 2 epochs" in again.output
+
+    removed = cli("kill-all", "--run", run_name, "--backend", "docker")
+    assert removed.exit_code == 0 and f"removed 1 worker(s): evolvectl-{run_name}-ddp" in removed.output
+    assert list_workers(docker_client, run_name) == []
+
+
+def test_stop_lets_the_container_finish_its_epoch_and_ddp_resumes_it(
+    docker_client: docker.DockerClient, worker_image: str, run_name: str, tmp_path: Path
+) -> None:
+    (tmp_path / "tiny").mkdir()
+    data = write_data_yaml(tmp_path / "tiny", train=32, val=16, size=64)
+    project = tmp_path / "runs"
+    run_dir = project / run_name
+    where = ("--project", str(project), "--name", run_name)
+    start = ("ddp", "--backend", "docker", "--image", worker_image, "--cpu-procs", "2", "--data", str(data),
+             "--imgsz", "64", "--epochs", "40", "--batch-size", "8", "--workers", "1", *where, "--", "--noautoanchor")
+    assert cli(*start).exit_code == 0
+    container = docker_client.containers.get(f"evolvectl-{run_name}-ddp")
+    wait_for(lambda: len(read_results(run_dir)) >= 1, 120, "the first epoch")
+
+    stopping = cli("stop", *where)
+    assert "the training finishes its current epoch" in stopping.output, stopping.output
+    wait_for(lambda: docker_client.containers.get(container.id).status == "exited", 90, "the container to stop")
+    container.reload()
+    logs = container.logs().decode()
+    assert container.attrs["State"]["ExitCode"] == 0, logs[-3000:]
+    assert "Stopped after epoch" in logs and "SIGTERM" not in logs  # the ranks were told, not torchrun
+    done = len(read_results(run_dir))
+    assert 1 <= done < 40 and (run_dir / "weights" / "last.pt").is_file()
+
+    resumed = cli(*start)
+    assert f"resuming after epoch {done}" in resumed.output, resumed.output
+    container = docker_client.containers.get(f"evolvectl-{run_name}-ddp")
+    wait_for(lambda: f"Resuming from epoch {done + 1} of 40" in container.logs().decode(), 90, "the resumed training")
+    assert "killed ddp" in cli("stop", "--now", *where).output
+    container.reload()
+    assert container.status == "exited"
