@@ -10,7 +10,7 @@ choice, lease, journal), the main process's RSS, the loader workers' RSS and pro
 and CUDA allocated/reserved memory on a GPU.
 
     python bench/bench_evolve.py [--generations 20] [--imgsz 96] [--batch-size 16] [--device ""]
-        [--workers 2] [--train-images 64] [--val-images 16] [--cache ram] [--data PATH]
+        [--workers 2] [--train-images 64] [--val-images 16] [--cache ram] [--threads N] [--data PATH]
 
 Unchanged loader worker ids show the loaders were not rebuilt; the RSS growth from the third
 generation to the last shows whether anything accumulates. Prints one JSON line.
@@ -29,12 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# First, before torch: importing trainer sets OpenMP's wait policy, which only takes effect
+# if set before torch loads OpenMP; the bench must run as `python -m trainer` does.
+import trainer  # noqa: F401, I001
+
 import click
 import torch
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.bench_train import machine_settings
 from orchestrator.search_space import SearchSpace
 from orchestrator.worker import GenerationContext, GenerationResult, Objective, run_worker
@@ -150,6 +153,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--train-images", type=int, default=64)
     parser.add_argument("--val-images", type=int, default=16)
     parser.add_argument("--cache", default="ram", choices=["", "ram"])
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", default=None, help="a data YAML instead of the generated tiny set")
     args = parser.parse_args()
     if args.generations < 3:
@@ -159,6 +163,8 @@ def parse_arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_arguments()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ctx = dist.init_distributed(args.device)
     with tempfile.TemporaryDirectory() as folder:
         data = args.data or str(write_tiny_data(Path(folder), args.train_images, args.val_images, args.imgsz))

@@ -9,7 +9,7 @@ data included); `--warmup` steps are run first and not timed. `--data-only` time
 loader alone: if it is much faster than training, compute bounds the run, else data does.
 
     python bench/bench_train.py [--cfg yolov5n] [--imgsz 320] [--batch-size 16] [--device ""]
-        [--workers N] [--data synthetic] [--warmup 5] [--iterations 20] [--data-only]
+        [--workers N] [--data synthetic] [--warmup 5] [--iterations 20] [--threads N] [--data-only]
         [--write-yolov5-data PATH]
 
 Under torch.distributed.run, --batch-size is the total over all processes (as for
@@ -21,34 +21,37 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import platform
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# First, before torch: importing trainer sets OpenMP's wait policy, which only takes effect
+# if set before torch loads OpenMP; the bench must run as `python -m trainer` does.
+import trainer  # noqa: F401, I001
 
 import click
 import torch
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from trainer import dist
 from trainer.cli import build_config
 from trainer.config import TrainConfig
 from trainer.data import DataConfig
 from trainer.dist import DistContext
-from trainer.ema import ModelEMA
 from trainer.engine import StepCounter, train_one_epoch
-from trainer.loss import DetectionLoss
-from trainer.optim import Warmup, build_optimizer, lr_lambda, scaled_weight_decay
+from trainer.optim import Warmup
 from trainer.progress import EpochProgress
-from trainer.train import PreparedData, amp_dtype_for, build_model, prepare_data, seed_everything
+from trainer.train import PreparedData, amp_dtype_for, build_model, build_training_parts, prepare_data, seed_everything
 
 
 class TimedBatches:
@@ -88,30 +91,20 @@ class TimedBatches:
     def timed(self, warmup: int) -> tuple[list[float], int]:
         """Durations of the steps after the first `warmup`, and the images they took (this process)."""
         times = self.request_times[warmup:]
-        return [end - start for start, end in zip(times, times[1:])], sum(self.batch_images[warmup:])
+        return [end - start for start, end in itertools.pairwise(times)], sum(self.batch_images[warmup:])
 
 
 def train_steps(cfg: TrainConfig, ctx: DistContext, prepared: PreparedData, count: int) -> TimedBatches:
     """Run `count` steady-state training steps through `train_one_epoch`, timing each."""
     seed_everything(cfg.seed, cfg.deterministic)
     model = build_model(cfg, prepared.data.nc, ctx.device)
-    weight_decay = scaled_weight_decay(cfg.hyp.weight_decay, cfg.batch_size)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.hyp.lr0, cfg.hyp.momentum, weight_decay)
-    lr_factor = lr_lambda(cfg.epochs, cfg.hyp.lrf, cfg.cos_lr)
-    torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_factor)  # sets the `initial_lr` warmup reads
-    amp_dtype = amp_dtype_for(ctx.device)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
-    ema = ModelEMA(model)
-    warmup = Warmup.for_run(cfg.hyp.warmup_epochs, len(prepared.train_loader), cfg.batch_size,
-                            cfg.hyp.warmup_bias_lr, cfg.hyp.warmup_momentum, cfg.hyp.momentum)
+    parts = build_training_parts(cfg, ctx, model, len(prepared.train_loader))
     # Past the warmup every step accumulates to the nominal batch, as in most of a real run.
-    counter = StepCounter(iteration=warmup.iterations, last_step=warmup.iterations - 1)
-    loss_fn = DetectionLoss.from_model(model, cfg.hyp, cfg.label_smoothing, cfg.imgsz)
-    train_model = dist.wrap_model(model, ctx, cfg.sync_bn)
+    parts.counter = StepCounter(iteration=parts.warmup.iterations, last_step=parts.warmup.iterations - 1)
     batches = TimedBatches(prepared, count)
     progress = EpochProgress(False, 0, cfg.epochs, count, ctx.device)
-    train_one_epoch(train_model, loss_fn, batches, optimizer, scaler, ema, warmup, lr_factor(0), counter, ctx,
-                    amp_dtype, progress)
+    train_one_epoch(parts.train_model, parts.loss_fn, batches, parts.optimizer, parts.scaler, parts.ema, parts.warmup,
+                    parts.lr_factor(0), parts.counter, ctx, parts.amp_dtype, progress)
     return batches
 
 
@@ -141,6 +134,7 @@ def machine_settings(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg": [round(load, 2) for load in os.getloadavg()],
     }
 
@@ -155,24 +149,34 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 
 def write_yolov5_data(data: DataConfig, path: Path) -> None:
-    """The same images as a YOLOv5 data YAML: absolute folders, since YOLOv5 resolves relative
-    ones against its own checkout."""
+    """The same images as a YOLOv5 data YAML, with absolute folders so it reads the same from
+    any working directory (YOLOv5 runs from its own checkout)."""
     config = {"path": str(data.root), "train": [str(source) for source in data.train],
               "val": [str(source) for source in data.val], "names": list(data.names)}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def yolov5_command(cfg: TrainConfig, data_yaml: str) -> str:
-    """YOLOv5 v7.0 train.py with the settings of this measurement (run it in a YOLOv5 checkout)."""
+def yolov5_comparison(cfg: TrainConfig, train_images: int, data_yaml: str) -> dict[str, Any]:
+    """How to measure YOLOv5 v7.0's train.py with these settings, and which of its epochs to read.
+
+    Its warmup follows the same rule as ours (`Warmup.for_run`), so the epochs after it are the
+    steady state this bench times; two of them are run and read.
+    """
+    batches = math.ceil(train_images / cfg.batch_size)
+    warmup = Warmup.for_run(cfg.hyp.warmup_epochs, batches, cfg.batch_size, 0.0, 0.0, 0.0)
+    first = math.ceil(warmup.iterations / batches)
     device = f" --device {cfg.device}" if cfg.device else ""
-    return (f"python train.py --img {cfg.imgsz} --batch {cfg.batch_size} --cfg {cfg.cfg}.yaml --weights '' "
-            f"--data {data_yaml} --workers {cfg.workers} --epochs 10{device}")
+    command = (f"python train.py --img {cfg.imgsz} --batch {cfg.batch_size} --cfg {Path(cfg.cfg).stem}.yaml "
+               f"--weights '' --data {data_yaml} --workers {cfg.workers} --epochs {first + 2}{device}")
+    return {"command": command, "read_epochs": [first, first + 1],
+            "images_per_s": f"{cfg.batch_size} x the it/s of those epochs' training bars"}
 
 
 def summary(args: argparse.Namespace, cfg: TrainConfig, ctx: DistContext, prepared: PreparedData,
             batches: TimedBatches, prepare_seconds: float) -> dict[str, Any]:
     durations, images = batches.timed(args.warmup)
     seconds = sum(durations)
+    amp_dtype = amp_dtype_for(ctx.device)
     result = {
         "bench": "train",
         "mode": "data-only" if args.data_only else "train",
@@ -190,16 +194,15 @@ def summary(args: argparse.Namespace, cfg: TrainConfig, ctx: DistContext, prepar
         "images_per_s": round(images * ctx.world_size / seconds, 2),
         "s_per_iteration": {"mean": round(seconds / len(durations), 4),
                             "median": round(statistics.median(durations), 4), "max": round(max(durations), 4)},
-        "amp": str(amp_dtype_for(ctx.device)).removeprefix("torch.") if amp_dtype_for(ctx.device) else "off",
+        "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off",
         "deterministic": cfg.deterministic,
-        "flush_denormal": args.flush_denormal,
         "prepare_data_s": round(prepare_seconds, 2),
         **peak_memory(ctx.device),
         **machine_settings(ctx.device),
     }
     if not ctx.distributed:
         data_yaml = str(args.write_yolov5_data or "<data yaml from --write-yolov5-data>")
-        result["yolov5_command"] = yolov5_command(cfg, data_yaml)
+        result["yolov5"] = yolov5_comparison(cfg, len(prepared.train_set), data_yaml)
     return result
 
 
@@ -217,8 +220,6 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=20, help="timed steps")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data-only", action="store_true", help="time the data loader alone")
-    parser.add_argument("--flush-denormal", action="store_true",
-                        help="CPU: treat denormal floats as zero (the trainer does not, yet)")
     parser.add_argument("--write-yolov5-data", type=Path, default=None, help="write a YOLOv5 data YAML here")
     args = parser.parse_args(argv)
     if args.iterations < 1 or args.warmup < 0:
@@ -230,8 +231,6 @@ def main() -> None:
     args = parse_arguments()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.flush_denormal:
-        torch.set_flush_denormal(True)
     ctx = dist.init_distributed(args.device)
     try:
         cfg = build_config(vars(args))

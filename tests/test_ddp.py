@@ -14,7 +14,6 @@ import torch
 import yaml
 from torchvision.io import encode_jpeg, write_file
 
-from conftest import run_trainer
 from trainer.dist import free_port
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")

@@ -7,7 +7,7 @@ import random
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -124,6 +124,64 @@ def build_model(cfg: TrainConfig, nc: int, device: torch.device) -> DetectionMod
     return model.to(device)
 
 
+@dataclass
+class TrainingParts:
+    """What a training steps with, built from the config in one place (runs and benchmarks)."""
+
+    model: DetectionModel
+    train_model: torch.nn.Module  # the model, wrapped in DDP when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    lr_factor: Callable[[int], float]
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA
+    warmup: Warmup
+    loss_fn: DetectionLoss
+    amp_dtype: torch.dtype | None
+    counter: StepCounter
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "counter": {"iteration": self.counter.iteration, "last_step": self.counter.last_step}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint written by `state_dict` (every rank loads the same file)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.ema.load_state_dict(state["ema"])
+        self.counter = StepCounter(**state["counter"])
+
+
+def build_training_parts(cfg: TrainConfig, ctx: DistContext, model: DetectionModel,
+                         batches_per_epoch: int) -> TrainingParts:
+    """Optimiser, schedule, scaler, EMA, warmup and loss for `model`; call after AutoAnchor.
+
+    The EMA copies the model's buffers, anchors included, so anchors must be final first.
+    """
+    weight_decay = scaled_weight_decay(cfg.hyp.weight_decay, cfg.batch_size)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.hyp.lr0, cfg.hyp.momentum, weight_decay)
+    lr_factor = lr_lambda(cfg.epochs, cfg.hyp.lrf, cfg.cos_lr)
+    amp_dtype = amp_dtype_for(ctx.device)
+    return TrainingParts(
+        model=model,
+        train_model=dist.wrap_model(model, ctx, cfg.sync_bn),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_factor),
+        lr_factor=lr_factor,
+        scaler=torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16),
+        ema=ModelEMA(model),  # on every rank: distributed validation evaluates the same EMA weights everywhere
+        warmup=Warmup.for_run(cfg.hyp.warmup_epochs, batches_per_epoch, cfg.batch_size,
+                              cfg.hyp.warmup_bias_lr, cfg.hyp.warmup_momentum, cfg.hyp.momentum),
+        loss_fn=DetectionLoss.from_model(model, cfg.hyp, cfg.label_smoothing, cfg.imgsz),
+        amp_dtype=amp_dtype,
+        counter=StepCounter(),
+    )
+
+
 def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: PreparedData | None = None,
         resume_state: dict[str, Any] | None = None, stop: threading.Event | None = None) -> TrainResult:
     """Train `cfg.epochs` epochs; write the run folder on rank 0 unless `save_dir` is None.
@@ -155,35 +213,18 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
         model.detect.anchors.copy_(dist.broadcast_object(anchors, ctx).to(ctx.device))
 
     batches_per_epoch = len(prepared.train_loader)
-    per_rank_batch = cfg.batch_size // ctx.world_size
-    weight_decay = scaled_weight_decay(cfg.hyp.weight_decay, cfg.batch_size)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.hyp.lr0, cfg.hyp.momentum, weight_decay)
-    lr_factor = lr_lambda(cfg.epochs, cfg.hyp.lrf, cfg.cos_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_factor)
-    amp_dtype = amp_dtype_for(ctx.device)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
-    ema = ModelEMA(model)  # on every rank: distributed validation evaluates the same EMA weights everywhere
-    warmup = Warmup.for_run(cfg.hyp.warmup_epochs, batches_per_epoch, cfg.batch_size,
-                            cfg.hyp.warmup_bias_lr, cfg.hyp.warmup_momentum, cfg.hyp.momentum)
-    counter = StepCounter()
+    parts = build_training_parts(cfg, ctx, model, batches_per_epoch)
     start_epoch, best_fitness, best_epoch = 0, -1.0, 0  # -1: no validated epoch yet
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        scaler.load_state_dict(resume_state["scaler"])
-        ema.load_state_dict(resume_state["ema"])
-        counter = StepCounter(**resume_state["counter"])
+        parts.restore(resume_state)
         start_epoch = resume_state["epoch"] + 1
         best_fitness, best_epoch = resume_state["best_fitness"], resume_state["best_epoch"]
         if start_epoch >= cfg.epochs:
             raise UserError(f"run already finished {cfg.epochs} epochs: nothing to resume")
         LOGGER.info("Resuming from epoch %d of %d", start_epoch + 1, cfg.epochs)
-
-    train_model = dist.wrap_model(model, ctx, cfg.sync_bn)
-    loss_fn = DetectionLoss.from_model(model, cfg.hyp, cfg.label_smoothing, cfg.imgsz)
+    optimizer, ema, loss_fn = parts.optimizer, parts.ema, parts.loss_fn
     LOGGER.info("Training %s for %d epochs: %d images, batch %d (%d per process × %d), %s",
-                cfg.cfg, cfg.epochs, len(prepared.train_set), cfg.batch_size, per_rank_batch,
+                cfg.cfg, cfg.epochs, len(prepared.train_set), cfg.batch_size, cfg.batch_size // ctx.world_size,
                 ctx.world_size, ctx.device)
 
     history: list[dict[str, float]] = []
@@ -193,14 +234,15 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
         prepared.train_sampler.set_epoch(epoch)
         prepared.train_set.set_epoch(epoch)
         progress = EpochProgress(ctx.is_main, epoch, cfg.epochs, batches_per_epoch, ctx.device)
-        train_losses = train_one_epoch(train_model, loss_fn, prepared.train_loader, optimizer, scaler, ema,
-                                       warmup, lr_factor(epoch), counter, ctx, amp_dtype, progress)
+        train_losses = train_one_epoch(parts.train_model, loss_fn, prepared.train_loader, optimizer, parts.scaler,
+                                       ema, parts.warmup, parts.lr_factor(epoch), parts.counter, ctx,
+                                       parts.amp_dtype, progress)
         learning_rates = [group["lr"] for group in optimizer.param_groups]
-        scheduler.step()
+        parts.scheduler.step()
         final_epoch = epoch + 1 == cfg.epochs
         validated = not cfg.noval or final_epoch
         if validated:
-            metrics = evaluate(ema.module, prepared.val_loader, loss_fn, nc, ctx, amp_dtype,
+            metrics = evaluate(ema.module, prepared.val_loader, loss_fn, nc, ctx, parts.amp_dtype,
                                collect_json=cfg.save_json and final_epoch)
             current = fitness(metrics["precision"], metrics["recall"], metrics["map50"], metrics["map"])
             if current > best_fitness:
@@ -216,10 +258,7 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
                                                       *(float(metrics.get(k, 0.0)) for k in RESULT_KEYS),
                                                       *learning_rates])
             if not cfg.nosave or final_epoch:
-                state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                         "counter": {"iteration": counter.iteration, "last_step": counter.last_step},
-                         "epoch": epoch, "best_fitness": best_fitness, "best_epoch": best_epoch,
+                state = {**parts.state_dict(), "epoch": epoch, "best_fitness": best_fitness, "best_epoch": best_epoch,
                          "config": cfg.as_dict(), "model_yaml": model.yaml, "names": prepared.data.names}
                 save_checkpoint(state, save_dir / "weights" / "last.pt")
                 if best_epoch == epoch:
