@@ -29,7 +29,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from filelock import FileLock, SoftFileLock, Timeout
 from orchestrator.ga import fitness
 from trainer.config import Hyp
 from trainer.errors import UserError
+from trainer.files import write_atomic
 
 RESULT_COLUMNS = (
     "metrics/precision",
@@ -340,18 +340,3 @@ def _truncate_torn_tail(descriptor: int) -> int:
     os.ftruncate(descriptor, keep)
     os.fsync(descriptor)
     return keep
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so readers see the old or the new file, never a mix."""
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
-    try:
-        with handle:
-            os.fchmod(handle.fileno(), 0o644)  # temporary files start private; derived files are for everyone
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.container_spec import DDP_KEY, check_run_name, worker_name
-from orchestrator.journal import write_atomic
+from trainer.files import write_atomic
 from trainer.errors import UserError
 
 DEFAULT_PROJECT = Path("runs/evolve")

@@ -246,7 +246,15 @@ def _kill_group(pid: int) -> None:
         except (ProcessLookupError, PermissionError):
             continue
     deadline = time.monotonic() + KILL_WAIT_S
-    while process_alive(pid) and time.monotonic() < deadline:  # also reaps it if it is our child
+    while time.monotonic() < deadline:
+        try:
+            # Our own child is reaped here even if it died before exec'ing the supervisor, when its
+            # command line does not name it yet and process_alive would not recognise it.
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:  # not our child: its parent reaps it
+            if not process_alive(pid):
+                return
         time.sleep(0.02)
 
 

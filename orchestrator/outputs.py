@@ -18,7 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.table import Table
 
-from orchestrator.journal import RESULT_COLUMNS, Population, write_atomic
+from orchestrator.journal import RESULT_COLUMNS, Population
+from trainer.files import write_atomic
 from trainer.config import Hyp
 
 HYP_EVOLVE_NAME = "hyp_evolve.yaml"

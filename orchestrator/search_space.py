@@ -16,10 +16,10 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-import yaml
 
 from trainer.config import Hyp
 from trainer.errors import UserError
+from trainer.files import read_yaml
 from trainer.paths import resolve_config
 
 
@@ -58,12 +58,7 @@ class SearchSpace:
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpace:
         path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text())
-        except OSError as error:
-            raise UserError(f"cannot read search space {path}: {error.strerror}") from None
-        except yaml.YAMLError as error:
-            raise UserError(f"search space {path} is not valid YAML: {error}") from None
+        values = read_yaml(path, "search space")
         return cls.from_mapping(values, source=str(path))
 
     @classmethod

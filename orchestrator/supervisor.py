@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.journal import write_atomic
+from trainer.files import write_atomic
 
 # A short pause before a restart, so a worker that fails at once does not spin.
 RESTART_DELAY_S = 1.0

@@ -258,7 +258,7 @@ def test_a_read_only_dataset_folder_only_costs_a_warning(
     def read_only(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)  # what atomic_output creates
     with caplog.at_level(logging.WARNING, logger="trainer.data"):
         samples = load_samples([tmp_path / "images" / "train"], nc=3, split="train")
         load_samples([tmp_path / "images" / "train"], nc=3, split="train")

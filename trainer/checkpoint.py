@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainer.errors import UserError
+from trainer.files import atomic_output
 
 FORMAT_VERSION = 1
 
@@ -19,17 +18,8 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
     The temp file lives in the same folder so `os.replace` is an atomic rename.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save({"format_version": FORMAT_VERSION, **state}, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as stream:
+        torch.save({"format_version": FORMAT_VERSION, **state}, stream)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

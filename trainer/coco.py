@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 from torchvision.ops import box_convert
+
+from trainer.files import write_atomic
 
 # COCO's category ids for the 80 classes of the usual YOLO class list: the official ids run
 # 1..90 with gaps, so a model's class index must be mapped before pycocotools can score it.
@@ -95,16 +95,4 @@ def write_ground_truth_json(dataset: dict[str, Any], path: str | Path) -> None:
 
 
 def _write_json_atomically(payload: Any, path: Path) -> None:
-    # A reader (or a killed writer) must never see half a file: write a temporary file in
-    # the same folder, so os.replace stays on one file system and is atomic.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(payload).encode())

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from trainer.errors import UserError
+from trainer.files import read_yaml
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,7 @@ class Hyp:
     @classmethod
     def from_yaml(cls, path: str | Path) -> Hyp:
         path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text())
-        except OSError as error:
-            raise UserError(f"cannot read hyp file {path}: {error.strerror}") from None
-        except yaml.YAMLError as error:
-            raise UserError(f"hyp file {path} is not valid YAML: {error}") from None
+        values = read_yaml(path, "hyp file")
         if not isinstance(values, dict):
             raise UserError(f"hyp file {path} must be a mapping of key: value")
         return cls.from_dict(values, source=str(path))

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from trainer.data.labels import IMAGE_SUFFIXES, image_list_entries
 from trainer.data.synthetic import ensure_synthetic
 from trainer.errors import UserError
+from trainer.files import read_yaml
 from trainer.paths import resolve_config
 
 DATASETS_ENV = "EVOLVECTL_DATASETS"
@@ -41,12 +41,7 @@ def load_data_config(name_or_path: str | Path) -> DataConfig:
     its `path` first if it is not there yet.
     """
     path = resolve_config(name_or_path, "data")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise UserError(f"cannot read data config {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"data config {path} is not valid YAML: {error}") from None
+    values = read_yaml(path, "data config")
     if not isinstance(values, dict):
         raise UserError(f"data config {path} must be a mapping with keys path, train, val, names")
 

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import pickle
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from trainer.errors import UserError
+from trainer.files import atomic_output
 
 logger = logging.getLogger("trainer.data")
 
@@ -219,16 +219,10 @@ def _write_cache(path: Path, payload: dict) -> None:
     """Save the cache atomically; a read-only dataset folder only costs a warning."""
     if not path.parent.is_dir():
         return  # no labels folder at all: nowhere sensible to put it
-    temporary = None
     try:
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(descriptor, "wb") as handle:
+        with atomic_output(path) as handle:
             torch.save(payload, handle)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; other users of the dataset read it too
-        os.replace(temporary, path)
     except OSError as error:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)
         logger.warning(
             "cannot write label cache %s (%s); labels will be checked again on every start",
             path,

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.files import read_yaml
 from trainer.model.blocks import C3, SPPF, Bottleneck, Concat, Conv
 from trainer.paths import resolve_config
 
@@ -159,12 +159,7 @@ def load_model_spec(cfg: str | Path | dict[str, Any]) -> dict[str, Any]:
     else:
         path = resolve_config(cfg, "models")
         source = str(path)
-        try:
-            spec = yaml.safe_load(path.read_text())
-        except OSError as error:
-            raise UserError(f"cannot read model config {path}: {error.strerror}") from None
-        except yaml.YAMLError as error:
-            raise UserError(f"model config {path} is not valid YAML: {error}") from None
+        spec = read_yaml(path, "model config")
     if not isinstance(spec, dict):
         raise UserError(f"{source} must be a mapping with keys {', '.join(REQUIRED_KEYS)}")
     missing = [key for key in REQUIRED_KEYS if key not in spec]

@@ -1,0 +1,50 @@
+"""Reading YAML configs with user-facing errors, and replacing output files atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from trainer.errors import UserError
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The parsed file; an unreadable file or invalid YAML is a UserError naming `what` and the path."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise UserError(f"cannot read {what} {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{what} {path} is not valid YAML: {error}") from None
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[IO[bytes]]:
+    """A file to write that replaces `path` only once complete and synced.
+
+    Readers, and a writer killed halfway, see the old file or the new one, never a mix: the
+    temporary file lives in the same folder, so `os.replace` is an atomic rename.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            os.fchmod(handle.fileno(), 0o644)  # temporary files start private; outputs are for everyone
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    with atomic_output(path) as handle:
+        handle.write(data)
