@@ -111,20 +111,33 @@ def summary_table(population: Population, base_hyp: Hyp, top: int = 5) -> Table:
         table.add_column(name, justify="right")
     table.add_column("changed from base")
     for rank, row in enumerate(ranked, start=1):
-        changes = [
-            f"{key} {_number(base[key])} → {_number(value)}"
-            for key, value in population.hyp_at(row).items()
-            if base.get(key) is None or not math.isclose(value, base[key], rel_tol=1e-4, abs_tol=1e-9)
-        ]
         table.add_row(
             str(rank),
             str(row),
             f"{fitness[row]:.4f}",
             f"{population.results[row, 2]:.4f}",
             f"{population.results[row, 3]:.4f}",
-            ", ".join(changes) or "(base hyp)",
+            _largest_changes(population.hyp_at(row), base),
         )
     return table
+
+
+def _largest_changes(hyp: dict[str, float], base: dict[str, float | None], shown: int = 4) -> str:
+    """The few keys that moved most from the base, relative to their base value (all are in hyp_evolve.yaml)."""
+    changed = {
+        key: value for key, value in hyp.items()
+        if base.get(key) is None or not math.isclose(value, base[key], rel_tol=1e-4, abs_tol=1e-9)
+    }
+    if not changed:
+        return "(base hyp)"
+
+    def relative(key: str) -> float:
+        reference = base.get(key)
+        return math.inf if not reference else abs(changed[key] - reference) / abs(reference)
+
+    ordered = sorted(changed, key=relative, reverse=True)
+    text = ", ".join(f"{key} {_number(base.get(key))} → {_number(changed[key])}" for key in ordered[:shown])
+    return text + (f" (+{len(ordered) - shown} more)" if len(ordered) > shown else "")
 
 
 def _number(value: float | None) -> str:
