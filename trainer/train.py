@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +53,6 @@ class TrainResult:
     best_fitness: float
     epochs_run: int
     save_dir: Path | None
-    history: list[dict[str, float]] = field(default_factory=list)
 
     def values(self) -> tuple[float, ...]:
         """The seven numbers of an evolve.csv row, in its column order."""
@@ -227,7 +226,6 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
                 cfg.cfg, cfg.epochs, len(prepared.train_set), cfg.batch_size, cfg.batch_size // ctx.world_size,
                 ctx.world_size, ctx.device)
 
-    history: list[dict[str, float]] = []
     metrics: dict[str, Any] = {}
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs):
@@ -247,9 +245,6 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
             current = fitness(metrics["precision"], metrics["recall"], metrics["map50"], metrics["map"])
             if current > best_fitness:
                 best_fitness, best_epoch = current, epoch
-        row = {"epoch": epoch, **{f"train/{k}": v for k, v in train_losses.items()},
-               **{key: float(metrics.get(key, 0.0)) for key in RESULT_KEYS}}
-        history.append(row)
         if ctx.is_main and validated:
             LOGGER.info("%20s P %.3f  R %.3f  mAP50 %.3f  mAP50-95 %.3f", "all", metrics.get("precision", 0.0),
                         metrics.get("recall", 0.0), metrics.get("map50", 0.0), metrics.get("map", 0.0))
@@ -276,4 +271,4 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
             break
     metrics.pop("records", None)
     return TrainResult(metrics=metrics, best_fitness=best_fitness, epochs_run=epoch + 1 - start_epoch,
-                       save_dir=save_dir, history=history)
+                       save_dir=save_dir)
