@@ -196,8 +196,9 @@ def kill_all(client: docker.DockerClient, run: str | None = None) -> list[str]:
     return removed
 
 
-def stream_logs(container: Container, write: Callable[[str], None], follow: bool = True) -> None:
-    """Copy the container's output (from its start) to `write` as it comes.
+def stream_logs(container: Container, write: Callable[[str], None], follow: bool = True,
+                tail: int | None = None) -> None:
+    """Copy the container's output (from its start, or its last `tail` lines) to `write` as it comes.
 
     With `follow` this returns when the container stops. Ctrl-C only stops the copying:
     the container keeps running.
@@ -206,7 +207,7 @@ def stream_logs(container: Container, write: Callable[[str], None], follow: bool
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
         with engine_errors(f"reading logs of {container.name}"):
-            for chunk in container.logs(stream=True, follow=follow):
+            for chunk in container.logs(stream=True, follow=follow, tail="all" if tail is None else tail):
                 write(decoder.decode(chunk))
     except KeyboardInterrupt:
         return

@@ -9,7 +9,6 @@ only the containers of its own kind.
 
 from __future__ import annotations
 
-import codecs
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -41,6 +40,7 @@ from orchestrator.containers import (
     engine_errors,
     kill_all,
     list_workers,
+    stream_logs,
     log_tail,
     start_worker,
 )
@@ -239,16 +239,7 @@ class DockerBackend:
 
     def output(self, run: str, run_dir: Path, key: str, write: Write, follow: bool, tail: int | None) -> None:
         """The worker's output (its last `tail` lines), then live until it stops or Ctrl-C."""
-        container = self._container(run, run_dir, key)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        try:
-            with engine_errors(f"reading logs of {container.name}"):
-                chunks = container.logs(stream=True, follow=follow, tail="all" if tail is None else tail)
-                for chunk in chunks:
-                    write(decoder.decode(chunk))
-        except KeyboardInterrupt:
-            return  # Ctrl-C detaches; the container keeps running
-        write(decoder.decode(b"", final=True))
+        stream_logs(self._container(run, run_dir, key), write, follow=follow, tail=tail)  # Ctrl-C detaches
 
     def _container(self, run: str, run_dir: Path, key: str) -> Container:
         containers = self._run_containers(run, run_dir)

@@ -6,15 +6,18 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
 import docker
 import docker.errors
 import pytest
+from click.testing import CliRunner, Result
 
+from orchestrator.cli import main
 from orchestrator.containers import build_image, connect
 from trainer.errors import UserError
 
@@ -108,3 +111,17 @@ def run_trainer(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str]
     """`python -m trainer ARGS` as a user runs it; output captured for assertions."""
     return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# --- CLI helpers for end-to-end tests ------------------------------------------------------
+
+def cli(*arguments: str) -> Result:
+    """`evolvectl ARGUMENTS` in-process, as a user types it; exceptions are not swallowed."""
+    return CliRunner().invoke(main, list(arguments), catch_exceptions=False)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll_s)

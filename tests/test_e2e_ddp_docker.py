@@ -7,16 +7,15 @@ The image is the real docker/Dockerfile built on the local PyTorch base (conftes
 from __future__ import annotations
 
 import os
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
-from conftest import write_data_yaml
+from conftest import cli, wait_for, write_data_yaml
 from orchestrator.cli import main
 from orchestrator.containers import kill_all, list_workers
 from orchestrator.status import read_results
@@ -29,17 +28,6 @@ def run_name(docker_client: docker.DockerClient) -> Iterator[str]:
     run = f"e2e-ddp-{uuid.uuid4().hex[:8]}"
     yield run
     kill_all(docker_client, run)
-
-
-def cli(*arguments: str) -> Result:
-    return CliRunner().invoke(main, list(arguments), catch_exceptions=False)
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def test_a_ddp_training_in_one_cpu_container(

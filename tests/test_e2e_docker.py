@@ -13,14 +13,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import docker.errors
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
+from conftest import cli, wait_for
 from orchestrator.cli import main
 from orchestrator.containers import kill_all, list_workers
 from orchestrator.journal import Journal
@@ -44,17 +45,6 @@ def run_name(docker_client: docker.DockerClient) -> Iterator[str]:
     run = f"e2e-{uuid.uuid4().hex[:8]}"
     yield run
     kill_all(docker_client, run)
-
-
-def cli(*arguments: str) -> Result:
-    return CliRunner().invoke(main, list(arguments), catch_exceptions=False)
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1.0)
 
 
 def container(client: docker.DockerClient, name: str) -> docker.models.containers.Container:
