@@ -30,17 +30,22 @@ def run_name(docker_client: docker.DockerClient) -> Iterator[str]:
     kill_all(docker_client, run)
 
 
-def test_a_ddp_training_in_one_cpu_container(
-    docker_client: docker.DockerClient, worker_image: str, run_name: str, tmp_path: Path
-) -> None:
+def ddp_start(tmp_path: Path, image: str, run: str, *settings: str) -> tuple[tuple[str, ...], tuple[str, ...], Path]:
+    """The `evolvectl ddp` command on 2 CPU processes and a tiny data set; its --project/--name; its run folder."""
     (tmp_path / "tiny").mkdir()
     data = write_data_yaml(tmp_path / "tiny", train=32, val=16, size=64)
     project = tmp_path / "runs"
-    run_dir = project / run_name
-    where = ("--project", str(project), "--name", run_name)
-    start = ("ddp", "--backend", "docker", "--image", worker_image, "--cpu-procs", "2", "--data", str(data),
-             "--cfg", "yolov5n", "--imgsz", "64", "--epochs", "2", "--batch-size", "8", "--workers", "0", *where,
-             "--", "--noautoanchor")
+    where = ("--project", str(project), "--name", run)
+    start = ("ddp", "--backend", "docker", "--image", image, "--cpu-procs", "2", "--data", str(data),
+             "--imgsz", "64", "--batch-size", "8", *settings, *where, "--", "--noautoanchor")
+    return start, where, project / run
+
+
+def test_a_ddp_training_in_one_cpu_container(
+    docker_client: docker.DockerClient, worker_image: str, run_name: str, tmp_path: Path
+) -> None:
+    start, where, run_dir = ddp_start(tmp_path, worker_image, run_name, "--cfg", "yolov5n", "--epochs", "2",
+                                      "--workers", "0")
 
     started = cli(*start)
     assert started.exit_code == 0 and "DDP training started (2 processes)" in started.output, started.output
@@ -82,13 +87,7 @@ def test_a_ddp_training_in_one_cpu_container(
 def test_stop_lets_the_container_finish_its_epoch_and_ddp_resumes_it(
     docker_client: docker.DockerClient, worker_image: str, run_name: str, tmp_path: Path
 ) -> None:
-    (tmp_path / "tiny").mkdir()
-    data = write_data_yaml(tmp_path / "tiny", train=32, val=16, size=64)
-    project = tmp_path / "runs"
-    run_dir = project / run_name
-    where = ("--project", str(project), "--name", run_name)
-    start = ("ddp", "--backend", "docker", "--image", worker_image, "--cpu-procs", "2", "--data", str(data),
-             "--imgsz", "64", "--epochs", "40", "--batch-size", "8", "--workers", "1", *where, "--", "--noautoanchor")
+    start, where, run_dir = ddp_start(tmp_path, worker_image, run_name, "--epochs", "40", "--workers", "1")
     assert cli(*start).exit_code == 0
     container = docker_client.containers.get(f"evolvectl-{run_name}-ddp")
     wait_for(lambda: len(read_results(run_dir)) >= 1, 120, "the first epoch")

@@ -120,7 +120,7 @@ def train_command(options: dict[str, Any]) -> None:
               help="run as an evolution worker; optional total generations (default 300)")
 @click.option("--generations", default=None, type=int, help="total generations of the evolution (all workers)")
 @click.option("--evolve-population", default=None, help="seed the evolution from hyp YAMLs (folder) or an evolve.csv")
-@click.option("--search-space", default="search_space", help="evolution search space YAML")
+@click.option("--search-space", default=None, help="evolution search space YAML overriding the bundled one")
 @click.option("--worker-id", default=None, help="evolution worker name (default: host-pid)")
 @click.option("--lease-ttl", default=60.0, type=click.FloatRange(min=1.0),
               help="evolution: seconds without a heartbeat before a worker's generation is handed out again")

@@ -71,8 +71,8 @@ def evolve_command(options: dict[str, Any]) -> None:
     if len(dist.parse_devices(options["device"])) > 1 or dist.launched_by_torchrun():
         raise UserError("--evolve trains one generation per GPU: give one --device and start one worker per GPU "
                         "(evolvectl start --gpus ... does this)")
-    space = SearchSpace.load(resolve_config(options["search_space"], "evolve")
-                             if options["search_space"] != "search_space" else None)
+    override = options["search_space"]
+    space = SearchSpace.load(resolve_config(override, "evolve") if override else None)
     cfg = build_config(options)
     project = "runs/evolve" if cfg.project == "runs/train" else cfg.project
     run_dir = Path(project) / cfg.name

@@ -7,6 +7,7 @@ from pathlib import Path
 from trainer.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+KIND_NAMES = {"hyps": "hyp", "models": "model", "data": "data", "evolve": "search space"}
 
 
 def resolve_config(name: str | Path, kind: str) -> Path:
@@ -22,4 +23,4 @@ def resolve_config(name: str | Path, kind: str) -> Path:
         if candidate.is_file():
             return candidate
     bundled = ", ".join(sorted(p.stem for p in (CONFIGS / kind).glob("*.yaml")))
-    raise UserError(f"{kind[:-1]} config '{name}' not found: pass a file path or one of: {bundled}")
+    raise UserError(f"{KIND_NAMES.get(kind, kind)} config '{name}' not found: pass a file path or one of: {bundled}")
