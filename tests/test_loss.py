@@ -103,6 +103,19 @@ def test_loss_is_finite_and_consistent() -> None:
     assert all(torch.isfinite(p.grad).all() for p in preds)
 
 
+@pytest.mark.parametrize("size_logit", [-9.3, -20.0, -100.0])
+def test_vanishing_predicted_box_keeps_gradients_finite(size_logit: float) -> None:
+    """A height logit deep in the sigmoid's tail gives a box whose corners coincide in float;
+    CIoU's aspect term then divides by zero. The gradient must stay finite, not NaN the run."""
+    loss = make_loss(torch.tensor([[[1.0, 1.0]]]))
+    preds = one_level_preds(na=1)
+    preds[0][0, 0, 3, 3, :4] = torch.tensor([1.9, 6.2, 3.8, size_logit])
+    preds[0].requires_grad_(True)
+    total, _ = loss(preds, torch.tensor([target(0, 0, 3.5, 3.5, 1.0, 1.0)]))
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(preds[0].grad).all()
+
+
 def test_single_class_has_no_class_loss() -> None:
     loss = make_loss(torch.tensor([[[1.0, 1.0]]]), nc=1)
     preds = [torch.randn(1, 1, GRID, GRID, 6)]

@@ -20,6 +20,7 @@ OBJECTNESS_BALANCE = {3: [4.0, 1.0, 0.4]}
 OBJECTNESS_BALANCE_DEFAULT = [4.0, 1.0, 0.25, 0.06, 0.02]
 FOCAL_ALPHA = 0.25
 NEIGHBOUR_OFFSET = 0.5  # a centre this close to a cell edge also trains the cell across it
+MIN_BOX_SIZE = 1e-4  # grid cells; see the box loss
 
 AnchorSource = torch.Tensor | Callable[[], torch.Tensor]
 
@@ -134,7 +135,11 @@ class DetectionLoss:
                 matched = pred[assigned.image, assigned.anchor, assigned.grid_y, assigned.grid_x].float()
                 xy, wh, _, class_logits = matched.split((2, 2, 1, self.nc), dim=1)
                 # Same parameterisation as Detect's decoding, in grid units relative to the cell.
-                predicted_box = torch.cat((xy.sigmoid() * 2 - 0.5, (wh.sigmoid() * 2) ** 2 * assigned.anchor_wh), 1)
+                # Sizes are floored: a size that vanishes next to its centre makes the corners
+                # coincide in float, and CIoU's aspect term (atan(w / h), no epsilon) then
+                # back-propagates NaN. The floor only binds where the sigmoid is saturated anyway.
+                size = ((wh.sigmoid() * 2) ** 2 * assigned.anchor_wh).clamp(min=MIN_BOX_SIZE)
+                predicted_box = torch.cat((xy.sigmoid() * 2 - 0.5, size), 1)
                 ciou_loss = complete_box_iou_loss(
                     box_convert(predicted_box, "cxcywh", "xyxy"),
                     box_convert(assigned.box, "cxcywh", "xyxy"),
