@@ -37,6 +37,12 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NCHW batch to float in [0, 1], in the model's channels_last layout."""
+    images = images.to(device, non_blocking=True).float() / 255
+    return images.contiguous(memory_format=torch.channels_last)
+
+
 def train_one_epoch(model: nn.Module, loss_fn: LossFunction, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, ema: ModelEMA | None, warmup: Warmup, lr_factor: float,
                     counter: StepCounter, ctx: DistContext, amp_dtype: torch.dtype | None,
@@ -46,7 +52,7 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFunction, loader: Iterable, o
     mean_items = torch.zeros(3, device=ctx.device)
     batches = 0
     for images, targets, _, _ in progress.track(loader):
-        images = images.to(ctx.device, non_blocking=True).float() / 255
+        images = to_model_input(images, ctx.device)
         targets = targets.to(ctx.device)
         warmup.apply(optimizer, counter.iteration, lr_factor)
         step_now = counter.iteration - counter.last_step >= warmup.accumulate(counter.iteration)
@@ -106,7 +112,7 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: LossFunction, nc: int,
     # the merged metrics exactly as one process would see them.
     image_indices = iter(loader.sampler)
     for images, targets, paths, shapes in loader:
-        images = images.to(ctx.device, non_blocking=True).float() / 255
+        images = to_model_input(images, ctx.device)
         targets = targets.to(ctx.device)
         with autocast(ctx.device, amp_dtype):
             decoded, raw = model(images)

@@ -53,7 +53,7 @@ class Conv(nn.Module):
             bias=False,
         )
         self.bn = nn.BatchNorm2d(out_channels, eps=BATCH_NORM_EPS, momentum=BATCH_NORM_MOMENTUM)
-        self.act = nn.SiLU(inplace=True) if activation else nn.Identity()
+        self.act = nn.SiLU() if activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
