@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence, TypeVar
 
@@ -36,8 +37,9 @@ def gpu_memory_text(device: torch.device) -> str:
 class EpochProgress:
     """Iterates a loader showing epoch, GPU memory, box/obj/cls loss, instances and image size.
 
-    A rich bar when stderr is a terminal; otherwise a few plain log lines per epoch so that
-    container logs and CI output stay readable.
+    A rich bar when stderr is a terminal; otherwise a few plain log lines per epoch, each with
+    the epoch's elapsed seconds and batches per second, so that container logs and CI output
+    stay readable.
     """
 
     HEADER = ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size")
@@ -62,10 +64,13 @@ class EpochProgress:
         header = "{:>11} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6}".format(*self.HEADER)
         if not self.interactive:
             LOGGER.info(header)
+            started = time.perf_counter()
             for index, item in enumerate(iterable):
                 yield item
                 if (index + 1) % self.log_every == 0 or index + 1 == self.total:
-                    LOGGER.info("%s %d/%d", self.text, index + 1, self.total)
+                    elapsed = time.perf_counter() - started
+                    LOGGER.info("%s %d/%d [%.0fs, %.2f it/s]", self.text, index + 1, self.total, elapsed,
+                                (index + 1) / max(elapsed, 1e-9))
             return
         Console(stderr=True).print(header, highlight=False)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
