@@ -45,16 +45,21 @@ def supervise(command: list[str], state_path: Path, max_restarts: int) -> int:
     restarts = 0
     while True:
         child = subprocess.Popen(command)
+        if stopping:  # the stop came while the previous child was gone and this one not yet started
+            child.send_signal(signal.SIGTERM)
         write_state(state_path, state="running", pid=os.getpid(), child=child.pid, restarts=restarts)
         exit_code = child.wait()
         if exit_code == 0 or stopping or restarts >= max_restarts:
-            write_state(state_path, state="exited", pid=os.getpid(), exit_code=exit_code, restarts=restarts)
-            return exit_code
+            break
         restarts += 1
         write_state(state_path, state="restarting", pid=os.getpid(), exit_code=exit_code, restarts=restarts)
         print(f"[evolvectl] worker exited with code {exit_code}; restart {restarts} of {max_restarts}",
               file=sys.stderr, flush=True)
         time.sleep(RESTART_DELAY_S)
+        if stopping:  # stopped during the pause: no new worker
+            break
+    write_state(state_path, state="exited", pid=os.getpid(), exit_code=exit_code, restarts=restarts)
+    return exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

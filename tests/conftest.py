@@ -120,7 +120,8 @@ def cli(*arguments: str) -> Result:
     return CliRunner().invoke(main, list(arguments), catch_exceptions=False)
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.5) -> None:
+def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "the condition",
+             poll_s: float = 0.5) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

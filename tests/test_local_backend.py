@@ -10,11 +10,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from conftest import wait_for
 
 from orchestrator import local
 from orchestrator.cli import main
@@ -85,13 +86,6 @@ def tiny_data(tmp_path: Path) -> Path:
 def plan_for(tmp_path: Path, data: Path, generations: int, workers: int = 2, run: str = "r1") -> LaunchPlan:
     slots = tuple(WorkerSlot(None, index) for index in range(workers))
     return LaunchPlan(run, tmp_path / "runs", slots, generations, TrainerOptions(data=str(data)))
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 def states(backend: LocalBackend, plan: LaunchPlan) -> dict[str, str]:
@@ -188,6 +182,22 @@ def test_a_failing_worker_is_restarted_and_the_budget_stays_exact(
 
 
 @pytest.mark.slow
+def test_a_stop_during_the_restart_pause_starts_no_new_worker(tmp_path: Path) -> None:
+    """`stop` may land while a failed worker waits to be restarted: that is the end, not a restart."""
+    starts, state = tmp_path / "starts", tmp_path / "state.json"
+    command = ["sh", "-c", f"echo started >> {starts}; exit 3"]
+    supervisor = subprocess.Popen([sys.executable, "-m", "orchestrator.supervisor", "--state", str(state),
+                                   "--max-restarts", "5", "--", *command])
+    try:
+        wait_for(lambda: state.exists() and '"restarting"' in state.read_text())
+        supervisor.terminate()
+        assert supervisor.wait(timeout=30) == 3
+    finally:
+        supervisor.kill()
+    assert starts.read_text().splitlines() == ["started"]
+    assert '"exited"' in state.read_text()
+
+
 def test_cli_start_wait_logs_and_results(fake_worker: Path, tiny_data: Path, tmp_path: Path) -> None:
     result = cli("start", "--backend", "local", "--cpu-workers", "2", "--generations", "4", "--data", str(tiny_data),
                  "--name", "main", "--wait")
