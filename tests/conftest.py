@@ -89,12 +89,14 @@ def worker_image(docker_client: docker.DockerClient, base_image: str, tmp_path_f
 
 # --- Trainer fixtures (datasets and a trained run) ----------------------------------------
 
-def write_data_yaml(folder: Path, train: int, val: int, size: int, seed: int = 0) -> Path:
-    """A built-in-style synthetic dataset config generating into `folder` (absolute path)."""
+def write_data_yaml(folder: Path, train: int, val: int, size: int, seed: int = 0,
+                    root: str | Path | None = None) -> Path:
+    """`folder`/data.yaml: a built-in-style synthetic dataset generating into `root` (an absolute
+    path, as the process that reads the YAML sees it; default `folder`/data)."""
     import yaml
 
     names = ["disc", "square", "triangle", "cross", "ring", "diamond"]
-    config = {"path": str(folder / "data"), "train": "images/train", "val": "images/val", "names": names,
+    config = {"path": str(root or folder / "data"), "train": "images/train", "val": "images/val", "names": names,
               "synthetic": {"seed": seed, "train": train, "val": val, "size": size}}
     path = folder / "data.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -21,7 +21,7 @@ import docker.errors
 import pytest
 from click.testing import CliRunner
 
-from conftest import cli, wait_for
+from conftest import cli, wait_for, write_data_yaml
 from orchestrator.cli import main
 from orchestrator.containers import kill_all, list_workers
 from orchestrator.journal import Journal
@@ -29,14 +29,6 @@ from orchestrator.journal import Journal
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_DATA = """\
-path: {root}
-train: images/train
-val: images/val
-nc: 6
-names: [disc, square, triangle, cross, ring, diamond]
-synthetic: {{seed: 0, train: 32, val: 16, size: 64}}
-"""
 TINY_TRAINING = ("--epochs", "1", "--imgsz", "64", "--batch-size", "8", "--workers", "0")
 
 
@@ -81,8 +73,7 @@ def kill_trainer(client: docker.DockerClient, name: str) -> None:
 def test_cli_evolution_in_cpu_containers(
     docker_client: docker.DockerClient, worker_image: str, base_image: str, run_name: str, tmp_path: Path
 ) -> None:
-    data = tmp_path / "tiny.yaml"
-    data.write_text(TINY_DATA.format(root=tmp_path / "datasets" / "tiny"))
+    data = write_data_yaml(tmp_path, train=32, val=16, size=64)
     project = tmp_path / "runs"
     run_dir = project / run_name
     where = ("--project", str(project), "--name", run_name)
@@ -96,7 +87,7 @@ def test_cli_evolution_in_cpu_containers(
     first_ids = {name: container(docker_client, name).id for name in names}
     spec = container(docker_client, names[0]).attrs
     mounts = {mount["Destination"]: mount for mount in spec["Mounts"]}
-    assert mounts["/datasets/tiny"]["RW"] is False and mounts[f"/runs/evolve/{run_name}"]["RW"] is True
+    assert mounts["/datasets/data"]["RW"] is False and mounts[f"/runs/evolve/{run_name}"]["RW"] is True
     assert spec["HostConfig"]["RestartPolicy"]["Name"] == "on-failure"
     assert spec["HostConfig"]["DeviceRequests"] in (None, [])  # CPU workers ask for no device
 
@@ -143,8 +134,7 @@ def test_cli_evolution_in_cpu_containers(
 def test_a_failed_start_removes_the_workers_it_made(
     docker_client: docker.DockerClient, worker_image: str, base_image: str, run_name: str, tmp_path: Path
 ) -> None:
-    data = tmp_path / "tiny.yaml"
-    data.write_text(TINY_DATA.format(root=tmp_path / "datasets" / "tiny"))
+    data = write_data_yaml(tmp_path, train=32, val=16, size=64)
     squatter = docker_client.containers.create(base_image, ["sleep", "300"], name=f"evolvectl-{run_name}-cpu2")
     try:
         result = CliRunner().invoke(main, ["start", "--backend", "docker", "--image", worker_image, "--cpu-workers",
@@ -165,10 +155,10 @@ def test_docker_compose_up_reaches_its_budget(worker_image: str, tmp_path: Path)
     runs.mkdir()
     runs.chmod(0o755)  # compose workers run as uid 1000
     tmp_path.chmod(0o755)
-    (runs / "tiny.yaml").write_text(TINY_DATA.format(root="/runs/datasets/tiny"))
+    write_data_yaml(runs, train=32, val=16, size=64, root="/runs/datasets/tiny")
     environment = dict(
         os.environ, EVOLVECTL_RUNS=str(runs), EVOLVECTL_IMAGE=worker_image, EVOLVECTL_RUN="composed",
-        EVOLVECTL_GENERATIONS="2", EVOLVECTL_CPU_WORKERS="2", EVOLVECTL_DATA="/runs/tiny.yaml", EVOLVECTL_EPOCHS="1",
+        EVOLVECTL_GENERATIONS="2", EVOLVECTL_CPU_WORKERS="2", EVOLVECTL_DATA="/runs/data.yaml", EVOLVECTL_EPOCHS="1",
         EVOLVECTL_IMGSZ="64", EVOLVECTL_BATCH_SIZE="8", EVOLVECTL_DATALOADER_WORKERS="0",
     )
     compose = ["docker", "compose", "-f", str(ROOT / "compose.yaml"), "-p", project]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from conftest import wait_for
+from conftest import wait_for, write_data_yaml
 
 from orchestrator import local
 from orchestrator.cli import main
@@ -54,16 +54,6 @@ run_worker(run_dir, Hyp(), SearchSpace.load(), int(options.generations), objecti
            lease_ttl=10.0, plot_interval=None)
 '''
 
-TINY_DATA = """\
-path: {root}
-train: images/train
-val: images/val
-nc: 6
-names: [disc, square, triangle, cross, ring, diamond]
-synthetic: {{seed: 0, train: 2, val: 1, size: 64}}
-"""
-
-
 @pytest.fixture
 def fake_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The stand-in trainer, used by every LocalBackend (the CLI's too); its workers are killed afterwards."""
@@ -78,9 +68,7 @@ def fake_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_DATA.format(root=tmp_path / "datasets" / "tiny"))
-    return path
+    return write_data_yaml(tmp_path, train=2, val=1, size=64)
 
 
 def plan_for(tmp_path: Path, data: Path, generations: int, workers: int = 2, run: str = "r1") -> LaunchPlan:
@@ -258,8 +246,7 @@ def test_process_alive_sees_through_zombies_and_foreign_pids() -> None:
 def test_the_real_trainer_as_local_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's main job, shrunk: two `python -m trainer --evolve` processes share a budget of 4."""
     monkeypatch.chdir(tmp_path)
-    data = tmp_path / "tiny.yaml"
-    data.write_text(TINY_DATA.replace("train: 2, val: 1", "train: 16, val: 8").format(root=tmp_path / "tiny"))
+    data = write_data_yaml(tmp_path, train=16, val=8, size=64)
     try:
         result = cli("start", "--backend", "local", "--cpu-workers", "2", "--generations", "4", "--data", str(data),
                      "--epochs", "1", "--imgsz", "64", "--batch-size", "8", "--workers", "0", "--name", "real",
