@@ -101,6 +101,8 @@ def train_steps(cfg: TrainConfig, ctx: DistContext, prepared: PreparedData, coun
     parts = build_training_parts(cfg, ctx, model, len(prepared.train_loader))
     # Past the warmup every step accumulates to the nominal batch, as in most of a real run.
     parts.counter = StepCounter(iteration=parts.warmup.iterations, last_step=parts.warmup.iterations - 1)
+    if ctx.device.type == "cuda":  # after the model is on the GPU: before any allocation, torch refuses
+        torch.cuda.reset_peak_memory_stats(ctx.device)
     batches = TimedBatches(prepared, count)
     progress = EpochProgress(False, 0, cfg.epochs, count, ctx.device)
     train_one_epoch(parts.train_model, parts.loss_fn, batches, parts.optimizer, parts.scaler, parts.ema, parts.warmup,
@@ -237,8 +239,6 @@ def main() -> None:
         started = time.perf_counter()
         prepared = prepare_data(cfg, ctx)
         prepare_seconds = time.perf_counter() - started
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
         count = args.warmup + args.iterations
         batches = load_steps(prepared, count) if args.data_only else train_steps(cfg, ctx, prepared, count)
         if args.write_yolov5_data and ctx.is_main:
