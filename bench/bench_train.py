@@ -55,11 +55,12 @@ from trainer.train import PreparedData, amp_dtype_for, build_model, build_traini
 
 
 class TimedBatches:
-    """`count` batches from the training loader, pass after pass, noting when each is asked for.
+    """`count` batches from the training loader, epoch after epoch, noting when each is asked for.
 
     The gap between two requests is one whole step: waiting for the batch, then training on
     it. One more time is noted when the consumer asks for a batch after the last, so the last
-    step is timed too. Each pass sets the epoch, as `run()` does between epochs.
+    step is timed too. Like `run()`, it draws every batch from one iterator, from epoch 0 on,
+    so epoch boundaries cost what they cost in a run.
     """
 
     def __init__(self, prepared: PreparedData, count: int) -> None:
@@ -72,21 +73,14 @@ class TimedBatches:
         return self.count
 
     def __iter__(self) -> Iterator[Any]:
-        batches = self._passes()
+        self.prepared.train_batches.start_at(0)
+        batches = iter(self.prepared.train_loader)  # endless, one epoch after another
         for _ in range(self.count):
             self.request_times.append(time.perf_counter())
             batch = next(batches)
             self.batch_images.append(int(batch[0].shape[0]))
             yield batch
         self.request_times.append(time.perf_counter())
-
-    def _passes(self) -> Iterator[Any]:
-        epoch = 0
-        while True:
-            self.prepared.train_sampler.set_epoch(epoch)
-            self.prepared.train_set.set_epoch(epoch)
-            yield from self.prepared.train_loader
-            epoch += 1
 
     def timed(self, warmup: int) -> tuple[list[float], int]:
         """Durations of the steps after the first `warmup`, and the images they took (this process)."""

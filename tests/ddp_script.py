@@ -7,6 +7,7 @@ validate: engine.evaluate of a fixed model, distributed or not.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def main(mode: str, data: str, total_batch: int, out: Path) -> None:
     loss_fn = DetectionLoss.from_model(model, NO_AUGMENTATION, 0.0, 64)
     if mode == "train":
         model = without_batchnorm(model)
-        loader, sampler = build_dataloader(train_set, per_rank, 0, True, 0, ctx.rank, ctx.world_size)
+        loader, _ = build_dataloader(train_set, per_rank, 0, True, 0, ctx.rank, ctx.world_size)
         optimizer = build_optimizer(model, "SGD", 0.01, 0.937, 5e-4)
         for group in optimizer.param_groups:
             group["initial_lr"] = 0.01
@@ -54,10 +55,11 @@ def main(mode: str, data: str, total_batch: int, out: Path) -> None:
         ema, counter = ModelEMA(model), StepCounter()
         initial = {name: value.clone() for name, value in model.state_dict().items()}
         wrapped = dist.wrap_model(model, ctx, sync_bn=False)
+        batches = iter(loader)
         for epoch in range(2):
-            sampler.set_epoch(epoch)
             progress = EpochProgress(False, epoch, 2, len(loader), ctx.device)
-            train_one_epoch(wrapped, loss_fn, loader, optimizer, scaler, ema, warmup, 1.0, counter, ctx, None, progress)
+            train_one_epoch(wrapped, loss_fn, itertools.islice(batches, len(loader)), optimizer, scaler, ema, warmup,
+                            1.0, counter, ctx, None, progress)
         if ctx.is_main:
             torch.save({"model": model.state_dict(), "ema": ema.module.state_dict(), "initial": initial,
                         "steps": counter.iteration}, out)

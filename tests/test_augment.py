@@ -137,9 +137,8 @@ def test_dataset_training_items_match_their_pixels(tmp_path: Path) -> None:
     dataset = YoloDataset(samples, imgsz=64, augment=True, hyp=hyp, seed=0)
     checked = 0
     for epoch in range(3):
-        dataset.set_epoch(epoch)
         for index in range(len(dataset)):
-            image, labels, _, shapes = dataset[index]
+            image, labels, _, shapes = dataset[epoch, index]
             assert image.shape == (3, 64, 64) and shapes is None
             for row in labels:
                 cx, cy, w, h = (row[1:] * 64).tolist()
@@ -159,10 +158,10 @@ def test_training_items_are_reproducible_per_epoch(tmp_path: Path) -> None:
             Sample(path, 32, 32, np.array([[index, 14 / 32, 14 / 32, 12 / 32, 12 / 32]], np.float32))
         )
     dataset = YoloDataset(samples, imgsz=32, augment=True, hyp=Hyp(mixup=0.5, copy_paste=0.5), seed=4)
-    first = dataset[1]
-    assert torch.equal(dataset[1][0], first[0]) and torch.equal(dataset[1][1], first[1])
-    dataset.set_epoch(1)
-    assert not torch.equal(dataset[1][0], first[0])
+    first = dataset[0, 1]
+    assert torch.equal(dataset[0, 1][0], first[0]) and torch.equal(dataset[0, 1][1], first[1])
+    assert torch.equal(dataset[1][0], first[0])  # a bare index is epoch 0
+    assert not torch.equal(dataset[1, 1][0], first[0])
 
 
 def test_mixup_blends_images_and_keeps_both_sets_of_boxes() -> None:

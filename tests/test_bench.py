@@ -4,6 +4,7 @@ at a tiny size, printing one JSON line with the expected keys and self-consisten
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -23,25 +24,28 @@ from bench.bench_evolve import child_pids, resident_megabytes, summarise
 from bench.bench_train import TimedBatches
 
 
-class RecordingSetter:
-    def __init__(self) -> None:
-        self.epochs: list[int] = []
+class EndlessLoader:
+    """Like the training loader: every iterator goes on epoch after epoch from the start epoch."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epochs.append(epoch)
+    def __init__(self, batch_sizes: list[int]) -> None:
+        self.batch_sizes = batch_sizes
+        self.start_epoch = -1
+        self.iterators = 0
+
+    def start_at(self, epoch: int) -> None:
+        self.start_epoch = epoch
+
+    def __iter__(self) -> Any:
+        self.iterators += 1
+        return ((torch.zeros(size, 3, 8, 8), torch.zeros(0, 6), (), ()) for size in itertools.cycle(self.batch_sizes))
 
 
-def fake_prepared(batch_sizes: list[int]) -> SimpleNamespace:
-    loader = [(torch.zeros(size, 3, 8, 8), torch.zeros(0, 6), (), ()) for size in batch_sizes]
-    return SimpleNamespace(train_loader=loader, train_sampler=RecordingSetter(), train_set=RecordingSetter())
-
-
-def test_timed_batches_cycle_the_loader_and_time_every_step_after_the_warmup() -> None:
-    prepared = fake_prepared([4, 4, 2])
-    batches = TimedBatches(prepared, count=7)
+def test_timed_batches_draw_from_one_endless_iterator_and_time_every_step_after_the_warmup() -> None:
+    loader = EndlessLoader([4, 4, 2])
+    batches = TimedBatches(SimpleNamespace(train_loader=loader, train_batches=loader), count=7)
     seen = [int(images.shape[0]) for images, *_ in batches]
     assert seen == [4, 4, 2, 4, 4, 2, 4]
-    assert prepared.train_sampler.epochs == [0, 1, 2] == prepared.train_set.epochs
+    assert (loader.start_epoch, loader.iterators) == (0, 1)
     assert len(batches.request_times) == 8  # one per batch, and one when the consumer asks past the last
     durations, images = batches.timed(warmup=3)
     assert len(durations) == 4 and all(duration >= 0 for duration in durations)

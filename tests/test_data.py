@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from trainer.data import labels as labels_module
 from trainer.data.data_config import load_data_config
 from trainer.data.dataset import YoloDataset, collate
 from trainer.data.labels import Sample, label_path, load_samples
-from trainer.data.loader import build_dataloader, build_datasets
+from trainer.data.loader import EpochBatches, build_dataloader, build_datasets
 from trainer.errors import UserError
 
 
@@ -343,20 +344,30 @@ def test_collate_stacks_images_and_indexes_targets(tmp_path: Path) -> None:
 # --- loaders ----------------------------------------------------------------------------
 
 
-def _epoch_bytes(loader: torch.utils.data.DataLoader) -> list[tuple[bytes, bytes]]:
-    return [(images.numpy().tobytes(), targets.numpy().tobytes()) for images, targets, _, _ in loader]
+def _epochs_bytes(loader: torch.utils.data.DataLoader, batches: EpochBatches, start: int,
+                  epochs: int) -> list[list[tuple[bytes, bytes]]]:
+    """`epochs` epochs from one iterator starting at `start`, as a run draws them, batch by batch."""
+    batches.start_at(start)
+    drawn = iter(loader)
+    return [[(images.numpy().tobytes(), targets.numpy().tobytes())
+             for images, targets, _, _ in itertools.islice(drawn, len(loader))] for _ in range(epochs)]
 
 
 def test_persistent_workers_see_new_hyps_and_epochs_and_match_no_workers(tmp_path: Path) -> None:
     dataset = YoloDataset(_samples(tmp_path, count=6), imgsz=64, augment=True, hyp=Hyp(fliplr=0.0), seed=3)
-    loader, sampler = build_dataloader(dataset, batch_size=2, workers=2, shuffle=True, seed=5)
-    serial_loader, serial_sampler = build_dataloader(dataset, batch_size=2, workers=0, shuffle=True, seed=5)
+    loader, batches = build_dataloader(dataset, batch_size=4, workers=2, shuffle=True, seed=5)
+    serial_loader, serial_batches = build_dataloader(dataset, batch_size=4, workers=0, shuffle=True, seed=5)
+    assert len(loader) == 2  # batches of 4 and 2 per epoch, never one across two epochs
 
-    first = _epoch_bytes(loader)
-    assert first == _epoch_bytes(serial_loader)
+    # Workers prefetch into the next epoch; each sample still gets its own epoch's augmentation.
+    first, second, third = _epochs_bytes(loader, batches, 0, 3)
+    assert [first, second, third] == _epochs_bytes(serial_loader, serial_batches, 0, 3)
+    assert second != first and third != second  # a new epoch draws new augmentations and a new order
+    assert _epochs_bytes(loader, batches, 1, 2) == [second, third]  # as a resumed run draws them
 
     dataset.set_hyp(Hyp(fliplr=1.0, mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, translate=0.0, scale=0.0))
-    flipped = next(iter(loader))
+    batches.start_at(0)
+    flipped = next(iter(loader))  # a new iterator: nothing prefetched with the old settings comes out
     # No mosaic, no colour or geometry change: every image must be its letterboxed original, mirrored.
     for image, path in zip(flipped[0], flipped[2]):
         index = dataset.files.index(Path(path))
@@ -364,24 +375,21 @@ def test_persistent_workers_see_new_hyps_and_epochs_and_match_no_workers(tmp_pat
         assert torch.equal(image, original.flip(-1))
 
     dataset.set_hyp(Hyp(fliplr=0.0))
-    for epoch in (1, 2):
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        serial_sampler.set_epoch(epoch)
-        assert _epoch_bytes(loader) == _epoch_bytes(serial_loader)
-    assert _epoch_bytes(loader) != first  # a new epoch draws new augmentations and a new order
+    assert _epochs_bytes(loader, batches, 0, 1) == [first]
 
 
 def test_samplers_split_ranks_and_shuffle_like_one_process(tmp_path: Path) -> None:
     dataset = YoloDataset(_samples(tmp_path, count=5), imgsz=64, augment=False, hyp=Hyp())
     _, single = build_dataloader(dataset, batch_size=2, workers=0, shuffle=True, seed=7)
     ranks = [build_dataloader(dataset, 2, 0, True, 7, rank=rank, world_size=2)[1] for rank in (0, 1)]
-    order = list(single)
-    assert sorted(order) == list(range(5))
-    shares = [list(sampler) for sampler in ranks]
+    epochs = itertools.islice(iter(single), 2 * len(single))
+    keys = [key for batch in epochs for key in batch]
+    order = [index for epoch, index in keys if epoch == 0]
+    assert sorted(order) == list(range(5)) and [epoch for epoch, _ in keys] == [0] * 5 + [1] * 5
+    assert [index for epoch, index in keys if epoch == 1] != order  # shuffled again for epoch 1
+    shares = [[index for batch in itertools.islice(iter(sampler), len(sampler)) for _, index in batch]
+              for sampler in ranks]
     assert sorted(set(shares[0]) | set(shares[1])) == list(range(5)) and len(shares[0]) == len(shares[1]) == 3
-    single.set_epoch(1)
-    assert list(single) != order
 
 
 def test_validation_shards_cover_every_image_once(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -40,8 +41,8 @@ class PreparedData:
     data: DataConfig
     train_set: Any
     val_set: Any
-    train_loader: Any
-    train_sampler: Any
+    train_loader: Any  # endless: take len(train_loader) batches per epoch from one iterator per run
+    train_batches: Any  # its EpochBatches: start_at(epoch) before making that iterator
     val_loader: Any
 
 
@@ -93,11 +94,11 @@ def prepare_data(cfg: TrainConfig, ctx: DistContext, stride: int = 32) -> Prepar
     per_rank = cfg.batch_size // ctx.world_size
     train_set, val_set = build_datasets(data, cfg.imgsz, cfg.hyp, cfg.cache, cfg.single_cls, cfg.seed, stride)
     pin = ctx.device.type == "cuda"
-    train_loader, train_sampler = build_dataloader(train_set, per_rank, cfg.workers, True, cfg.seed,
+    train_loader, train_batches = build_dataloader(train_set, per_rank, cfg.workers, True, cfg.seed,
                                                    ctx.rank, ctx.world_size, pin)
     val_loader = build_dataloader(val_set, per_rank * 2, cfg.workers, False, cfg.seed,
                                   ctx.rank, ctx.world_size, pin, shard=True)[0]
-    return PreparedData(data, train_set, val_set, train_loader, train_sampler, val_loader)
+    return PreparedData(data, train_set, val_set, train_loader, train_batches, val_loader)
 
 
 def label_sizes(dataset: Any, imgsz: int) -> torch.Tensor:
@@ -233,11 +234,14 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
 
     metrics: dict[str, Any] = {}
     epoch = start_epoch - 1
+    # One iterator for the whole run: the loader's workers prefetch across epoch boundaries
+    # (and through validation) instead of starting every epoch from empty.
+    prepared.train_batches.start_at(start_epoch)
+    batches = iter(prepared.train_loader)
     for epoch in range(start_epoch, cfg.epochs):
-        prepared.train_sampler.set_epoch(epoch)
-        prepared.train_set.set_epoch(epoch)
         progress = EpochProgress(ctx.is_main, epoch, cfg.epochs, batches_per_epoch, ctx.device)
-        train_losses = train_one_epoch(parts.train_model, loss_fn, prepared.train_loader, optimizer, parts.scaler,
+        epoch_batches = itertools.islice(batches, batches_per_epoch)
+        train_losses = train_one_epoch(parts.train_model, loss_fn, epoch_batches, optimizer, parts.scaler,
                                        ema, parts.warmup, parts.lr_factor(epoch), parts.counter, ctx,
                                        parts.amp_dtype, progress)
         learning_rates = [group["lr"] for group in optimizer.param_groups]

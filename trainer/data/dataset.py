@@ -2,8 +2,9 @@
 
 Hyperparameter evolution trains many generations with different augmentation settings in one
 process. Rebuilding datasets and loaders for each would re-cache images and restart workers,
-so the augmentation hyperparameters and the epoch live in a small shared-memory tensor that
-`set_hyp` and `set_epoch` update and that persistent DataLoader workers read on every sample.
+so the augmentation hyperparameters live in a small shared-memory tensor that `set_hyp`
+updates and that persistent DataLoader workers read on every sample. The epoch comes with each
+training key, `(epoch, index)`, so workers may prefetch into the next epoch.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ AUGMENTATION_SIZE = len(fields(Augmentation))
 class YoloDataset(Dataset):
     """Images with their boxes as (class, cx, cy, w, h), normalised to the returned image.
 
-    Every random choice for a sample comes from a generator seeded by (seed, epoch, index),
-    so a sample is the same whatever the number of workers, and after resuming.
+    Items are asked for by `index`, or by `(epoch, index)` for training (a bare index is
+    epoch 0). Every random choice for a sample comes from a generator seeded by (seed, epoch,
+    index), so a sample is the same whatever the number of workers, and after resuming.
     """
 
     def __init__(
@@ -75,10 +77,9 @@ class YoloDataset(Dataset):
         self.imgsz = imgsz
         self.augment = augment
         self.seed = seed
-        # Augmentation hyperparameters, then the epoch; shared so persistent workers see updates.
-        self._settings = torch.zeros(AUGMENTATION_SIZE + 1, dtype=torch.float64).share_memory_()
+        # Augmentation hyperparameters, shared so persistent workers see updates.
+        self._settings = torch.zeros(AUGMENTATION_SIZE, dtype=torch.float64).share_memory_()
         self.set_hyp(hyp)
-        self.set_epoch(0)
         self._images = self._decode_all() if cache_ram else None
 
     @staticmethod
@@ -89,21 +90,11 @@ class YoloDataset(Dataset):
 
     def set_hyp(self, hyp: Hyp) -> None:
         """Use these augmentation hyperparameters from the next sample on, in every worker."""
-        self._settings[:AUGMENTATION_SIZE] = torch.tensor(
-            Augmentation.from_hyp(hyp).as_tuple(), dtype=torch.float64
-        )
-
-    def set_epoch(self, epoch: int) -> None:
-        """Seed the next samples' augmentation for this epoch, in every worker."""
-        self._settings[AUGMENTATION_SIZE] = epoch
+        self._settings[:] = torch.tensor(Augmentation.from_hyp(hyp).as_tuple(), dtype=torch.float64)
 
     @property
     def augmentation(self) -> Augmentation:
-        return Augmentation(*self._settings[:AUGMENTATION_SIZE].tolist())
-
-    @property
-    def epoch(self) -> int:
-        return int(self._settings[AUGMENTATION_SIZE])
+        return Augmentation(*self._settings.tolist())
 
     def __len__(self) -> int:
         return len(self.files)
@@ -138,11 +129,12 @@ class YoloDataset(Dataset):
         """Pixel (class, x0, y0, x1, y1) on the imgsz square to normalised (class, cx, cy, w, h)."""
         return torch.cat([boxes[:, :1], box_convert(boxes[:, 1:], "xyxy", "cxcywh") / self.imgsz], dim=1)
 
-    def __getitem__(self, index: int) -> Item:
+    def __getitem__(self, key: int | tuple[int, int]) -> Item:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         if not self.augment:
             return self._validation_item(index)
         augmentation = self.augmentation
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         with_mosaic = bool(rng.random() < augmentation.mosaic)
         image, boxes = self._training_view(index, with_mosaic, augmentation, rng)
         if rng.random() < augmentation.mixup:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterator
 
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -61,6 +63,37 @@ class ShardSampler(Sampler[int]):
         """Nothing to reshuffle; here so callers can treat both samplers alike."""
 
 
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """Training batches of (epoch, index) keys, epoch after epoch from `start_epoch`, without end.
+
+    One loader iterator then serves a whole run and its workers prefetch into the next epoch,
+    where a new iterator per epoch would leave the GPU waiting while every worker assembles its
+    first batch again (seconds per epoch at 640 px). The epoch travels with each index, so a
+    sample prefetched early still gets its own epoch's augmentation. Each epoch is shuffled by
+    the DistributedSampler with `set_epoch`, split into batches, the last one possibly short.
+    `len()` is the batches per epoch; take that many per epoch from the iterator.
+    """
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.start_epoch = 0
+
+    def start_at(self, epoch: int) -> None:
+        """The epoch the next iterator starts with (a resumed run starts past 0)."""
+        self.start_epoch = epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch in itertools.count(self.start_epoch):
+            self.sampler.set_epoch(epoch)
+            indices = list(self.sampler)
+            for start in range(0, len(indices), self.batch_size):
+                yield [(epoch, index) for index in indices[start : start + self.batch_size]]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+
 def build_dataloader(
     dataset: YoloDataset,
     batch_size: int,
@@ -71,31 +104,34 @@ def build_dataloader(
     world_size: int = 1,
     pin_memory: bool = False,
     shard: bool = False,
-) -> tuple[DataLoader, DistributedSampler | ShardSampler]:
-    """A loader over this rank's share of the dataset.
+) -> tuple[DataLoader, EpochBatches | ShardSampler]:
+    """A loader over this rank's share of the dataset, and what orders it.
 
-    The sampler is a DistributedSampler even for one process, so a run shuffles the same way
-    on one GPU as on many; call `sampler.set_epoch(epoch)` (and `dataset.set_epoch(epoch)`)
-    before each epoch. Workers are persistent: they survive epochs and, through the dataset's
-    shared settings, changes of augmentation hyperparameters.
+    Without `shard` (training) the loader never ends: it goes through `EpochBatches` (a
+    DistributedSampler even for one process, so a run shuffles the same way on one GPU as on
+    many). Call `batches.start_at(epoch)`, make one iterator per run and take `len(loader)`
+    batches from it per epoch. Workers are persistent: they survive iterators and, through the
+    dataset's shared settings, changes of augmentation hyperparameters.
 
-    shard=True (validation) gives each rank a disjoint, unshuffled share with no repeats.
+    shard=True (validation) gives each rank a disjoint, unshuffled share with no repeats, once
+    per iterator.
     """
     if shard and shuffle:
         raise ValueError("a sharded loader is for validation and cannot shuffle")
-    sampler: DistributedSampler | ShardSampler
+    order: EpochBatches | ShardSampler
     if shard:
-        sampler = ShardSampler(len(dataset), rank, world_size)
+        order = ShardSampler(len(dataset), rank, world_size)
+        batching = {"sampler": order, "batch_size": batch_size, "drop_last": False}
     else:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        order = EpochBatches(DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                                seed=seed), batch_size)
+        batching = {"batch_sampler": order}
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
         collate_fn=collate,
-        drop_last=False,
+        **batching,
     )
-    return loader, sampler
+    return loader, order
