@@ -59,9 +59,6 @@ class ShardSampler(Sampler[int]):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing to reshuffle; here so callers can treat both samplers alike."""
-
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):
     """Training batches of (epoch, index) keys, epoch after epoch from `start_epoch`, without end.
