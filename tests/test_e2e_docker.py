@@ -29,7 +29,8 @@ from orchestrator.journal import Journal
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_TRAINING = ("--epochs", "1", "--imgsz", "64", "--batch-size", "8", "--workers", "0")
+# Four epochs a generation, so the workers are still training while attach and the restart are tested.
+TINY_TRAINING = ("--epochs", "4", "--imgsz", "64", "--batch-size", "8", "--workers", "0")
 
 
 @pytest.fixture
