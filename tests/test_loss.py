@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from trainer.config import Hyp
-from trainer.loss import DetectionLoss, LevelTargets, scale_loss_gains
+from torchvision.ops import box_convert, complete_box_iou_loss
+
+from trainer.loss import DetectionLoss, LevelTargets, complete_iou_loss, scale_loss_gains
 from trainer.model import DetectionModel, load_model_spec
 
 GRID = 8  # one 8x8 level: normalised coordinate c sits at grid coordinate 8c
@@ -38,6 +40,25 @@ def target(image: int, cls: int, x: float, y: float, w: float, h: float) -> list
 def assigned_cells(assigned: LevelTargets) -> set[tuple[int, int, int, int]]:
     columns = (assigned.image, assigned.anchor, assigned.grid_y, assigned.grid_x)
     return set(zip(*(column.tolist() for column in columns), strict=True))
+
+
+def test_complete_iou_loss_matches_torchvision() -> None:
+    """Our CIoU loss only trades torchvision's boolean masking for clamping: same values and
+    gradients, for overlapping, touching, nested and disjoint pairs."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.rand(400, 2, generator=generator) * 4
+    sizes = torch.rand(400, 2, generator=generator) * 2 + 0.05
+    predicted = torch.cat((centres, sizes), 1).requires_grad_()
+    target = torch.cat((centres + torch.randn(400, 2, generator=generator), sizes * 1.5), 1)
+    target[0] = predicted[0].detach() + torch.tensor([3.0, 0.0, 0.0, 0.0])  # far apart: no overlap
+    target[1] = predicted[1].detach() * torch.tensor([1.0, 1.0, 0.5, 0.5])  # nested
+    ours = complete_iou_loss(predicted, target)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), predicted)
+    reference = complete_box_iou_loss(box_convert(predicted, "cxcywh", "xyxy"), box_convert(target, "cxcywh", "xyxy"))
+    (grad_reference,) = torch.autograd.grad(reference.sum(), predicted)
+    assert (ours.detach() > 1).any() and (ours.detach() < 1).any()  # both overlapping and disjoint pairs
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(grad_ours, grad_reference)
 
 
 def test_scale_loss_gains() -> None:

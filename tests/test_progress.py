@@ -26,3 +26,16 @@ def test_disabled_progress_only_iterates(caplog: pytest.LogCaptureFixture) -> No
     with caplog.at_level(logging.INFO, logger="trainer"):
         assert list(progress.track(range(3))) == [0, 1, 2]
     assert not caplog.records
+
+
+def test_losses_on_a_device_are_read_when_the_line_is_written(caplog: pytest.LogCaptureFixture) -> None:
+    """The engine passes its running mean as a tensor (reading it would wait for the GPU)."""
+    progress = EpochProgress(True, epoch=0, epochs=1, total=2, device=torch.device("cpu"), log_every=2)
+    losses = torch.zeros(3)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        for step in progress.track(range(2)):
+            progress.describe(losses, instances=3, size=64)
+            losses.add_(0.25)  # changed after describe, before the line: the line shows the latest
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[1].split()[2:5] == ["0.25", "0.25", "0.25"]
+    assert lines[2].split()[2:5] == ["0.5", "0.5", "0.5"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_convert, complete_box_iou_loss
+from torchvision.ops import box_convert
 
 if TYPE_CHECKING:
     from trainer.config import Hyp
@@ -39,9 +40,39 @@ class LevelTargets:
     anchor: torch.Tensor  # (P,) anchor index within the level
     grid_y: torch.Tensor  # (P,) cell row
     grid_x: torch.Tensor  # (P,) cell column
+    cell: torch.Tensor  # (P,) the same four as one index into the level's (B * na * ny * nx) predictions
     box: torch.Tensor  # (P, 4) centre relative to the cell, then w, h; grid units
     anchor_wh: torch.Tensor  # (P, 2) the matched anchor, grid units
     classes: torch.Tensor  # (P,) class index
+
+    def to(self, device: torch.device) -> LevelTargets:
+        """On `device`, copied without waiting for it (the host tensors are fresh and unshared)."""
+        return LevelTargets(**{name: value.to(device, non_blocking=True) for name, value in vars(self).items()})
+
+
+def complete_iou_loss(predicted: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """1 - CIoU of paired (cx, cy, w, h) boxes, per pair: torchvision.ops.complete_box_iou_loss's
+    value and gradient on the corner form, without its wait for the GPU.
+
+    torchvision keeps only overlapping pairs' intersections through boolean indexing, whose
+    data-dependent shape makes each call wait for the GPU to finish all queued work (a dozen
+    times a training step). Clamping the intersection's sides at zero gives the same numbers.
+    """
+    x1, y1, x2, y2 = box_convert(predicted, "cxcywh", "xyxy").unbind(-1)
+    gx1, gy1, gx2, gy2 = box_convert(target, "cxcywh", "xyxy").unbind(-1)
+    width, height, target_width, target_height = x2 - x1, y2 - y1, gx2 - gx1, gy2 - gy1
+    intersection = (torch.min(x2, gx2) - torch.max(x1, gx1)).clamp(min=0) * (
+        torch.min(y2, gy2) - torch.max(y1, gy1)
+    ).clamp(min=0)
+    iou = intersection / (width * height + target_width * target_height - intersection + eps)
+    # Distance between centres, over the diagonal of the smallest box enclosing both (DIoU).
+    enclosing = (torch.max(x2, gx2) - torch.min(x1, gx1)) ** 2 + (torch.max(y2, gy2) - torch.min(y1, gy1)) ** 2 + eps
+    centres = ((x1 + x2 - gx1 - gx2) ** 2 + (y1 + y2 - gy1 - gy2) ** 2) / 4
+    # Aspect-ratio consistency, weighted by alpha, which is held constant (CIoU).
+    aspect = 4 / math.pi**2 * (torch.atan(target_width / target_height) - torch.atan(width / height)) ** 2
+    with torch.no_grad():
+        alpha = aspect / (1 - iou + aspect + eps)
+    return 1 - iou + centres / enclosing + alpha * aspect
 
 
 def _binary_cross_entropy(
@@ -88,6 +119,7 @@ class DetectionLoss:
         # Smoothed BCE targets: positives 1 - eps/2, negatives eps/2.
         self.positive_target = 1.0 - 0.5 * label_smoothing
         self.negative_target = 0.5 * label_smoothing
+        self._anchor_copy: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
     def from_model(
@@ -120,7 +152,8 @@ class DetectionLoss:
 
     def __call__(self, preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """preds: raw (B, na, ny, nx, 5+nc) per level; targets: (N, 6) rows of
-        [image, class, cx, cy, w, h], normalised to the input image.
+        [image, class, cx, cy, w, h], normalised to the input image. Targets on the host (as the
+        loader gives them) are assigned there, so nothing waits for the GPU.
 
         Returns (total loss x batch size, detached [box, obj, cls] loss tensor).
         """
@@ -130,32 +163,25 @@ class DetectionLoss:
         cls_loss = torch.zeros((), device=device)
         balance = OBJECTNESS_BALANCE.get(len(preds), OBJECTNESS_BALANCE_DEFAULT)
         for level, (pred, assigned) in enumerate(zip(preds, self.build_targets(preds, targets), strict=True)):
-            objectness_target = torch.zeros(pred.shape[:4], device=device)
-            if assigned.image.numel():
-                matched = pred[assigned.image, assigned.anchor, assigned.grid_y, assigned.grid_x].float()
-                xy, wh, _, class_logits = matched.split((2, 2, 1, self.nc), dim=1)
+            cells = pred.reshape(-1, pred.shape[-1])
+            objectness_target = torch.zeros(cells.shape[0], device=device)
+            if assigned.cell.numel():
+                xy, wh, _, class_logits = cells[assigned.cell].float().split((2, 2, 1, self.nc), dim=1)
                 # Same parameterisation as Detect's decoding, in grid units relative to the cell.
                 # Sizes are floored: a size that vanishes next to its centre makes the corners
                 # coincide in float, and CIoU's aspect term (atan(w / h), no epsilon) then
                 # back-propagates NaN. The floor only binds where the sigmoid is saturated anyway.
                 size = ((wh.sigmoid() * 2) ** 2 * assigned.anchor_wh).clamp(min=MIN_BOX_SIZE)
                 predicted_box = torch.cat((xy.sigmoid() * 2 - 0.5, size), 1)
-                ciou_loss = complete_box_iou_loss(
-                    box_convert(predicted_box, "cxcywh", "xyxy"),
-                    box_convert(assigned.box, "cxcywh", "xyxy"),
-                    reduction="none",
-                )
+                ciou_loss = complete_iou_loss(predicted_box, assigned.box)
                 box_loss = box_loss + ciou_loss.mean()
                 # A cell's objectness target is how well its box fits, so confidence ranks quality.
-                iou = (1.0 - ciou_loss).detach().clamp(min=0)
-                objectness_target[assigned.image, assigned.anchor, assigned.grid_y, assigned.grid_x] = iou
+                objectness_target[assigned.cell] = (1.0 - ciou_loss).detach().clamp(min=0)
                 if self.nc > 1:  # a single class needs no class score beyond objectness
-                    class_target = torch.full_like(class_logits, self.negative_target)
-                    class_target[torch.arange(len(assigned.classes), device=device), assigned.classes] = (
-                        self.positive_target
-                    )
+                    is_class = assigned.classes[:, None] == torch.arange(self.nc, device=device)
+                    class_target = torch.where(is_class, self.positive_target, self.negative_target)
                     cls_loss = cls_loss + _binary_cross_entropy(class_logits, class_target, self.cls_pw, self.fl_gamma)
-            level_obj = _binary_cross_entropy(pred[..., 4].float(), objectness_target, self.obj_pw, self.fl_gamma)
+            level_obj = _binary_cross_entropy(cells[:, 4].float(), objectness_target, self.obj_pw, self.fl_gamma)
             obj_loss = obj_loss + level_obj * balance[level]
         box_loss = box_loss * self.box_gain
         obj_loss = obj_loss * self.obj_gain
@@ -164,13 +190,30 @@ class DetectionLoss:
         return (box_loss + obj_loss + cls_loss) * batch_size, torch.stack((box_loss, obj_loss, cls_loss)).detach()
 
     def build_targets(self, preds: list[torch.Tensor], targets: torch.Tensor) -> list[LevelTargets]:
-        """Assign every target to each level's anchors within anchor_t of its shape."""
-        anchors = self.anchors.to(preds[0].device)
-        targets = targets.to(device=preds[0].device, dtype=torch.float32)
+        """Assign every target to each level's anchors within anchor_t of its shape.
+
+        The assignment runs where the targets are and is then moved to the predictions' device.
+        On the host, its data-dependent shapes cost no GPU synchronisation.
+        """
+        anchors = self._anchors_on(targets.device)
+        targets = targets.float()
         return [
-            self._assign_level(targets, anchors[level].float(), pred.shape[2], pred.shape[3])
+            self._assign_level(targets, anchors[level], pred.shape[2], pred.shape[3]).to(pred.device)
             for level, pred in enumerate(preds)
         ]
+
+    def _anchors_on(self, device: torch.device) -> torch.Tensor:
+        """The current anchors as float32 on `device`, copied only after they change.
+
+        A copy from the GPU waits for all queued work, so the host copy is kept and renewed when
+        the anchors are replaced or edited in place (AutoAnchor, loading a checkpoint), which
+        moves their version counter.
+        """
+        anchors = self.anchors
+        key = (anchors.data_ptr(), anchors.device, anchors._version, device)
+        if self._anchor_copy is None or self._anchor_copy[0] != key:
+            self._anchor_copy = (key, anchors.detach().to(device=device, dtype=torch.float32, copy=True))
+        return self._anchor_copy[1]
 
     def _assign_level(self, targets: torch.Tensor, anchors: torch.Tensor, grid_h: int, grid_w: int) -> LevelTargets:
         """Targets whose w/h are within a factor anchor_t of an anchor go to that anchor, in the
@@ -198,11 +241,13 @@ class DetectionLoss:
         grid_y = cell[:, 1].clamp(0, grid_h - 1)
         cell_xy = torch.stack((grid_x, grid_y), dim=1).to(boxes.dtype)
         chosen = target_index[pair_index]
+        image, anchor = targets[chosen, 0].long(), anchor_index[pair_index]
         return LevelTargets(
-            image=targets[chosen, 0].long(),
-            anchor=anchor_index[pair_index],
+            image=image,
+            anchor=anchor,
             grid_y=grid_y,
             grid_x=grid_x,
+            cell=((image * len(anchors) + anchor) * grid_h + grid_y) * grid_w + grid_x,
             box=torch.cat((centre[pair_index] - cell_xy, boxes[pair_index, 2:4]), dim=1),
             anchor_wh=anchors[anchor_index[pair_index]],
             classes=targets[chosen, 1].long(),

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 LOGGER = logging.getLogger("trainer")
+REDRAW_SECONDS = 0.25  # how often the bar's losses are read from the GPU
 Item = TypeVar("Item")
 
 RESULTS_COLUMNS = (
@@ -39,7 +40,8 @@ class EpochProgress:
 
     A rich bar when stderr is a terminal; otherwise a few plain log lines per epoch, each with
     the epoch's elapsed seconds and batches per second, so that container logs and CI output
-    stay readable.
+    stay readable. The losses may be a tensor on the GPU: they are read (which waits for the
+    GPU) only when a line is written or the bar is redrawn, a few times a second at most.
     """
 
     HEADER = ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size")
@@ -50,12 +52,20 @@ class EpochProgress:
         self.device = device
         self.interactive = enabled and sys.stderr.isatty()
         self.log_every = max(1, total // log_every)
-        self.text = ""
+        self._described: tuple[torch.Tensor | Sequence[float], int, int] | None = None
 
-    def describe(self, mean_losses: Sequence[float], instances: int, size: int) -> None:
-        box, obj, cls = mean_losses
-        self.text = (f"{self.epoch + 1:>5}/{self.epochs:<5} {gpu_memory_text(self.device):>8} "
-                     f"{box:>9.4g} {obj:>9.4g} {cls:>9.4g} {instances:>9} {size:>6}")
+    def describe(self, mean_losses: torch.Tensor | Sequence[float], instances: int, size: int) -> None:
+        """Box, obj and cls loss so far, this batch's instances and image size; read when shown."""
+        self._described = (mean_losses, instances, size)
+
+    @property
+    def text(self) -> str:
+        if self._described is None:
+            return ""
+        mean_losses, instances, size = self._described
+        box, obj, cls = mean_losses.tolist() if isinstance(mean_losses, torch.Tensor) else mean_losses
+        return (f"{self.epoch + 1:>5}/{self.epochs:<5} {gpu_memory_text(self.device):>8} "
+                f"{box:>9.4g} {obj:>9.4g} {cls:>9.4g} {instances:>9} {size:>6}")
 
     def track(self, iterable: Iterable[Item]) -> Iterator[Item]:
         if not self.enabled:
@@ -77,9 +87,14 @@ class EpochProgress:
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
             task = progress.add_task(self.text, total=self.total)
-            for item in iterable:
+            shown = time.perf_counter()
+            for index, item in enumerate(iterable):
                 yield item
-                progress.update(task, advance=1, description=self.text)
+                now = time.perf_counter()
+                if now - shown >= REDRAW_SECONDS or index + 1 == self.total:
+                    progress.update(task, description=self.text)
+                    shown = now
+                progress.advance(task)
 
 
 def format_row(values: Sequence[float | str], numeric: bool) -> str:
