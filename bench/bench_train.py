@@ -51,7 +51,8 @@ from trainer.dist import DistContext
 from trainer.engine import StepCounter, train_one_epoch
 from trainer.optim import Warmup
 from trainer.progress import EpochProgress
-from trainer.train import PreparedData, amp_dtype_for, build_model, build_training_parts, prepare_data, seed_everything
+from trainer.train import (PreparedData, amp_dtype_for, build_model, build_training_parts, capture_graphs, prepare_data,
+                           seed_everything)
 
 
 class TimedBatches:
@@ -95,6 +96,7 @@ def train_steps(cfg: TrainConfig, ctx: DistContext, prepared: PreparedData, coun
     parts = build_training_parts(cfg, ctx, model, len(prepared.train_loader))
     # Past the warmup every step accumulates to the nominal batch, as in most of a real run.
     parts.counter = StepCounter(iteration=parts.warmup.iterations, last_step=parts.warmup.iterations - 1)
+    capture_graphs(parts, cfg.batch_size // ctx.world_size, cfg.imgsz, ctx.device, steps=count)
     if ctx.device.type == "cuda":  # after the model is on the GPU: before any allocation, torch refuses
         torch.cuda.reset_peak_memory_stats(ctx.device)
     batches = TimedBatches(prepared, count)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.graphs import GraphedModel
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,10 @@ def wrap_model(model: nn.Module, ctx: DistContext, sync_bn: bool) -> nn.Module:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The model inside DistributedDataParallel or a GraphedModel."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, GraphedModel)):
+        model = model.module
+    return model
 
 
 def all_reduce_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:

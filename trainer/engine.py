@@ -34,7 +34,8 @@ class StepCounter:
 def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
     if amp_dtype is None:
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    # No cast cache: each weight is used once per forward, and CUDA graph capture refuses it.
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=False)
 
 
 def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -43,17 +44,58 @@ def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last)
 
 
+class DivergenceCheck:
+    """Stops training on a non-finite loss without making the host wait for the GPU.
+
+    A step's losses start copying to the host as soon as they are queued and are read one
+    step later, when they have long arrived, so the check never drains the GPU's queue of
+    work. The error names the iteration whose loss was not finite; the run ends before its
+    epoch's checkpoint, so the saved weights stay those of the last good epoch.
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def push(self, iteration: int, items: torch.Tensor) -> None:
+        """Check the previous step's losses, then start bringing these to the host."""
+        self.check()
+        ready = None
+        if items.is_cuda:
+            items = items.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        self._pending = (iteration, items, ready)
+
+    def check(self) -> None:
+        """Raise TrainingDiverged if the losses waiting to be checked are not finite."""
+        if self._pending is None:
+            return
+        iteration, items, ready = self._pending
+        self._pending = None
+        if ready is not None:
+            ready.synchronize()
+        if not torch.isfinite(items).all():
+            raise TrainingDiverged(
+                f"loss is not finite at iteration {iteration} (box, obj, cls = {items.tolist()}): "
+                "lower lr0 or check the labels"
+            )
+
+
 def train_one_epoch(model: nn.Module, loss_fn: LossFunction, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, ema: ModelEMA | None, warmup: Warmup, lr_factor: float,
                     counter: StepCounter, ctx: DistContext, amp_dtype: torch.dtype | None,
                     progress: EpochProgress, max_norm: float = 10.0) -> dict[str, float]:
-    """Train one epoch with gradient accumulation to the nominal batch; returns mean train losses."""
+    """Train one epoch with gradient accumulation to the nominal batch; returns mean train losses.
+
+    Nothing in a step waits for the GPU: targets are assigned on the host, the loss check reads
+    the previous step's losses and the progress display reads the running mean only when shown.
+    """
     model.train()
     mean_items = torch.zeros(3, device=ctx.device)
+    divergence = DivergenceCheck()
     batches = 0
     for images, targets, _, _ in progress.track(loader):
         images = to_model_input(images, ctx.device)
-        targets = targets.to(ctx.device)
         warmup.apply(optimizer, counter.iteration, lr_factor)
         step_now = counter.iteration - counter.last_step >= warmup.accumulate(counter.iteration)
         # Skip the gradient all-reduce on batches that only accumulate.
@@ -64,11 +106,7 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFunction, loader: Iterable, o
             loss, items = loss_fn([p.float() for p in predictions], targets)
             # Every rank sees the same reduced items, so all ranks stop together on divergence.
             items = dist.all_reduce_mean(items, ctx)
-            if not torch.isfinite(items).all():
-                raise TrainingDiverged(
-                    f"loss is not finite at iteration {counter.iteration} (box, obj, cls = "
-                    f"{items.tolist()}): lower lr0 or check the labels"
-                )
+            divergence.push(counter.iteration, items)
             # DDP averages gradients over ranks; undo that so the step matches one process on the total batch.
             scaler.scale(loss * ctx.world_size).backward()
         if step_now:
@@ -76,14 +114,16 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFunction, loader: Iterable, o
             nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm)
             scaler.step(optimizer)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            # Zeroed in place, never None: see trainer.graphs.GraphedModel.
+            optimizer.zero_grad(set_to_none=False)
             if ema is not None:
                 ema.update(dist.unwrap_model(model))
             counter.last_step = counter.iteration
         mean_items = (mean_items * batches + items) / (batches + 1)
         batches += 1
         counter.iteration += 1
-        progress.describe(mean_items.tolist(), int(targets.shape[0]), int(images.shape[-1]))
+        progress.describe(mean_items, int(targets.shape[0]), int(images.shape[-1]))
+    divergence.check()
     box, obj, cls = mean_items.tolist()
     return {"box_loss": box, "obj_loss": obj, "cls_loss": cls}
 
@@ -111,9 +151,8 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: LossFunction, nc: int,
     # Batches follow the sampler's order, so each image's data set index is known: it orders
     # the merged metrics exactly as one process would see them.
     image_indices = iter(loader.sampler)
-    for images, targets, paths, shapes in loader:
+    for images, targets, paths, shapes in loader:  # targets stay on the host, like the metrics
         images = to_model_input(images, ctx.device)
-        targets = targets.to(ctx.device)
         with autocast(ctx.device, amp_dtype):
             decoded, raw = model(images)
         loss_sum += loss_fn([r.float() for r in raw], targets)[1]
@@ -125,7 +164,7 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: LossFunction, nc: int,
             predicted = predicted.clone()
             predicted[:, :4] = scale_boxes(predicted[:, :4], shapes[index])
             labels[:, 1:] = scale_boxes(labels[:, 1:], shapes[index])
-            metrics.update(predicted.cpu(), labels.cpu(), order=next(image_indices))
+            metrics.update(predicted.cpu(), labels, order=next(image_indices))
             if collect_json:
                 records.extend(coco_records(predicted.cpu(), image_id_from_path(paths[index])))
     parts = dist.gather_objects(metrics.parts(), ctx)

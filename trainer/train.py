@@ -22,8 +22,9 @@ from trainer.config import TrainConfig
 from trainer.data import DataConfig, build_dataloader, build_datasets, load_data_config
 from trainer.dist import DistContext
 from trainer.ema import ModelEMA
-from trainer.engine import StepCounter, evaluate, train_one_epoch
+from trainer.engine import StepCounter, autocast, evaluate, train_one_epoch
 from trainer.errors import UserError
+from trainer.graphs import GraphedModel
 from trainer.loss import DetectionLoss
 from trainer.metrics import fitness
 from trainer.model import DetectionModel
@@ -31,6 +32,7 @@ from trainer.optim import Warmup, build_optimizer, lr_lambda, scaled_weight_deca
 from trainer.progress import EpochProgress, append_results
 
 LOGGER = logging.getLogger("trainer")
+MIN_GRAPHED_STEPS = 50
 RESULT_KEYS = ("precision", "recall", "map50", "map", "box_loss", "obj_loss", "cls_loss")
 
 
@@ -129,12 +131,36 @@ def build_model(cfg: TrainConfig, nc: int, device: torch.device) -> DetectionMod
     return model.to(device, memory_format=torch.channels_last)
 
 
+def training_model(model: DetectionModel, ctx: DistContext, sync_bn: bool) -> torch.nn.Module:
+    """What the training loop calls: DDP across processes, CUDA graphs on one GPU (see
+    `capture_graphs`), else the model itself."""
+    if ctx.distributed:
+        return dist.wrap_model(model, ctx, sync_bn)
+    if ctx.device.type == "cuda":
+        return GraphedModel(model)
+    return model
+
+
+def capture_graphs(parts: TrainingParts, batch_size: int, imgsz: int, device: torch.device, steps: int) -> None:
+    """Record the CUDA graphs of a GraphedModel for full training batches; a no-op otherwise.
+
+    Call before the training loader's iterator is made (see GraphedModel). The example batch
+    only gives shapes: BatchNorm statistics are restored after capture. A run of fewer than
+    MIN_GRAPHED_STEPS `steps` (a short evolution generation) stays eager: capture costs about
+    what ten small steps save.
+    """
+    if isinstance(parts.train_model, GraphedModel) and steps >= MIN_GRAPHED_STEPS:
+        example = torch.zeros(batch_size, 3, imgsz, imgsz, device=device).contiguous(memory_format=torch.channels_last)
+        with autocast(device, parts.amp_dtype):
+            parts.train_model.capture(example)
+
+
 @dataclass
 class TrainingParts:
     """What a training steps with, built from the config in one place (runs and benchmarks)."""
 
     model: DetectionModel
-    train_model: torch.nn.Module  # the model, wrapped in DDP when distributed
+    train_model: torch.nn.Module  # the model, wrapped for DDP or CUDA graphs (`training_model`)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     lr_factor: Callable[[int], float]
@@ -173,7 +199,7 @@ def build_training_parts(cfg: TrainConfig, ctx: DistContext, model: DetectionMod
     amp_dtype = amp_dtype_for(ctx.device)
     return TrainingParts(
         model=model,
-        train_model=dist.wrap_model(model, ctx, cfg.sync_bn),
+        train_model=training_model(model, ctx, cfg.sync_bn),
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_factor),
         lr_factor=lr_factor,
@@ -232,6 +258,8 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
                 cfg.cfg, cfg.epochs, len(prepared.train_set), cfg.batch_size, cfg.batch_size // ctx.world_size,
                 ctx.world_size, ctx.device)
 
+    capture_graphs(parts, cfg.batch_size // ctx.world_size, cfg.imgsz, ctx.device,
+                   steps=(cfg.epochs - start_epoch) * batches_per_epoch)
     metrics: dict[str, Any] = {}
     epoch = start_epoch - 1
     # One iterator for the whole run: the loader's workers prefetch across epoch boundaries

@@ -1,0 +1,139 @@
+"""The training loop itself: stopping on a non-finite loss, and CUDA graphs matching eager steps."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from trainer.config import Hyp
+from trainer.dist import DistContext
+from trainer.ema import ModelEMA
+from trainer.engine import StepCounter, autocast, train_one_epoch
+from trainer.errors import TrainingDiverged
+from trainer.graphs import GraphedModel
+from trainer.loss import DetectionLoss
+from trainer.model import DetectionModel, load_model_spec
+from trainer.optim import Warmup, build_optimizer
+from trainer.progress import EpochProgress
+from trainer.train import amp_dtype_for, seed_everything
+
+SIZE = 64
+
+
+def tiny_model(device: torch.device) -> DetectionModel:
+    spec = load_model_spec("yolov5n")
+    spec["width_multiple"] = 0.125
+    return DetectionModel(spec, nc=3).to(device, memory_format=torch.channels_last)
+
+
+def random_batches(sizes: list[int], seed: int = 0) -> list[tuple]:
+    """Loader-shaped batches: uint8 images, then [image, class, cx, cy, w, h] rows on the host."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for size in sizes:
+        images = torch.randint(0, 256, (size, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator)
+        count = 3 * size
+        targets = torch.cat([torch.randint(0, size, (count, 1), generator=generator),
+                             torch.randint(0, 3, (count, 1), generator=generator),
+                             0.2 + 0.6 * torch.rand(count, 2, generator=generator),
+                             0.05 + 0.3 * torch.rand(count, 2, generator=generator)], 1).float()
+        batches.append((images, targets, [""] * size, [None] * size))
+    return batches
+
+
+def train(train_model: torch.nn.Module, model: DetectionModel, batches: list[tuple], ctx: DistContext,
+          loss_fn: DetectionLoss | None = None) -> list[torch.Tensor]:
+    """One epoch over `batches` with the run's optimiser, accumulation (4 batches of 16) and EMA."""
+    loss_fn = loss_fn or DetectionLoss.from_model(model, Hyp(), imgsz=SIZE)
+    seen: list[torch.Tensor] = []
+
+    def recording_loss(preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, items = loss_fn(preds, targets)
+        seen.append(items.clone())
+        return loss, items
+
+    optimizer = build_optimizer(model, "SGD", 0.01, 0.937, 5e-4)
+    amp_dtype = amp_dtype_for(ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    train_one_epoch(train_model, recording_loss, batches, optimizer, scaler, ModelEMA(model), Warmup(0, 16, 0.1, 0.8, 0.937),
+                    1.0, StepCounter(), ctx, amp_dtype, EpochProgress(False, 0, 1, len(batches), ctx.device))
+    return [items.cpu() for items in seen]
+
+
+def test_non_finite_loss_stops_training_naming_the_iteration() -> None:
+    seed_everything(0, deterministic=True)
+    ctx = DistContext()
+    model = tiny_model(ctx.device)
+    loss_fn = DetectionLoss.from_model(model, Hyp(), imgsz=SIZE)
+    calls = 0
+
+    def failing_loss(preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal calls
+        loss, items = loss_fn(preds, targets)
+        calls += 1
+        if calls == 3:  # iteration 2
+            return loss * float("nan"), items * float("nan")
+        return loss, items
+
+    with pytest.raises(TrainingDiverged, match=r"not finite at iteration 2 .*lower lr0"):
+        train(model, model, random_batches([4] * 6), ctx, loss_fn=failing_loss)  # type: ignore[arg-type]
+    assert calls <= 4  # noticed at the latest one step later
+
+
+def test_non_finite_loss_in_the_last_step_of_an_epoch_is_caught() -> None:
+    ctx = DistContext()
+    model = tiny_model(ctx.device)
+    loss_fn = DetectionLoss.from_model(model, Hyp(), imgsz=SIZE)
+    calls = 0
+
+    def last_step_fails(preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal calls
+        calls += 1
+        loss, items = loss_fn(preds, targets)
+        return (loss, items) if calls < 3 else (loss, items.clone().fill_(float("inf")))
+
+    with pytest.raises(TrainingDiverged, match="iteration 2"):
+        train(model, model, random_batches([4] * 3), ctx, loss_fn=last_step_fails)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_steps_match_eager_steps() -> None:
+    """Same losses at every step and the same weights, BatchNorm statistics and gradients-free
+    state after an epoch with accumulation and a short last batch (which runs eagerly)."""
+    ctx = DistContext(device=torch.device("cuda", 0))
+    seed_everything(0, deterministic=True)
+    eager_model = tiny_model(ctx.device)
+    graphed_model = copy.deepcopy(eager_model)
+    batches = random_batches([16] * 9 + [8])
+    eager_losses = train(eager_model, eager_model, batches, ctx)
+    wrapper = GraphedModel(graphed_model)
+    with autocast(ctx.device, amp_dtype_for(ctx.device)):
+        wrapper.capture(torch.zeros(16, 3, SIZE, SIZE, device=ctx.device).contiguous(memory_format=torch.channels_last))
+    assert wrapper.captured, "capture failed"
+    graphed_losses = train(wrapper, graphed_model, batches, ctx)
+    for step, (eager, graphed) in enumerate(zip(eager_losses, graphed_losses, strict=True)):
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6, msg=f"losses differ at step {step}")
+    graphed_state = graphed_model.state_dict()
+    for name, value in eager_model.state_dict().items():
+        torch.testing.assert_close(graphed_state[name], value, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_model_replays_only_the_captured_training_shape() -> None:
+    """Before capture, for another batch size and in eval mode the model runs eagerly."""
+    device = torch.device("cuda", 0)
+    wrapper = GraphedModel(tiny_model(device))
+    batch = torch.rand(4, 3, SIZE, SIZE, device=device).contiguous(memory_format=torch.channels_last)
+    eager = [output.detach().clone() for output in wrapper(batch)]
+    assert not wrapper.captured
+    wrapper.capture(batch)
+    assert wrapper.captured
+    replayed = wrapper(batch)  # train mode normalises with the batch's own statistics: same outputs
+    torch.testing.assert_close([output.detach() for output in replayed], eager)
+    sum(output.float().sum() for output in replayed).backward()
+    assert wrapper(batch[:2])[0].shape[0] == 2
+    wrapper.eval()
+    decoded, raw = wrapper(batch)
+    assert decoded.shape[0] == 4 and len(raw) == 3
