@@ -22,7 +22,7 @@ from trainer.config import TrainConfig
 from trainer.data import DataConfig, build_dataloader, build_datasets, load_data_config
 from trainer.dist import DistContext
 from trainer.ema import ModelEMA
-from trainer.engine import StepCounter, autocast, evaluate, train_one_epoch
+from trainer.engine import StepCounter, autocast, evaluate, to_model_input, train_one_epoch
 from trainer.errors import UserError
 from trainer.graphs import GraphedModel
 from trainer.loss import DetectionLoss
@@ -150,7 +150,7 @@ def capture_graphs(parts: TrainingParts, batch_size: int, imgsz: int, device: to
     what ten small steps save.
     """
     if isinstance(parts.train_model, GraphedModel) and steps >= MIN_GRAPHED_STEPS:
-        example = torch.zeros(batch_size, 3, imgsz, imgsz, device=device).contiguous(memory_format=torch.channels_last)
+        example = to_model_input(torch.zeros(batch_size, 3, imgsz, imgsz, dtype=torch.uint8), device)
         with autocast(device, parts.amp_dtype):
             parts.train_model.capture(example)
 
