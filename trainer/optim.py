@@ -54,6 +54,17 @@ def lr_lambda(epochs: int, lrf: float, cosine: bool) -> Callable[[int], float]:
     return lambda epoch: (1 - epoch / epochs) * (1.0 - lrf) + lrf
 
 
+def scheduler_lambda(lr_factor: Callable[[int], float]) -> Callable[[int], float]:
+    """What the per-epoch LR scheduler applies in epoch e: `lr_factor(e - 1)`, from epoch 1 on.
+
+    YOLOv5 steps its scheduler at the end of each epoch from one step behind, so after the
+    warmup epoch e trains at lr0 · lf(e - 1), and the epoch in which the warmup ends keeps the
+    warmup's final lr, lr0 · lf(e), into the next. Following it keeps a run's pace, mAP after a
+    given number of epochs, and results.csv's lr columns the same as YOLOv5's.
+    """
+    return lambda epoch: lr_factor(max(epoch - 1, 0))
+
+
 @dataclass(frozen=True)
 class Warmup:
     """Linear warmup of lr, momentum and gradient accumulation over the first `iterations` steps."""
@@ -78,8 +89,10 @@ class Warmup:
         return max(1, int(np.interp(iteration, [0, self.iterations], [1, NOMINAL_BATCH / self.batch_size]).round()))
 
     def apply(self, optimizer: torch.optim.Optimizer, iteration: int, scheduled_lr_factor: float) -> None:
-        """Set each group's lr/momentum for this iteration (no-op once warmup is over)."""
-        if iteration >= self.iterations:
+        """Set each group's lr/momentum for this iteration. The last warmup iteration,
+        `iterations` itself, sets them to the scheduled lr and the final momentum; later ones
+        change nothing."""
+        if iteration > self.iterations:
             return
         span = [0, self.iterations]
         for group in optimizer.param_groups:

@@ -28,7 +28,7 @@ from trainer.graphs import GraphedModel
 from trainer.loss import DetectionLoss
 from trainer.metrics import fitness
 from trainer.model import DetectionModel
-from trainer.optim import Warmup, build_optimizer, lr_lambda, scaled_weight_decay
+from trainer.optim import Warmup, build_optimizer, lr_lambda, scaled_weight_decay, scheduler_lambda
 from trainer.progress import EpochProgress, append_results
 
 LOGGER = logging.getLogger("trainer")
@@ -163,7 +163,7 @@ class TrainingParts:
     train_model: torch.nn.Module  # the model, wrapped for DDP or CUDA graphs (`training_model`)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    lr_factor: Callable[[int], float]
+    lr_factor: Callable[[int], float]  # epoch -> lr0 multiple the warmup heads for; see scheduler_lambda
     scaler: torch.amp.GradScaler
     ema: ModelEMA
     warmup: Warmup
@@ -201,7 +201,7 @@ def build_training_parts(cfg: TrainConfig, ctx: DistContext, model: DetectionMod
         model=model,
         train_model=training_model(model, ctx, cfg.sync_bn),
         optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_factor),
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=scheduler_lambda(lr_factor)),
         lr_factor=lr_factor,
         scaler=torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16),
         ema=ModelEMA(model),  # on every rank: distributed validation evaluates the same EMA weights everywhere
