@@ -186,9 +186,10 @@ def test_copy_paste_mirrors_a_box_unless_it_would_cover_another() -> None:
 
 
 def test_box_filter_drops_slivers_cut_off_and_elongated_boxes() -> None:
-    before = torch.tensor([[0.0, 0, 20, 20], [0, 0, 20, 20], [0, 0, 20, 20], [0, 0, 40, 40]])
-    after = torch.tensor([[0.0, 0, 20, 20], [0, 0, 1.5, 20], [0, 0, 5, 5], [0, 0, 60, 2.9]])
-    assert keep_boxes(before, after, scale=1.0).tolist() == [True, False, False, False]
+    before = torch.tensor([[0.0, 0, 20, 20], [0, 0, 20, 20], [0, 0, 20, 20], [0, 0, 80, 80], [0, 0, 40, 40]])
+    after = torch.tensor([[0.0, 0, 20, 20], [0, 0, 1.5, 20], [0, 0, 5, 5], [0, 0, 300, 2.5], [0, 0, 60, 2.9]])
+    # A 60 × 2.9 strip (aspect 21) keeps enough of its box; a 300 × 2.5 one (aspect 120) is too elongated.
+    assert keep_boxes(before, after, scale=1.0).tolist() == [True, False, False, False, True]
     assert keep_boxes(before[:1], torch.tensor([[0.0, 0, 5, 5]]), scale=0.25).tolist() == [True]
 
 

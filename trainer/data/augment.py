@@ -20,7 +20,7 @@ from trainer.config import Hyp
 FILL = 114  # grey of letterbox and warp borders
 MIN_SIDE = 2.0  # pixels: thinner boxes after a transform are dropped
 MIN_AREA_RATIO = 0.1  # of the box's area before the transform (scaled), else mostly cut off
-MAX_ASPECT = 20.0
+MAX_ASPECT = 100.0  # YOLOv5's limit: a box cut to a thin strip at the border still counts
 PASTE_MAX_COVER = 0.3  # a pasted box may cover at most this share of an existing box
 
 
