@@ -59,8 +59,8 @@ def scheduler_lambda(lr_factor: Callable[[int], float]) -> Callable[[int], float
 
     YOLOv5 steps its scheduler at the end of each epoch from one step behind, so after the
     warmup epoch e trains at lr0 · lf(e - 1), and the epoch in which the warmup ends keeps the
-    warmup's final lr, lr0 · lf(e), into the next. Following it keeps a run's pace, mAP after a
-    given number of epochs, and results.csv's lr columns the same as YOLOv5's.
+    warmup's final lr, lr0 · lf(e), into the next. Following it gives a run YOLOv5's lr in every
+    epoch, and results.csv the same lr columns.
     """
     return lambda epoch: lr_factor(max(epoch - 1, 0))
 
