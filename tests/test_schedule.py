@@ -75,6 +75,8 @@ def test_warmup_interpolates_lr_momentum_and_accumulation():
     assert all(g["momentum"] == 0.937 for g in optimizer.param_groups)
     warmup.apply(optimizer, 101, scheduled_lr_factor=0.5)  # after warmup nothing changes
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.009] * 3)
+    Warmup(0, 16, 0.1, 0.8, 0.937).apply(optimizer, 0, scheduled_lr_factor=0.5)  # no warmup: nothing changes
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.009] * 3)
 
 
 def test_learning_rate_per_epoch_follows_yolov5():

@@ -90,9 +90,9 @@ class Warmup:
 
     def apply(self, optimizer: torch.optim.Optimizer, iteration: int, scheduled_lr_factor: float) -> None:
         """Set each group's lr/momentum for this iteration. The last warmup iteration,
-        `iterations` itself, sets them to the scheduled lr and the final momentum; later ones
-        change nothing."""
-        if iteration > self.iterations:
+        `iterations` itself, sets them to the scheduled lr and the final momentum; later ones,
+        and every iteration of a run without warmup, change nothing."""
+        if not self.iterations or iteration > self.iterations:
             return
         span = [0, self.iterations]
         for group in optimizer.param_groups:
