@@ -81,9 +81,9 @@ def test_warmup_interpolates_lr_momentum_and_accumulation():
 
 def test_learning_rate_per_epoch_follows_yolov5():
     """The lr of each group at each epoch's end, as results.csv logs it, for 5 epochs of 250
-    batches of 16 (warmup: 750 iterations), equals what YOLOv5 v7.0 logs for that run (to its
-    five significant digits): its
-    scheduler runs one epoch behind, so epochs 3 and 4 both train at lr0 · lf(3)."""
+    batches of 16 (warmup: 750 iterations), equals what YOLOv5 v7.0 logs for that run, to its
+    five significant digits. Its scheduler runs one epoch behind, so epochs 3 and 4 both train
+    at lr0 · lf(3)."""
     cfg = TrainConfig(epochs=5, batch_size=16, imgsz=320)
     parts = build_training_parts(cfg, DistContext(), DetectionModel("yolov5n", nc=6), batches_per_epoch=250)
     logged = []
