@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_ddp import process_counts
 from bench.bench_evolve import child_pids, resident_megabytes, summarise
 from bench.bench_train import TimedBatches
+from bench.compare_yolov5 import compare, parse_seeds, read_results, summarise_run
 
 
 class EndlessLoader:
@@ -158,3 +159,63 @@ def test_bench_ddp_reports_scaling_against_one_process(tiny_data: Path, tmp_path
     single, double = (run["images_per_s"] for run in result["runs"])
     assert result["scaling_efficiency"] == {"1": 1.0, "2": round(double / (2 * single), 3)}
     assert result["backend"] == "gloo"
+
+
+def write_results(path: Path, rows: list[tuple[float, float]], padded: bool) -> None:
+    """A results.csv with (mAP@0.5, mAP@0.5:0.95) per epoch; YOLOv5 right-aligns its column names."""
+    columns = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]
+    lines = [",".join(f"{name:>20}" if padded else name for name in columns)]
+    lines += [f"{epoch},0.1,0.05,0.04,{map50},{map_}" for epoch, (map50, map_) in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_run_is_summarised_by_its_last_epoch_and_its_best_fitness(tmp_path: Path) -> None:
+    results = tmp_path / "results.csv"
+    write_results(results, [(0.1, 0.05), (0.5, 0.3), (0.4, 0.2)], padded=True)
+    rows = read_results(results)
+    assert len(rows) == 3 and rows[0]["metrics/mAP_0.5"] == 0.1
+    summary = summarise_run(rows)
+    assert (summary["map50"], summary["map"], summary["box_loss"]) == (0.4, 0.2, 0.1)
+    assert summary["best_fitness"] == pytest.approx(0.1 * 0.5 + 0.9 * 0.3)  # epoch 1, not the last
+    assert read_results(tmp_path / "missing.csv") == []
+
+
+def test_comparison_gives_means_spreads_and_the_difference_with_its_standard_error() -> None:
+    def run(trainer: str, map50: float) -> dict[str, Any]:
+        return {"trainer": trainer, "map50": map50, "map": map50 / 2, "best_fitness": map50 / 2}
+
+    runs = [run("ours", 0.2), run("ours", 0.4), run("yolov5", 0.1), run("yolov5", 0.2), run("yolov5", 0.3)]
+    summary = compare(runs)
+    assert summary["ours"]["map50"] == {"mean": 0.3, "std": pytest.approx(0.14142, abs=1e-5), "n": 2}
+    assert summary["yolov5"]["map50"] == {"mean": 0.2, "std": 0.1, "n": 3}
+    # standard error of the difference: sqrt(0.02 / 2 + 0.01 / 3)
+    assert summary["difference"]["map50"] == {"mean": pytest.approx(0.1), "standard_error": pytest.approx(0.11547, abs=1e-5)}
+    assert summary["difference"]["map"]["mean"] == pytest.approx(0.05)
+
+
+def test_seeds_are_a_list_of_at_least_two_integers() -> None:
+    assert parse_seeds("2,0,1,1") == [0, 1, 2]
+    for bad in ("0", "a,b", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="--seeds"):
+            parse_seeds(bad)
+
+
+@pytest.mark.slow
+def test_compare_yolov5_trains_both_sides_per_seed_and_reuses_finished_runs(tiny_data: Path, tmp_path: Path) -> None:
+    """Our own trainer stands in for YOLOv5's train.py: it takes the same command line."""
+    project = tmp_path / "compare"
+    args = ("--yolov5", f"{sys.executable} -m trainer", "--seeds", "0,1", "--epochs", "1", "--data", str(tiny_data),
+            "--imgsz", "64", "--batch-size", "8", "--device", "cpu", "--workers", "0", "--project", str(project))
+    result = run_bench("compare_yolov5.py", *args, cwd=tmp_path, timeout=600)
+    runs = result["runs"]
+    assert [(run["trainer"], run["seed"]) for run in runs] == [("ours", 0), ("yolov5", 0), ("ours", 1), ("yolov5", 1)]
+    assert all(run["run_s"] > 0 and (project / Path(run["dir"]).name / "train.log").is_file() for run in runs)
+    # The stand-in read the YOLOv5 data YAML: the same images, so seed for seed the same training.
+    by_seed = {(run["trainer"], run["seed"]): run for run in runs}
+    for seed in (0, 1):
+        assert by_seed["ours", seed]["box_loss"] == by_seed["yolov5", seed]["box_loss"]
+    assert by_seed["ours", 0]["box_loss"] != by_seed["ours", 1]["box_loss"]
+    assert result["ours"]["map50"]["n"] == 2 and result["difference"]["map50"]["mean"] == 0.0
+    again = run_bench("compare_yolov5.py", *args, cwd=tmp_path, timeout=600)
+    assert all(run["run_s"] is None for run in again["runs"])  # read back, not trained again
+    assert [run["map50"] for run in again["runs"]] == [run["map50"] for run in runs]

@@ -1,0 +1,171 @@
+"""mAP after the same training: our trainer against YOLOv5's train.py, over several seeds.
+
+    python bench/compare_yolov5.py --yolov5 "python /path/to/yolov5/train.py" [--seeds 0,1,2]
+        [--epochs 12] [--data synthetic-4k.yaml] [--cfg yolov5n] [--imgsz 320] [--batch-size 16]
+        [--device ""] [--workers 8] [--project runs/compare]
+
+For each seed, `python -m trainer` and the `--yolov5` command train one after the other with
+the same command line (YOLOv5's flags, which our trainer accepts too) on the same images:
+`--data` is given to ours and rewritten as a YOLOv5 data YAML for the other. Each run's
+`results.csv` (the same columns in both) gives its last epoch's mAP. After a few epochs the
+seed alone moves mAP by several points, so one run each says little: the summary has each
+trainer's mean and standard deviation over the seeds, and the difference of the means
+(ours − YOLOv5) with its standard error.
+
+Runs go to `<project>/ours-seed<N>` and `<project>/yolov5-seed<N>`. A run whose results.csv
+already holds every epoch is read, not trained again, so the same command, repeated,
+completes an interrupted comparison; an unfinished run is started over. Each run's output
+goes to `train.log` beside it. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import click
+import torch
+
+from bench.bench_train import machine_settings, write_yolov5_data
+from trainer.data import load_data_config
+
+TRAINERS = ("ours", "yolov5")
+METRICS = {"map50": "metrics/mAP_0.5", "map": "metrics/mAP_0.5:0.95"}
+LOSSES = {"box_loss": "train/box_loss", "obj_loss": "train/obj_loss", "cls_loss": "train/cls_loss"}
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: give integers separated by commas, e.g. 0,1,2") from None
+    if len(seeds) < 2:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: give at least two seeds, to see the spread they cause")
+    return seeds
+
+
+def training_flags(args: argparse.Namespace, data_yaml: Path, seed: int, run_dir: Path) -> list[str]:
+    """YOLOv5 train.py's flags for this run; `python -m trainer` takes the same. A model name
+    becomes `<name>.yaml`, which both find among their bundled models."""
+    cfg = args.cfg if args.cfg.endswith(".yaml") else f"{args.cfg}.yaml"
+    flags = ["--imgsz", str(args.imgsz), "--batch-size", str(args.batch_size), "--cfg", cfg,
+             "--weights", "", "--data", str(data_yaml), "--workers", str(args.workers), "--epochs", str(args.epochs),
+             "--seed", str(seed), "--project", str(run_dir.parent), "--name", run_dir.name, "--exist-ok"]
+    return flags + (["--device", args.device] if args.device else [])
+
+
+def read_results(results_csv: Path) -> list[dict[str, float]]:
+    """results.csv's rows, one per epoch; YOLOv5 pads its column names with spaces."""
+    if not results_csv.is_file():
+        return []
+    with results_csv.open(newline="") as file:
+        return [{key.strip(): float(value) for key, value in row.items()} for row in csv.DictReader(file)]
+
+
+def summarise_run(rows: list[dict[str, float]]) -> dict[str, Any]:
+    """The last epoch's mAP and training losses, and the best fitness (0.1·mAP@0.5 + 0.9·mAP@0.5:0.95)."""
+    last = rows[-1]
+    fitness = max(0.1 * row[METRICS["map50"]] + 0.9 * row[METRICS["map"]] for row in rows)
+    return {**{name: round(last[column], 5) for name, column in {**METRICS, **LOSSES}.items()},
+            "best_fitness": round(fitness, 5)}
+
+
+def train(command: list[str], run_dir: Path, epochs: int) -> float | None:
+    """Train into run_dir unless a finished run is there; the seconds it took, None if reused."""
+    if len(read_results(run_dir / "results.csv")) >= epochs:
+        return None
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run: its results.csv would be appended to
+    run_dir.mkdir(parents=True)
+    log = run_dir / "train.log"
+    print(f"training {run_dir.name}: {shlex.join(command)}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    with log.open("w") as output:
+        finished = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, check=False)
+    if finished.returncode:
+        raise click.ClickException(f"{run_dir.name} failed with exit code {finished.returncode}; see {log}")
+    return time.perf_counter() - started
+
+
+def describe(values: list[float]) -> dict[str, float | int]:
+    return {"mean": round(statistics.fmean(values), 5), "std": round(statistics.stdev(values), 5), "n": len(values)}
+
+
+def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per trainer, each metric's mean and standard deviation over the seeds; and the difference
+    of the means, ours − YOLOv5, with its standard error (the seeds of the two are independent)."""
+    summary: dict[str, Any] = {trainer: {} for trainer in TRAINERS}
+    summary["difference"] = {}
+    for metric in [*METRICS, "best_fitness"]:
+        values = {trainer: [run[metric] for run in runs if run["trainer"] == trainer] for trainer in TRAINERS}
+        for trainer in TRAINERS:
+            summary[trainer][metric] = describe(values[trainer])
+        error = math.sqrt(sum(statistics.variance(values[trainer]) / len(values[trainer]) for trainer in TRAINERS))
+        difference = statistics.fmean(values["ours"]) - statistics.fmean(values["yolov5"])
+        summary["difference"][metric] = {"mean": round(difference, 5), "standard_error": round(error, 5)}
+    return summary
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--yolov5", required=True, type=shlex.split,
+                        help='the command that runs YOLOv5 v7.0\'s train.py, e.g. "python ~/yolov5/train.py"')
+    parser.add_argument("--seeds", type=parse_seeds, default=parse_seeds("0,1,2"), help="comma-separated, at least two")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--data", default="synthetic", help="our data YAML path or bundled name")
+    parser.add_argument("--cfg", default="yolov5n", help="model: yolov5n/s/m/l/x, or a YAML path both can read")
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="", help="cpu, 0, … (default: each trainer's own choice)")
+    parser.add_argument("--workers", type=int, default=8, help="loader workers")
+    parser.add_argument("--project", type=Path, default=Path("runs/compare"), help="where the runs go")
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error(f"--epochs {args.epochs} must be at least 1")
+    args.project = args.project.resolve()  # YOLOv5 runs elsewhere would resolve a relative one differently
+    return args
+
+
+def main() -> None:
+    args = parse_arguments()
+    args.project.mkdir(parents=True, exist_ok=True)
+    yolov5_data = args.project / "yolov5-data.yaml"
+    write_yolov5_data(load_data_config(args.data), yolov5_data)  # generates a synthetic set on first use
+    commands = {"ours": [sys.executable, "-m", "trainer"], "yolov5": args.yolov5}
+    data = {"ours": args.data, "yolov5": yolov5_data}
+    runs = []
+    for seed in args.seeds:
+        for trainer in TRAINERS:
+            run_dir = args.project / f"{trainer}-seed{seed}"
+            command = commands[trainer] + training_flags(args, data[trainer], seed, run_dir)
+            seconds = train(command, run_dir, args.epochs)
+            rows = read_results(run_dir / "results.csv")
+            if len(rows) < args.epochs:
+                raise click.ClickException(f"{run_dir}/results.csv has {len(rows)} of {args.epochs} epochs")
+            runs.append({"trainer": trainer, "seed": seed, **summarise_run(rows),
+                         "run_s": None if seconds is None else round(seconds, 1), "dir": str(run_dir)})
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    result = {"bench": "compare_yolov5", "cfg": args.cfg, "imgsz": args.imgsz, "batch_size": args.batch_size,
+              "epochs": args.epochs, "device": args.device, "workers": args.workers, "data": args.data,
+              "yolov5_command": shlex.join(args.yolov5), "seeds": args.seeds, "runs": runs, **compare(runs),
+              **machine_settings(device)}
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except click.ClickException as error:  # a user mistake (bad --data, a failed run): a message, not a traceback
+        error.show()
+        sys.exit(error.exit_code)
