@@ -43,7 +43,11 @@ from trainer.data import load_data_config
 
 TRAINERS = ("ours", "yolov5")
 METRICS = {"map50": "metrics/mAP_0.5", "map": "metrics/mAP_0.5:0.95"}
-LOSSES = {"box_loss": "train/box_loss", "obj_loss": "train/obj_loss", "cls_loss": "train/cls_loss"}
+LOSSES = {"box_loss": "train/box_loss", "obj_loss": "train/obj_loss", "cls_loss": "train/cls_loss",
+          "val_box_loss": "val/box_loss", "val_obj_loss": "val/obj_loss", "val_cls_loss": "val/cls_loss"}
+# Summarised over the seeds. The validation box loss is comparable between the two trainers (the same
+# loss on the same images); their training losses are not (each trains on its own augmentations).
+COMPARED = (*METRICS, "best_fitness", "val_box_loss")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -75,7 +79,7 @@ def read_results(results_csv: Path) -> list[dict[str, float]]:
 
 
 def summarise_run(rows: list[dict[str, float]]) -> dict[str, Any]:
-    """The last epoch's mAP and training losses, and the best fitness (0.1·mAP@0.5 + 0.9·mAP@0.5:0.95)."""
+    """The last epoch's mAP and losses, and the best fitness (0.1·mAP@0.5 + 0.9·mAP@0.5:0.95)."""
     last = rows[-1]
     fitness = max(0.1 * row[METRICS["map50"]] + 0.9 * row[METRICS["map"]] for row in rows)
     return {**{name: round(last[column], 5) for name, column in {**METRICS, **LOSSES}.items()},
@@ -107,7 +111,7 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
     of the means, ours − YOLOv5, with its standard error (the seeds of the two are independent)."""
     summary: dict[str, Any] = {trainer: {} for trainer in TRAINERS}
     summary["difference"] = {}
-    for metric in [*METRICS, "best_fitness"]:
+    for metric in COMPARED:
         values = {trainer: [run[metric] for run in runs if run["trainer"] == trainer] for trainer in TRAINERS}
         for trainer in TRAINERS:
             summary[trainer][metric] = describe(values[trainer])

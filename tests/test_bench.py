@@ -163,9 +163,10 @@ def test_bench_ddp_reports_scaling_against_one_process(tiny_data: Path, tmp_path
 
 def write_results(path: Path, rows: list[tuple[float, float]], padded: bool) -> None:
     """A results.csv with (mAP@0.5, mAP@0.5:0.95) per epoch; YOLOv5 right-aligns its column names."""
-    columns = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]
+    columns = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
+               "val/box_loss", "val/obj_loss", "val/cls_loss"]
     lines = [",".join(f"{name:>20}" if padded else name for name in columns)]
-    lines += [f"{epoch},0.1,0.05,0.04,{map50},{map_}" for epoch, (map50, map_) in enumerate(rows)]
+    lines += [f"{epoch},0.1,0.05,0.04,{map50},{map_},0.09,0.03,0.02" for epoch, (map50, map_) in enumerate(rows)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -175,14 +176,14 @@ def test_a_run_is_summarised_by_its_last_epoch_and_its_best_fitness(tmp_path: Pa
     rows = read_results(results)
     assert len(rows) == 3 and rows[0]["metrics/mAP_0.5"] == 0.1
     summary = summarise_run(rows)
-    assert (summary["map50"], summary["map"], summary["box_loss"]) == (0.4, 0.2, 0.1)
+    assert (summary["map50"], summary["map"], summary["box_loss"], summary["val_box_loss"]) == (0.4, 0.2, 0.1, 0.09)
     assert summary["best_fitness"] == pytest.approx(0.1 * 0.5 + 0.9 * 0.3)  # epoch 1, not the last
     assert read_results(tmp_path / "missing.csv") == []
 
 
 def test_comparison_gives_means_spreads_and_the_difference_with_its_standard_error() -> None:
     def run(trainer: str, map50: float) -> dict[str, Any]:
-        return {"trainer": trainer, "map50": map50, "map": map50 / 2, "best_fitness": map50 / 2}
+        return {"trainer": trainer, "map50": map50, "map": map50 / 2, "best_fitness": map50 / 2, "val_box_loss": 0.05}
 
     runs = [run("ours", 0.2), run("ours", 0.4), run("yolov5", 0.1), run("yolov5", 0.2), run("yolov5", 0.3)]
     summary = compare(runs)
@@ -191,6 +192,7 @@ def test_comparison_gives_means_spreads_and_the_difference_with_its_standard_err
     # standard error of the difference: sqrt(0.02 / 2 + 0.01 / 3)
     assert summary["difference"]["map50"] == {"mean": pytest.approx(0.1), "standard_error": pytest.approx(0.11547, abs=1e-5)}
     assert summary["difference"]["map"]["mean"] == pytest.approx(0.05)
+    assert summary["difference"]["val_box_loss"] == {"mean": 0.0, "standard_error": 0.0}
 
 
 def test_seeds_are_a_list_of_at_least_two_integers() -> None:
