@@ -218,6 +218,9 @@ def test_compare_yolov5_trains_both_sides_per_seed_and_reuses_finished_runs(tiny
         assert by_seed["ours", seed]["box_loss"] == by_seed["yolov5", seed]["box_loss"]
     assert by_seed["ours", 0]["box_loss"] != by_seed["ours", 1]["box_loss"]
     assert result["ours"]["map50"]["n"] == 2 and result["difference"]["map50"]["mean"] == 0.0
+    # Repeated: finished runs are read back, not trained again; an unfinished one is trained anew.
+    unfinished = project / "ours-seed1" / "results.csv"
+    unfinished.write_text(unfinished.read_text().splitlines()[0] + "\n")
     again = run_bench("compare_yolov5.py", *args, cwd=tmp_path, timeout=600)
-    assert all(run["run_s"] is None for run in again["runs"])  # read back, not trained again
-    assert [run["map50"] for run in again["runs"]] == [run["map50"] for run in runs]
+    assert [run["run_s"] is None for run in again["runs"]] == [True, True, False, True]
+    assert [run["box_loss"] for run in again["runs"]] == [run["box_loss"] for run in runs]

@@ -90,6 +90,7 @@ def test_learning_rate_per_epoch_follows_yolov5():
     for epoch in range(cfg.epochs):
         for iteration in range(epoch * 250, (epoch + 1) * 250):
             parts.warmup.apply(parts.optimizer, iteration, parts.lr_factor(epoch))
+        parts.optimizer.step()  # no gradients, so no change; the scheduler expects a step before its own
         logged.append([group["lr"] for group in parts.optimizer.param_groups])
         parts.scheduler.step()
     bias, weights, norm = zip(*logged)
