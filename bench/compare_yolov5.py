@@ -21,7 +21,6 @@ goes to `train.log` beside it. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import shlex
@@ -39,7 +38,9 @@ import click
 import torch
 
 from bench.bench_train import machine_settings, write_yolov5_data
+from orchestrator.status import read_results
 from trainer.data import load_data_config
+from trainer.metrics import fitness
 
 TRAINERS = ("ours", "yolov5")
 METRICS = {"map50": "metrics/mAP_0.5", "map": "metrics/mAP_0.5:0.95"}
@@ -70,25 +71,18 @@ def training_flags(args: argparse.Namespace, data_yaml: Path, seed: int, run_dir
     return flags + (["--device", args.device] if args.device else [])
 
 
-def read_results(results_csv: Path) -> list[dict[str, float]]:
-    """results.csv's rows, one per epoch; YOLOv5 pads its column names with spaces."""
-    if not results_csv.is_file():
-        return []
-    with results_csv.open(newline="") as file:
-        return [{key.strip(): float(value) for key, value in row.items()} for row in csv.DictReader(file)]
-
-
 def summarise_run(rows: list[dict[str, float]]) -> dict[str, Any]:
-    """The last epoch's mAP and losses, and the best fitness (0.1·mAP@0.5 + 0.9·mAP@0.5:0.95)."""
-    last = rows[-1]
-    fitness = max(0.1 * row[METRICS["map50"]] + 0.9 * row[METRICS["map"]] for row in rows)
-    return {**{name: round(last[column], 5) for name, column in {**METRICS, **LOSSES}.items()},
-            "best_fitness": round(fitness, 5)}
+    """The last epoch's mAP and losses, and the best fitness over the epochs. `rows` come from
+    `read_results`, by column name, which copes with YOLOv5's space-padded names."""
+    best = max(fitness(*(row[f"metrics/{name}"] for name in ("precision", "recall", "mAP_0.5", "mAP_0.5:0.95")))
+               for row in rows)
+    return {**{name: round(rows[-1][column], 5) for name, column in {**METRICS, **LOSSES}.items()},
+            "best_fitness": round(best, 5)}
 
 
 def train(command: list[str], run_dir: Path, epochs: int) -> float | None:
     """Train into run_dir unless a finished run is there; the seconds it took, None if reused."""
-    if len(read_results(run_dir / "results.csv")) >= epochs:
+    if len(read_results(run_dir)) >= epochs:
         return None
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run: its results.csv would be appended to
     run_dir.mkdir(parents=True)
@@ -154,7 +148,7 @@ def main() -> None:
             run_dir = args.project / f"{trainer}-seed{seed}"
             command = commands[trainer] + training_flags(args, data[trainer], seed, run_dir)
             seconds = train(command, run_dir, args.epochs)
-            rows = read_results(run_dir / "results.csv")
+            rows = read_results(run_dir)
             if len(rows) < args.epochs:
                 raise click.ClickException(f"{run_dir}/results.csv has {len(rows)} of {args.epochs} epochs")
             runs.append({"trainer": trainer, "seed": seed, **summarise_run(rows),

@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_ddp import process_counts
 from bench.bench_evolve import child_pids, resident_megabytes, summarise
 from bench.bench_train import TimedBatches
-from bench.compare_yolov5 import compare, parse_seeds, read_results, summarise_run
+from bench.compare_yolov5 import compare, parse_seeds, summarise_run
+from orchestrator.status import read_results
 
 
 class EndlessLoader:
@@ -163,22 +164,20 @@ def test_bench_ddp_reports_scaling_against_one_process(tiny_data: Path, tmp_path
 
 def write_results(path: Path, rows: list[tuple[float, float]], padded: bool) -> None:
     """A results.csv with (mAP@0.5, mAP@0.5:0.95) per epoch; YOLOv5 right-aligns its column names."""
-    columns = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
-               "val/box_loss", "val/obj_loss", "val/cls_loss"]
+    columns = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
+               "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss", "val/cls_loss"]
     lines = [",".join(f"{name:>20}" if padded else name for name in columns)]
-    lines += [f"{epoch},0.1,0.05,0.04,{map50},{map_},0.09,0.03,0.02" for epoch, (map50, map_) in enumerate(rows)]
+    lines += [f"{epoch},0.1,0.05,0.04,0.6,0.7,{map50},{map_},0.09,0.03,0.02" for epoch, (map50, map_) in enumerate(rows)]
     path.write_text("\n".join(lines) + "\n")
 
 
 def test_a_run_is_summarised_by_its_last_epoch_and_its_best_fitness(tmp_path: Path) -> None:
-    results = tmp_path / "results.csv"
-    write_results(results, [(0.1, 0.05), (0.5, 0.3), (0.4, 0.2)], padded=True)
-    rows = read_results(results)
+    write_results(tmp_path / "results.csv", [(0.1, 0.05), (0.5, 0.3), (0.4, 0.2)], padded=True)
+    rows = read_results(tmp_path)
     assert len(rows) == 3 and rows[0]["metrics/mAP_0.5"] == 0.1
     summary = summarise_run(rows)
     assert (summary["map50"], summary["map"], summary["box_loss"], summary["val_box_loss"]) == (0.4, 0.2, 0.1, 0.09)
     assert summary["best_fitness"] == pytest.approx(0.1 * 0.5 + 0.9 * 0.3)  # epoch 1, not the last
-    assert read_results(tmp_path / "missing.csv") == []
 
 
 def test_comparison_gives_means_spreads_and_the_difference_with_its_standard_error() -> None:
