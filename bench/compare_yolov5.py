@@ -80,10 +80,8 @@ def summarise_run(rows: list[dict[str, float]]) -> dict[str, Any]:
             "best_fitness": round(best, 5)}
 
 
-def train(command: list[str], run_dir: Path, epochs: int) -> float | None:
-    """Train into run_dir unless a finished run is there; the seconds it took, None if reused."""
-    if len(read_results(run_dir)) >= epochs:
-        return None
+def train(command: list[str], run_dir: Path) -> float:
+    """Train into a fresh run_dir; the seconds it took."""
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run: its results.csv would be appended to
     run_dir.mkdir(parents=True)
     log = run_dir / "train.log"
@@ -147,8 +145,10 @@ def main() -> None:
         for trainer in TRAINERS:
             run_dir = args.project / f"{trainer}-seed{seed}"
             command = commands[trainer] + training_flags(args, data[trainer], seed, run_dir)
-            seconds = train(command, run_dir, args.epochs)
-            rows = read_results(run_dir)
+            rows, seconds = read_results(run_dir), None
+            if len(rows) < args.epochs:  # not finished before: train it
+                seconds = train(command, run_dir)
+                rows = read_results(run_dir)
             if len(rows) < args.epochs:
                 raise click.ClickException(f"{run_dir}/results.csv has {len(rows)} of {args.epochs} epochs")
             runs.append({"trainer": trainer, "seed": seed, **summarise_run(rows),
