@@ -195,9 +195,13 @@ def test_box_filter_drops_slivers_cut_off_and_elongated_boxes() -> None:
 
 def test_letterbox_pads_centred_with_grey() -> None:
     image = torch.zeros(3, 20, 32, dtype=torch.uint8)
-    padded, (left, top) = letterbox(image, 32)
+    padded, (left, top) = letterbox(image, (32, 32))
     assert padded.shape == (3, 32, 32) and (left, top) == (0, 6)
     assert (padded[:, :6] == FILL).all() and (padded[:, 26:] == FILL).all() and (padded[:, 6:26] == 0).all()
+    # An odd margin puts the extra pixel on the right (and bottom), as YOLOv5 does.
+    padded, (left, top) = letterbox(image, (32, 65))
+    assert padded.shape == (3, 32, 65) and (left, top) == (16, 6)
+    assert (padded[:, 6:26, 16:48] == 0).all() and (padded[:, :, :16] == FILL).all() and (padded[:, :, 48:] == FILL).all()
 
 
 def test_colour_jitter_is_off_at_zero_gain_and_hue_keeps_greys() -> None:

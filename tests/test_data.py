@@ -18,9 +18,9 @@ from torchvision.io import encode_png, write_file
 from trainer.config import Hyp
 from trainer.data import labels as labels_module
 from trainer.data.data_config import load_data_config
-from trainer.data.dataset import YoloDataset, collate
+from trainer.data.dataset import ValidationKey, YoloDataset, collate
 from trainer.data.labels import Sample, label_path, load_samples
-from trainer.data.loader import EpochBatches, build_dataloader, build_datasets
+from trainer.data.loader import EpochBatches, ValidationBatches, build_dataloader, build_datasets, canvas_shape
 from trainer.errors import UserError
 
 
@@ -289,19 +289,24 @@ def _samples(tmp_path: Path, count: int = 4, width: int = 64, height: int = 48) 
     return load_samples([tmp_path / "images" / "train"], nc=3, split="train")
 
 
-def test_validation_letterbox_maps_back_to_the_original(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("canvas", "padding"), [(None, (0, 24)), ((64, 128), (16, 8)), ((80, 97), (0, 16))])
+def test_validation_letterbox_maps_back_to_the_original(
+    tmp_path: Path, canvas: tuple[int, int] | None, padding: tuple[int, int]
+) -> None:
     image = tmp_path / "images" / "val" / "wide.png"
     box = (30, 10, 90, 40)
     write_image(image, 120, 60, box)
     write_labels(image, [f"1 {60 / 120} {25 / 60} {60 / 120} {30 / 60}"])
     dataset = YoloDataset(load_samples([image.parent], 2, "val"), imgsz=96, augment=False, hyp=Hyp())
-    padded, labels, path, shapes = dataset[0]
+    padded, labels, path, shapes = dataset[0] if canvas is None else dataset[ValidationKey(0, *canvas)]
+    canvas_height, canvas_width = canvas or (96, 96)  # a bare index: the imgsz square
     (height0, width0), ((ratio_h, ratio_w), (pad_w, pad_h)) = shapes
-    assert padded.shape == (3, 96, 96) and path == str(image) and (height0, width0) == (60, 120)
-    assert (ratio_w, ratio_h) == (96 / 120, 48 / 60) and (pad_w, pad_h) == (0, 24)
+    assert padded.shape == (3, canvas_height, canvas_width) and path == str(image) and (height0, width0) == (60, 120)
+    assert (ratio_w, ratio_h) == (96 / 120, 48 / 60) and (pad_w, pad_h) == padding
     assert (padded[:, :pad_h] == 114).all() and (padded[:, pad_h + 48 :] == 114).all()
+    assert (padded[:, :, :pad_w] == 114).all() and (padded[:, :, pad_w + 96 :] == 114).all()
 
-    cx, cy, w, h = (labels[0, 1:] * 96).tolist()
+    cx, cy, w, h = (labels[0, 1:] * torch.tensor([canvas_width, canvas_height] * 2)).tolist()
     original = [(cx - w / 2 - pad_w) / ratio_w, (cy - h / 2 - pad_h) / ratio_h]
     original += [(cx + w / 2 - pad_w) / ratio_w, (cy + h / 2 - pad_h) / ratio_h]
     assert original == pytest.approx(box, abs=1e-3)
@@ -371,7 +376,7 @@ def test_persistent_workers_see_new_hyps_and_epochs_and_match_no_workers(tmp_pat
     # No mosaic, no colour or geometry change: every image must be its letterboxed original, mirrored.
     for image, path in zip(flipped[0], flipped[2]):
         index = dataset.files.index(Path(path))
-        original = dataset._validation_item(index)[0]
+        original = dataset._validation_item(ValidationKey(index, 64, 64))[0]
         assert torch.equal(image, original.flip(-1))
 
     dataset.set_hyp(Hyp(fliplr=0.0))
@@ -392,10 +397,56 @@ def test_samplers_split_ranks_and_shuffle_like_one_process(tmp_path: Path) -> No
     assert sorted(set(shares[0]) | set(shares[1])) == list(range(5)) and len(shares[0]) == len(shares[1]) == 3
 
 
+@pytest.mark.parametrize(
+    ("aspects", "imgsz", "canvas"),
+    [
+        ([1.0], 320, (352, 352)),  # square images get half a stride around them
+        ([0.75, 0.75], 640, (512, 672)),  # 4:3 landscape, e.g. 640×480 photos
+        ([0.5, 0.75], 640, (512, 672)),  # the group's tallest image sets the height
+        ([4 / 3, 2.0], 640, (672, 512)),  # portrait: the widest sets the width
+        ([0.75, 1.5], 640, (672, 672)),  # landscape and portrait together: a square
+        ([0.5], 320, (192, 352)),  # 320 × 0.5 = 160 px, 5 strides, plus half a stride: 6
+    ],
+)
+def test_validation_canvas(aspects: list[float], imgsz: int, canvas: tuple[int, int]) -> None:
+    assert canvas_shape(np.array(aspects), imgsz, 32) == canvas
+
+
+def test_validation_batches_group_by_aspect_and_keep_canvases_across_ranks() -> None:
+    rng = np.random.default_rng(0)
+    sizes = np.stack([rng.integers(100, 800, 23), rng.integers(100, 800, 23)], axis=1)  # (width, height)
+    aspects = sizes[:, 1] / sizes[:, 0]
+    single = ValidationBatches(sizes, 320, 32, batch_size=4)
+    keys = [key for batch in single for key in batch]
+    assert len(single) == 6 and [len(batch) for batch in single] == [4] * 5 + [3]
+    assert sorted(key.index for key in keys) == list(range(23))
+    assert np.all(np.diff(aspects[[key.index for key in keys]]) >= 0)  # sorted by height / width
+    for batch in single:
+        assert len({(key.height, key.width) for key in batch}) == 1  # one canvas per batch
+        height, width = batch[0].height, batch[0].width
+        assert canvas_shape(aspects[[key.index for key in batch]], 320, 32) == (height, width)
+
+    # Two ranks with 2 images each per batch: the same groups of 4, so the same canvas per image.
+    ranks = [ValidationBatches(sizes, 320, 32, batch_size=2, rank=rank, world_size=2) for rank in (0, 1)]
+    shared = [key for batches in ranks for batch in batches for key in batch]
+    assert sorted(shared) == sorted(keys)
+    assert [len(batches) for batches in ranks] == [6, 6]
+
+    # A last group smaller than the world: the rank with nothing in it gets no (empty) batch.
+    small = [ValidationBatches(sizes[:5], 320, 32, batch_size=2, rank=rank, world_size=2) for rank in (0, 1)]
+    assert [[len(batch) for batch in batches] for batches in small] == [[2, 1], [2]]
+
+
 def test_validation_shards_cover_every_image_once(tmp_path: Path) -> None:
-    dataset = YoloDataset(_samples(tmp_path, count=5), imgsz=64, augment=False, hyp=Hyp())
+    for index, (width, height) in enumerate([(64, 48), (48, 64), (64, 32), (64, 64), (40, 64)]):
+        write_image(tmp_path / "images" / "val" / f"{index}.png", width, height)
+    dataset = YoloDataset(load_samples([tmp_path / "images" / "val"], 3, "val"), imgsz=64, augment=False, hyp=Hyp())
     loaders = [build_dataloader(dataset, 2, 0, False, 0, rank, 2, shard=True)[0] for rank in (0, 1)]
-    paths = [path for loader in loaders for _, _, batch_paths, _ in loader for path in batch_paths]
+    paths = []
+    for loader in loaders:
+        for (images, _, batch_paths, _), keys in zip(loader, loader.batch_sampler):
+            assert images.shape[2:] == (keys[0].height, keys[0].width)
+            paths.extend(batch_paths)
     assert sorted(paths) == sorted(str(file) for file in dataset.files)
     with pytest.raises(ValueError, match="cannot shuffle"):
         build_dataloader(dataset, 2, 0, True, 0, shard=True)

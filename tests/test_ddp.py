@@ -74,14 +74,14 @@ def test_ddp_per_rank_batch_equals_one_process_on_the_total_batch(layout_data, t
     assert change > 1e-2
 
 
-def test_distributed_validation_equals_single_process(tiny_data, tmp_path):
-    script(1, "validate", str(tiny_data), "8", str(tmp_path / "single.json"), cwd=tmp_path)
-    script(2, "validate", str(tiny_data), "8", str(tmp_path / "ddp.json"), cwd=tmp_path)
+def test_distributed_validation_equals_single_process(layout_data, tmp_path):
+    script(1, "validate", str(layout_data), "4", str(tmp_path / "single.json"), cwd=tmp_path)
+    script(2, "validate", str(layout_data), "4", str(tmp_path / "ddp.json"), cwd=tmp_path)
     single = json.loads((tmp_path / "single.json").read_text())
     ddp = json.loads((tmp_path / "ddp.json").read_text())
     for key in ("precision", "recall", "map50", "map"):
         assert ddp[key] == pytest.approx(single[key], abs=1e-9), key
-    assert single["recall"] > 0 and single["map50"] > 0  # chance matches: the comparison is not vacuous
+    assert 0.1 < single["map"] < 0.9 and single["recall"] > 0.5  # true positives at varied IoUs: not vacuous
     for key in ("box_loss", "obj_loss", "cls_loss"):
         assert ddp[key] == pytest.approx(single[key], rel=0.05), key  # batch composition differs
 

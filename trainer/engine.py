@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from torchvision.ops import box_convert
 
 from trainer import dist
@@ -136,7 +137,7 @@ def image_labels(targets: torch.Tensor, index: int, height: int, width: int) -> 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, loss_fn: LossFunction, nc: int, ctx: DistContext,
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn: LossFunction, nc: int, ctx: DistContext,
              amp_dtype: torch.dtype | None = None, conf_thres: float = 0.001, iou_thres: float = 0.6,
              collect_json: bool = False) -> dict[str, Any]:
     """Validate on this rank's shard; rank results are merged so every rank returns the full metrics.
@@ -148,9 +149,9 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: LossFunction, nc: int,
     loss_sum = torch.zeros(3, device=ctx.device)
     batches = 0
     records: list[dict[str, Any]] = []
-    # Batches follow the sampler's order, so each image's data set index is known: it orders
-    # the merged metrics exactly as one process would see them.
-    image_indices = iter(loader.sampler)
+    # The batch sampler's keys name each image's data set index: it orders the merged metrics
+    # exactly as one process would see them.
+    image_indices = (key.index for batch in loader.batch_sampler for key in batch)
     for images, targets, paths, shapes in loader:  # targets stay on the host, like the metrics
         images = to_model_input(images, ctx.device)
         with autocast(ctx.device, amp_dtype):

@@ -60,11 +60,13 @@ def resize_to_fit(image: torch.Tensor, size: int) -> torch.Tensor:
     return F.resize(image, new_size, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
 
 
-def letterbox(image: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad an image that fits in size×size to exactly that, centred; returns the (left, top) padding."""
+def letterbox(image: torch.Tensor, canvas: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad an image that fits in the (height, width) canvas to exactly that, centred; returns
+    the (left, top) padding."""
     height, width = image.shape[1:]
-    left, top = (size - width) // 2, (size - height) // 2
-    padded = F.pad(image, [left, top, size - width - left, size - height - top], fill=FILL)
+    canvas_height, canvas_width = canvas
+    left, top = (canvas_width - width) // 2, (canvas_height - height) // 2
+    padded = F.pad(image, [left, top, canvas_width - width - left, canvas_height - height - top], fill=FILL)
     return padded, (left, top)
 
 

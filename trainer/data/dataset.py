@@ -4,7 +4,9 @@ Hyperparameter evolution trains many generations with different augmentation set
 process. Rebuilding datasets and loaders for each would re-cache images and restart workers,
 so the augmentation hyperparameters live in a small shared-memory tensor that `set_hyp`
 updates and that persistent DataLoader workers read on every sample. The epoch comes with each
-training key, `(epoch, index)`, so workers may prefetch into the next epoch.
+training key, `(epoch, index)`, so workers may prefetch into the next epoch. A validation key
+names the canvas its image is letterboxed onto (`ValidationKey`), which the loader chooses per
+batch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,12 +48,20 @@ Item = tuple[torch.Tensor, torch.Tensor, str, Shapes | None]
 AUGMENTATION_SIZE = len(fields(Augmentation))
 
 
+class ValidationKey(NamedTuple):
+    """A validation image and the (height, width) canvas to letterbox it onto."""
+
+    index: int
+    height: int
+    width: int
+
+
 class YoloDataset(Dataset):
     """Images with their boxes as (class, cx, cy, w, h), normalised to the returned image.
 
-    Items are asked for by `index`, or by `(epoch, index)` for training (a bare index is
-    epoch 0). Every random choice for a sample comes from a generator seeded by (seed, epoch,
+    Training items are asked for by `(epoch, index)` (a bare index is epoch 0); every random choice for a sample comes from a generator seeded by (seed, epoch,
     index), so a sample is the same whatever the number of workers, and after resuming.
+    Validation items are asked for by `ValidationKey` (a bare index: the imgsz×imgsz square).
     """
 
     def __init__(
@@ -75,6 +86,7 @@ class YoloDataset(Dataset):
         self.labels = [self._class_zero(sample.labels) if single_cls else sample.labels for sample in samples]
         self.shapes = np.array([(sample.width, sample.height) for sample in samples], dtype=np.int64)
         self.imgsz = imgsz
+        self.stride = stride
         self.augment = augment
         self.seed = seed
         # Augmentation hyperparameters, shared so persistent workers see updates.
@@ -125,14 +137,17 @@ class YoloDataset(Dataset):
         corners = box_convert(labels[:, 1:] * torch.tensor([width, height, width, height]), "cxcywh", "xyxy")
         return image, torch.cat([labels[:, :1], corners], dim=1)
 
-    def _normalised(self, boxes: torch.Tensor) -> torch.Tensor:
-        """Pixel (class, x0, y0, x1, y1) on the imgsz square to normalised (class, cx, cy, w, h)."""
-        return torch.cat([boxes[:, :1], box_convert(boxes[:, 1:], "xyxy", "cxcywh") / self.imgsz], dim=1)
+    @staticmethod
+    def _normalised(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Pixel (class, x0, y0, x1, y1) on a height×width image to normalised (class, cx, cy, w, h)."""
+        scale = boxes.new_tensor([width, height, width, height])
+        return torch.cat([boxes[:, :1], box_convert(boxes[:, 1:], "xyxy", "cxcywh") / scale], dim=1)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Item:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+    def __getitem__(self, key: int | tuple[int, int] | ValidationKey) -> Item:
         if not self.augment:
-            return self._validation_item(index)
+            return self._validation_item(key if isinstance(key, ValidationKey) else
+                                         ValidationKey(key, self.imgsz, self.imgsz))
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         augmentation = self.augmentation
         rng = np.random.default_rng([self.seed, epoch, index])
         with_mosaic = bool(rng.random() < augmentation.mosaic)
@@ -144,7 +159,7 @@ class YoloDataset(Dataset):
         image = augment_colour(image, augmentation, rng)
         image, boxes = random_flips(image, boxes, augmentation, rng)
         # A training image has no single mapping back to one original, hence no shapes.
-        return image.contiguous(), self._normalised(boxes), str(self.files[index]), None
+        return image.contiguous(), self._normalised(boxes, self.imgsz, self.imgsz), str(self.files[index]), None
 
     def _training_view(
         self, index: int, with_mosaic: bool, augmentation: Augmentation, rng: np.random.Generator
@@ -158,22 +173,23 @@ class YoloDataset(Dataset):
             image, merged = mosaic(list(images), list(boxes), self.imgsz, (centre[0], centre[1]))
         else:
             image, merged = self._image_and_boxes(index)
-            image, (left, top) = letterbox(image, self.imgsz)
+            image, (left, top) = letterbox(image, (self.imgsz, self.imgsz))
             merged = shift_boxes(merged, left, top)
         image, merged = copy_paste(image, merged, augmentation.copy_paste, rng)
         return random_perspective(image, merged, self.imgsz, augmentation, rng)
 
-    def _validation_item(self, index: int) -> Item:
-        """The image letterboxed to imgsz×imgsz with grey padding; no randomness."""
-        image, boxes = self._image_and_boxes(index)
+    def _validation_item(self, key: ValidationKey) -> Item:
+        """The image letterboxed onto the key's canvas with grey padding; no randomness."""
+        image, boxes = self._image_and_boxes(key.index)
         height, width = image.shape[1:]
-        original_width, original_height = (int(value) for value in self.shapes[index])
-        padded, (left, top) = letterbox(image, self.imgsz)
+        original_width, original_height = (int(value) for value in self.shapes[key.index])
+        padded, (left, top) = letterbox(image, (key.height, key.width))
         shapes = (
             (original_height, original_width),
             ((height / original_height, width / original_width), (left, top)),
         )
-        return padded, self._normalised(shift_boxes(boxes, left, top)), str(self.files[index]), shapes
+        labels = self._normalised(shift_boxes(boxes, left, top), key.height, key.width)
+        return padded, labels, str(self.files[key.index]), shapes
 
 
 def collate(

@@ -6,11 +6,12 @@ import itertools
 import math
 from collections.abc import Iterator
 
+import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from trainer.config import Hyp
 from trainer.data.data_config import DataConfig
-from trainer.data.dataset import YoloDataset, collate
+from trainer.data.dataset import ValidationKey, YoloDataset, collate
 from trainer.data.labels import load_samples
 
 
@@ -43,21 +44,55 @@ def build_datasets(
     return train, val
 
 
-class ShardSampler(Sampler[int]):
-    """Every world_size-th index from `rank` on, in order, each index on exactly one rank.
+VALIDATION_PAD = 0.5  # strides of margin around a validation batch's widest image, as YOLOv5 has
 
-    DistributedSampler repeats a few indices so that all ranks get equally many; in
-    validation a repeated image would be counted twice, so validation shards instead.
+
+def canvas_shape(aspects: np.ndarray, imgsz: int, stride: int, pad: float = VALIDATION_PAD) -> tuple[int, int]:
+    """The (height, width) canvas for images of these height/width ratios, each resized to a long
+    side of imgsz: the side that is imgsz for every image gets imgsz, the other the largest image's
+    extent, then both `pad` strides more, rounded up to a multiple of the stride. A batch of both
+    portrait and landscape images gets a square."""
+    relative_height, relative_width = 1.0, 1.0
+    if aspects.max() < 1:  # all landscape
+        relative_height = float(aspects.max())
+    elif aspects.min() > 1:  # all portrait
+        relative_width = 1 / float(aspects.min())
+    return tuple(  # type: ignore[return-value]
+        int(math.ceil(relative * imgsz / stride + pad)) * stride for relative in (relative_height, relative_width)
+    )
+
+
+class ValidationBatches(Sampler[list[ValidationKey]]):
+    """This rank's validation batches: images of similar aspect ratio together, each batch
+    letterboxed onto its own canvas (`canvas_shape`), as YOLOv5 validates during training.
+
+    Images are sorted by height/width and cut into groups of `batch_size × world_size`; each
+    group's canvas fits all of its images, and rank r takes every world_size-th image of each
+    group from the r-th on. So every image is on exactly one rank, and its canvas does not
+    depend on how many ranks share the work. (DistributedSampler would repeat a few images so
+    that all ranks get equally many; a repeated image would be counted twice.) Wide images no
+    longer pay for a square canvas: at 640 px, 640×480 photos go onto 672×512, not 672×672.
     """
 
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        self.indices = range(rank, length, world_size)
+    def __init__(self, sizes: np.ndarray, imgsz: int, stride: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        """`sizes` is the (n, 2) array of the images' original (width, height)."""
+        aspects = sizes[:, 1] / sizes[:, 0]
+        order = np.argsort(aspects, kind="stable")
+        group_size = batch_size * world_size
+        self.batches: list[list[ValidationKey]] = []
+        for start in range(0, len(order), group_size):
+            group = order[start : start + group_size]
+            height, width = canvas_shape(aspects[group], imgsz, stride)
+            share = [ValidationKey(int(index), height, width) for index in group[rank::world_size]]
+            if share:
+                self.batches.append(share)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
+    def __iter__(self) -> Iterator[list[ValidationKey]]:
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.batches)
 
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):
@@ -101,7 +136,7 @@ def build_dataloader(
     world_size: int = 1,
     pin_memory: bool = False,
     shard: bool = False,
-) -> tuple[DataLoader, EpochBatches | ShardSampler]:
+) -> tuple[DataLoader, EpochBatches | ValidationBatches]:
     """A loader over this rank's share of the dataset, and what orders it.
 
     Without `shard` (training) the loader never ends: it goes through `EpochBatches` (a
@@ -111,24 +146,22 @@ def build_dataloader(
     dataset's shared settings, changes of augmentation hyperparameters.
 
     shard=True (validation) gives each rank a disjoint, unshuffled share with no repeats, once
-    per iterator.
+    per iterator, in batches of similar aspect ratio (`ValidationBatches`).
     """
     if shard and shuffle:
         raise ValueError("a sharded loader is for validation and cannot shuffle")
-    order: EpochBatches | ShardSampler
+    order: EpochBatches | ValidationBatches
     if shard:
-        order = ShardSampler(len(dataset), rank, world_size)
-        batching = {"sampler": order, "batch_size": batch_size, "drop_last": False}
+        order = ValidationBatches(dataset.shapes, dataset.imgsz, dataset.stride, batch_size, rank, world_size)
     else:
         order = EpochBatches(DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                                 seed=seed), batch_size)
-        batching = {"batch_sampler": order}
     loader = DataLoader(
         dataset,
+        batch_sampler=order,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
         collate_fn=collate,
-        **batching,
     )
     return loader, order
