@@ -59,9 +59,10 @@ class ValidationKey(NamedTuple):
 class YoloDataset(Dataset):
     """Images with their boxes as (class, cx, cy, w, h), normalised to the returned image.
 
-    Training items are asked for by `(epoch, index)` (a bare index is epoch 0); every random choice for a sample comes from a generator seeded by (seed, epoch,
-    index), so a sample is the same whatever the number of workers, and after resuming.
-    Validation items are asked for by `ValidationKey` (a bare index: the imgsz×imgsz square).
+    Training items are asked for by `(epoch, index)` (a bare index is epoch 0). Every random
+    choice for a sample comes from a generator seeded by (seed, epoch, index), so a sample is
+    the same whatever the number of workers, and after resuming. Validation items are asked for
+    by `ValidationKey` (a bare index: the imgsz×imgsz square).
     """
 
     def __init__(

@@ -44,7 +44,7 @@ def build_datasets(
     return train, val
 
 
-VALIDATION_PAD = 0.5  # strides of margin around a validation batch's widest image, as YOLOv5 has
+VALIDATION_PAD = 0.5  # strides added to a validation canvas's sides before rounding up, as in YOLOv5
 
 
 def canvas_shape(aspects: np.ndarray, imgsz: int, stride: int, pad: float = VALIDATION_PAD) -> tuple[int, int]:
@@ -57,9 +57,9 @@ def canvas_shape(aspects: np.ndarray, imgsz: int, stride: int, pad: float = VALI
         relative_height = float(aspects.max())
     elif aspects.min() > 1:  # all portrait
         relative_width = 1 / float(aspects.min())
-    return tuple(  # type: ignore[return-value]
-        int(math.ceil(relative * imgsz / stride + pad)) * stride for relative in (relative_height, relative_width)
-    )
+    height, width = (math.ceil(relative * imgsz / stride + pad) * stride
+                     for relative in (relative_height, relative_width))
+    return height, width
 
 
 class ValidationBatches(Sampler[list[ValidationKey]]):
