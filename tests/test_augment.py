@@ -15,15 +15,19 @@ from trainer.config import Hyp
 from trainer.data.augment import (
     FILL,
     Augmentation,
+    GREY_WEIGHTS,
+    apply_colour_matrix,
     augment_colour,
+    colour_matrix,
     copy_paste,
     keep_boxes,
     letterbox,
     mixup,
     mosaic,
+    perspective_matrix,
     random_flips,
     random_perspective,
-    rotate_hue,
+    warp,
 )
 from trainer.data.dataset import YoloDataset
 from trainer.data.labels import Sample
@@ -193,6 +197,34 @@ def test_box_filter_drops_slivers_cut_off_and_elongated_boxes() -> None:
     assert keep_boxes(before[:1], torch.tensor([[0.0, 0, 5, 5]]), scale=0.25).tolist() == [True]
 
 
+def warp_whole_input(image: torch.Tensor, matrix: np.ndarray, out_size: int) -> torch.Tensor:
+    """The warp written plainly: every output pixel centre mapped back into the whole input."""
+    in_height, in_width = image.shape[1:]
+    to_grid = np.array([[2 / in_width, 0, -1], [0, 2 / in_height, -1], [0, 0, 1]]) @ np.linalg.inv(matrix)
+    centres = torch.arange(out_size, dtype=torch.float64) + 0.5
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    points = torch.from_numpy(to_grid) @ torch.stack([xs.flatten(), ys.flatten(), torch.ones(out_size**2)])
+    grid = (points[:2] / points[2]).T.reshape(1, out_size, out_size, 2).float()
+    warped = torch.nn.functional.grid_sample(image[None].float() - FILL, grid, align_corners=False)[0] + FILL
+    return warped.round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("scale", [0.4, 1.0])  # scale 1.0 also draws maps whose output misses the input
+def test_warp_samples_only_the_window_it_needs_and_matches_the_whole_input(scale: float) -> None:
+    image = torch.randint(0, 256, (3, 128, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    geometry = Augmentation.from_hyp(
+        Hyp(degrees=25, translate=0.9, scale=scale, shear=5, perspective=0.001, hsv_h=0, hsv_s=0, hsv_v=0)
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        matrix, _ = perspective_matrix((128, 160), 64, geometry, rng)
+        warped, expected = warp(image, matrix, 64), warp_whole_input(image, matrix, 64)
+        difference = (warped.int() - expected.int()).abs()
+        assert difference.max() <= 1 and (difference > 0).float().mean() < 0.01  # float rounding only
+    off_input = np.array([[1.0, 0, 500], [0, 1, 500], [0, 0, 1]])  # shifted past the output
+    assert (warp(image, off_input, 64) == FILL).all()
+
+
 def test_letterbox_pads_centred_with_grey() -> None:
     image = torch.zeros(3, 20, 32, dtype=torch.uint8)
     padded, (left, top) = letterbox(image, (32, 32))
@@ -209,11 +241,26 @@ def test_colour_jitter_is_off_at_zero_gain_and_hue_keeps_greys() -> None:
     off = Augmentation.from_hyp(Hyp(hsv_h=0, hsv_s=0, hsv_v=0))
     assert torch.equal(augment_colour(image, off, np.random.default_rng(0)), image)
     grey = torch.full((3, 4, 4), 90, dtype=torch.uint8)
-    assert torch.equal(rotate_hue(grey, 0.2), grey)
+    assert torch.equal(apply_colour_matrix(grey, colour_matrix(0.2, 0, 0)), grey)
     mid = torch.randint(60, 190, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    there_and_back = rotate_hue(rotate_hue(mid, 0.05), -0.05).int()
+    shifted = apply_colour_matrix(mid, colour_matrix(0.05, 0, 0))
+    there_and_back = apply_colour_matrix(shifted, colour_matrix(-0.05, 0, 0)).int()
     assert (there_and_back - mid.int()).abs().max() <= 2
-    assert not torch.equal(rotate_hue(mid, 0.05), mid)
+    assert not torch.equal(shifted, mid)
+
+
+def test_saturation_and_value_gains() -> None:
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    grey = apply_colour_matrix(image, colour_matrix(0, -1, 0))  # saturation gain 0: each pixel's grey
+    luma = sum(weight * channel for weight, channel in zip(GREY_WEIGHTS, image.float()))
+    assert ((grey.float() - luma.round()).abs() <= 1).all() and (grey[0] == grey[1]).all()
+    brighter = apply_colour_matrix(image, colour_matrix(0, 0, 0.4))
+    assert torch.equal(brighter, (image.float() * 1.4).round().clamp(0, 255).to(torch.uint8))
+    # One map for all three, rounded once: the same as applying them one after another in float.
+    hue, saturation, value = colour_matrix(0.1, 0, 0), colour_matrix(0, 0.5, 0), colour_matrix(0, 0, -0.3)
+    assert np.allclose(colour_matrix(0.1, 0.5, -0.3), value @ saturation @ hue)
+    # A gain of one whole turn of hue changes nothing.
+    assert np.allclose(colour_matrix(1.0, 0, 0), np.eye(3))
 
 
 def test_augmentation_settings_are_hyp_keys() -> None:

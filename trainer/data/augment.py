@@ -22,6 +22,8 @@ MIN_SIDE = 2.0  # pixels: thinner boxes after a transform are dropped
 MIN_AREA_RATIO = 0.1  # of the box's area before the transform (scaled), else mostly cut off
 MAX_ASPECT = 100.0  # YOLOv5's limit: a box cut to a thin strip at the border still counts
 PASTE_MAX_COVER = 0.3  # a pasted box may cover at most this share of an existing box
+GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # luma of R, G, B, as torchvision's grayscale
+RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
 @dataclass(frozen=True)
@@ -160,11 +162,30 @@ def perspective_matrix(
 def apply_homography(
     matrix: np.ndarray, xs: torch.Tensor, ys: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map points through a 3×3 matrix. Written out per element rather than as a matmul so
-    the result does not depend on the BLAS kernel, which can vary with the thread count."""
+    """Map points through a 3×3 matrix; xs and ys broadcast against each other (a row of x and a
+    column of y give a whole grid). Written out per element rather than as a matmul so the
+    result does not depend on the BLAS kernel, which can vary with the thread count."""
     (a, b, c), (d, e, f), (g, h, i) = matrix.tolist()
-    denominator = xs * g + ys * h + i
-    return (xs * a + ys * b + c) / denominator, (xs * d + ys * e + f) / denominator
+    mapped_x, mapped_y = xs * a + (ys * b + c), xs * d + (ys * e + f)
+    if g == 0 and h == 0 and i == 1:  # affine: no division needed
+        return mapped_x, mapped_y
+    denominator = xs * g + (ys * h + i)
+    return mapped_x / denominator, mapped_y / denominator
+
+
+def source_window(inverse: np.ndarray, out_size: int, in_size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The input pixels (x0, y0, x1, y1) that bilinear sampling of the output can touch: the
+    box around the output's corners mapped back, one pixel wider each side, within the input.
+    None for a map that sends a corner through infinity (then take the whole input)."""
+    corners = np.array([[0, 0, out_size, out_size], [0, out_size, 0, out_size], [1, 1, 1, 1]], dtype=np.float64)
+    mapped = inverse @ corners
+    if (mapped[2] <= 0).any():
+        return None
+    xs, ys = mapped[0] / mapped[2], mapped[1] / mapped[2]
+    in_height, in_width = in_size
+    x0, x1 = (int(np.clip(value, 0, in_width)) for value in (math.floor(xs.min()) - 1, math.ceil(xs.max()) + 1))
+    y0, y1 = (int(np.clip(value, 0, in_height)) for value in (math.floor(ys.min()) - 1, math.ceil(ys.max()) + 1))
+    return x0, y0, x1, y1
 
 
 def warp(image: torch.Tensor, matrix: np.ndarray, out_size: int) -> torch.Tensor:
@@ -172,16 +193,24 @@ def warp(image: torch.Tensor, matrix: np.ndarray, out_size: int) -> torch.Tensor
 
     torchvision's affine and perspective keep the input's canvas size; a mosaic is twice the
     output's side, so they would warp four times the pixels and crop. Sampling the output
-    grid directly does a quarter of the work.
+    grid directly does a quarter of the work, and only the window of the input that the output
+    samples from is converted to float.
     """
-    in_height, in_width = image.shape[1:]
-    # For each output pixel centre: where it comes from, in grid_sample's -1..1 coordinates.
-    to_grid = np.array([[2 / in_width, 0, -1], [0, 2 / in_height, -1], [0, 0, 1]]) @ np.linalg.inv(matrix)
+    inverse = np.linalg.inv(matrix)
+    window = source_window(inverse, out_size, tuple(image.shape[1:]))
+    if window is None:
+        window = (0, 0, image.shape[2], image.shape[1])
+    x0, y0, x1, y1 = window
+    if x1 <= x0 or y1 <= y0:  # the output sees none of the input
+        return torch.full((3, out_size, out_size), FILL, dtype=torch.uint8)
+    # For each output pixel centre: where it comes from, in grid_sample's -1..1 coordinates of the window.
+    to_grid = np.array([[2 / (x1 - x0), 0, -1], [0, 2 / (y1 - y0), -1], [0, 0, 1]])
+    to_grid = to_grid @ np.array([[1.0, 0, -x0], [0, 1.0, -y0], [0, 0, 1]]) @ inverse
     centres = torch.arange(out_size, dtype=torch.float32) + 0.5
-    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
-    grid = torch.stack(apply_homography(to_grid, xs, ys), dim=-1)[None]
+    grid_x, grid_y = apply_homography(to_grid, centres[None, :], centres[:, None])
+    grid = torch.stack((grid_x, grid_y), dim=-1)[None]
     # Shift by the fill value so that zero padding outside the input becomes the grey border.
-    shifted = image[None].to(torch.float32).sub_(FILL)
+    shifted = image[None, :, y0:y1, x0:x1].to(torch.float32).sub_(FILL)
     warped = torch.nn.functional.grid_sample(
         shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False
     )
@@ -240,34 +269,41 @@ def mixup(
     return blended.round_().to(torch.uint8), torch.cat([boxes, other_boxes])
 
 
-def rotate_hue(image: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Shift hue by `fraction` of the colour circle, as a rotation of the chroma plane in YIQ.
-
-    torchvision's adjust_hue converts to HSV and back, about ten times slower on a CPU worker;
-    for augmentation a chroma rotation shifts hue just as well.
-    """
-    to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+def hue_rotation(fraction: float) -> np.ndarray:
+    """The 3×3 RGB map that shifts hue by `fraction` of the colour circle: a rotation of the
+    chroma plane in YIQ. Greys stay grey. (torchvision's adjust_hue converts to HSV and back,
+    about ten times slower on a CPU worker; for augmentation a chroma rotation shifts hue just as
+    well.)"""
     angle = 2 * math.pi * fraction
-    rotation = np.array(
-        [[1, 0, 0], [0, math.cos(angle), -math.sin(angle)], [0, math.sin(angle), math.cos(angle)]]
-    )
-    matrix = (np.linalg.inv(to_yiq) @ rotation @ to_yiq).tolist()
+    rotation = np.array([[1, 0, 0], [0, math.cos(angle), -math.sin(angle)], [0, math.sin(angle), math.cos(angle)]])
+    return np.linalg.inv(RGB_TO_YIQ) @ rotation @ RGB_TO_YIQ
+
+
+def colour_matrix(hue: float, saturation: float, value: float) -> np.ndarray:
+    """One 3×3 RGB map for a hue shift by `hue` of the circle, then saturation and value gains of
+    1 + saturation and 1 + value. Saturation blends each pixel with its grey, as torchvision's
+    adjust_saturation does; value scales all three channels."""
+    factor = 1 + saturation
+    desaturate = factor * np.eye(3) + (1 - factor) * np.ones((3, 1)) @ np.array([GREY_WEIGHTS])
+    return (1 + value) * desaturate @ hue_rotation(hue)
+
+
+def apply_colour_matrix(image: torch.Tensor, matrix: np.ndarray) -> torch.Tensor:
+    """A uint8 (3, H, W) image through a 3×3 RGB map, rounded and clipped to 0..255. Written out
+    per channel rather than as a matmul, so the result does not depend on the BLAS kernel."""
     red, green, blue = image.float()
-    rotated = torch.stack([red * r + green * g + blue * b for r, g, b in matrix])
-    return rotated.round_().clamp_(0, 255).to(torch.uint8)
+    mixed = torch.stack([red * r + (green * g + blue * b) for r, g, b in matrix.tolist()])
+    return mixed.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def augment_colour(image: torch.Tensor, augmentation: Augmentation, rng: np.random.Generator) -> torch.Tensor:
-    """Random hue, saturation and value gains within ±hsv_h, ±hsv_s, ±hsv_v."""
+    """Random hue, saturation and value gains within ±hsv_h, ±hsv_s, ±hsv_v, applied together
+    as one colour map, so the pixels are rounded once."""
     gains = rng.uniform(-1, 1, 3) * (augmentation.hsv_h, augmentation.hsv_s, augmentation.hsv_v)
     hue, saturation, value = gains.tolist()
-    if hue:
-        image = rotate_hue(image, hue)
-    if saturation:
-        image = F.adjust_saturation(image, 1 + saturation)
-    if value:
-        image = F.adjust_brightness(image, 1 + value)
-    return image
+    if not (hue or saturation or value):
+        return image
+    return apply_colour_matrix(image, colour_matrix(hue, saturation, value))
 
 
 def random_flips(
