@@ -173,16 +173,16 @@ def apply_homography(
     return mapped_x / denominator, mapped_y / denominator
 
 
-def source_window(inverse: np.ndarray, out_size: int, in_size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+def source_window(inverse: np.ndarray, out_size: int, in_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """The input pixels (x0, y0, x1, y1) that bilinear sampling of the output can touch: the
     box around the output's corners mapped back, one pixel wider each side, within the input.
-    None for a map that sends a corner through infinity (then take the whole input)."""
+    The whole input for a map that sends a corner through infinity."""
+    in_height, in_width = in_size
     corners = np.array([[0, 0, out_size, out_size], [0, out_size, 0, out_size], [1, 1, 1, 1]], dtype=np.float64)
     mapped = inverse @ corners
     if (mapped[2] <= 0).any():
-        return None
+        return 0, 0, in_width, in_height
     xs, ys = mapped[0] / mapped[2], mapped[1] / mapped[2]
-    in_height, in_width = in_size
     x0, x1 = (int(np.clip(value, 0, in_width)) for value in (math.floor(xs.min()) - 1, math.ceil(xs.max()) + 1))
     y0, y1 = (int(np.clip(value, 0, in_height)) for value in (math.floor(ys.min()) - 1, math.ceil(ys.max()) + 1))
     return x0, y0, x1, y1
@@ -197,10 +197,7 @@ def warp(image: torch.Tensor, matrix: np.ndarray, out_size: int) -> torch.Tensor
     samples from is converted to float.
     """
     inverse = np.linalg.inv(matrix)
-    window = source_window(inverse, out_size, tuple(image.shape[1:]))
-    if window is None:
-        window = (0, 0, image.shape[2], image.shape[1])
-    x0, y0, x1, y1 = window
+    x0, y0, x1, y1 = source_window(inverse, out_size, tuple(image.shape[1:]))
     if x1 <= x0 or y1 <= y0:  # the output sees none of the input
         return torch.full((3, out_size, out_size), FILL, dtype=torch.uint8)
     # For each output pixel centre: where it comes from, in grid_sample's -1..1 coordinates of the window.
