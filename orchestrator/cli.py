@@ -27,9 +27,11 @@ from orchestrator.launch import (
     DEFAULT_PROJECT,
     LaunchPlan,
     LaunchRecord,
+    TrainerOptions,
     existing_run_dir,
     is_ddp_run,
     parse_worker_key,
+    run_directory,
     searched_projects,
     worker_slots,
 )
@@ -120,6 +122,7 @@ def start(project: Path, name: str | None, backend: str, build: bool, wait: bool
     run = check_run_name(name or DEFAULT_RUN)
     if values["gpus"] is None and values["cpu_workers"] == 0:
         raise UserError("no workers asked for: pass --gpus (e.g. 0-3 or all) or --cpu-workers N")
+    _check_evolution_flags(trainer_options(values), values["generations"], run_directory(project, run))
     console, notices = _console(), _console(stderr=True)
     workers = open_backend(backend, project, settings_from(values, build), lambda text: notices.print(text))
     with console.status(f"preparing {workers.name} workers") as spinner:
@@ -161,6 +164,9 @@ def ddp(project: Path, name: str | None, backend: str, build: bool, wait: bool, 
     run = check_run_name(name or DEFAULT_RUN)
     rendezvous = Rendezvous(values["nnodes"], values["node_rank"], values["master_addr"], values["master_port"])
     _check_ddp_request(values["gpus"], values["cpu_procs"], values["batch_size"], rendezvous.nnodes)
+    from trainer.cli import check_training_arguments  # imports torch: only once a run is asked for
+
+    check_training_arguments(ddp_trainer_options(values).training_arguments())
     console, notices = _console(), _console(stderr=True)
     workers = open_backend(backend, project, settings_from(values, build), lambda text: notices.print(text))
     with console.status(f"preparing the {workers.name} training") as spinner:
@@ -184,6 +190,14 @@ def ddp(project: Path, name: str | None, backend: str, build: bool, wait: bool, 
     report = follow_run(console, lambda: _report(workers, run, plan.run_dir), until_exited=True)
     console.print(f"results: {plan.run_dir / 'results.csv'}, weights: {plan.run_dir / 'weights'}")
     _fail_on_bad_exits(report, run)
+
+
+def _check_evolution_flags(options: TrainerOptions, generations: int, run_dir: Path) -> None:
+    """What every worker would refuse (a flag the trainer does not know, a hyp value out of range,
+    a search space or population that does not fit the run), as one error before any starts."""
+    from trainer.evolve import check_evolution_arguments  # imports torch: only once a run is asked for
+
+    check_evolution_arguments(options.arguments(generations), run_dir)
 
 
 def _check_ddp_request(gpus: str | None, cpu_procs: int, batch_size: int | None, nnodes: int) -> None:
@@ -363,6 +377,7 @@ def compose(project: Path, name: str | None, output: Path | None, **values: Any)
 
     run = check_run_name(name or DEFAULT_RUN)
     gpus = parse_gpu_spec(values["gpus"], None) if values["gpus"] else []
+    _check_evolution_flags(trainer_options(values), values["generations"], run_directory(project, run))
     plan = LaunchPlan(run, project, tuple(worker_slots(gpus, values["cpu_workers"])), values["generations"],
                       trainer_options(values))
     staged = stage_for_containers(plan.options, run, plan.run_dir)

@@ -154,6 +154,13 @@ def check_hyp_keys(found: Sequence[str], expected: Sequence[str], source: str) -
     raise UserError(f"{source}: hyperparameter columns differ from this run's: {detail}{hint}")
 
 
+def check_hyp_rows(population: Population, source: str) -> None:
+    """A UserError naming the first row of a file not written by this run whose hyperparameters
+    are outside their valid ranges: as a parent, it would pass them on to its children."""
+    for row in range(len(population)):
+        Hyp.from_dict(population.hyp_at(row), source=f"{source}, data row {row + 1}")
+
+
 @dataclass(frozen=True)
 class PopulationSeed:
     """What `--evolve-population` brings to a new run: rows to import, children to train first."""
@@ -178,6 +185,7 @@ def load_population_seed(paths: Sequence[str | Path], base_hyp: Hyp, hyp_keys: S
                 order = [found.hyp_keys.index(key) for key in hyp_keys]
                 found = Population(tuple(hyp_keys), found.results, found.hyps[:, order])
             check_hyp_keys(found.hyp_keys, hyp_keys, str(path))
+            check_hyp_rows(found, str(path))
             imported.append((str(path), found))
             continue
         Hyp.from_yaml(path)  # raises a UserError for an unreadable file, unknown key or non-number

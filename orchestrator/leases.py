@@ -34,7 +34,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
-from orchestrator.journal import Journal, PopulationSeed, check_hyp_keys, load_population_seed, run_columns
+from orchestrator.journal import (
+    Journal,
+    PopulationSeed,
+    check_hyp_keys,
+    check_hyp_rows,
+    load_population_seed,
+    run_columns,
+)
 from orchestrator.search_space import SearchSpace
 from trainer.config import Hyp
 from trainer.errors import UserError
@@ -144,16 +151,12 @@ def prepare_run(
 ) -> tuple[str, ...]:
     """Create the run, or join it; returns its hyperparameter columns.
 
-    Every input is checked before anything is written, so a UserError leaves the run
-    directory as it was. Joining an existing run sets its budget to `generations`
-    (restarting with a larger total extends a run); `population` only seeds a new run.
+    Every input is checked before anything is written (`check_run_inputs`), so a UserError
+    leaves the run directory as it was. Joining an existing run sets its budget to
+    `generations` (restarting with a larger total extends a run); `population` only seeds a
+    new run.
     """
-    if isinstance(generations, bool) or not isinstance(generations, int) or generations <= 0:
-        raise UserError(f"generations={generations!r}: the run's total number of generations must be at least 1")
-    hyp_keys = run_columns(base_hyp)
-    space.require_evolvable(hyp_keys)
-    seed = load_population_seed(population, base_hyp, hyp_keys)
-    _check_existing_run(journal, hyp_keys)
+    hyp_keys, seed = check_run_inputs(journal, base_hyp, space, generations, population)
     journal.run_dir.mkdir(parents=True, exist_ok=True)
     with journal.locked():
         journal.ensure_header(hyp_keys)
@@ -169,6 +172,25 @@ def prepare_run(
     return hyp_keys
 
 
+def check_run_inputs(
+    journal: Journal,
+    base_hyp: Hyp,
+    space: SearchSpace,
+    generations: int,
+    population: Sequence[str | Path] = (),
+) -> tuple[tuple[str, ...], PopulationSeed]:
+    """Everything a worker checks before it joins a run, reading only: the budget, the search
+    space against the run's columns, the population files, and the run folder's own columns.
+    Returns the run's hyperparameter columns and what the population seeds."""
+    if isinstance(generations, bool) or not isinstance(generations, int) or generations <= 0:
+        raise UserError(f"generations={generations!r}: the run's total number of generations must be at least 1")
+    hyp_keys = run_columns(base_hyp)
+    space.require_evolvable(hyp_keys)
+    seed = load_population_seed(population, base_hyp, hyp_keys)
+    _check_existing_run(journal, hyp_keys)
+    return hyp_keys, seed
+
+
 def _check_existing_run(journal: Journal, hyp_keys: Sequence[str]) -> None:
     """Read-only checks that the run directory holds this run's columns, before the lock is made."""
     try:
@@ -180,6 +202,8 @@ def _check_existing_run(journal: Journal, hyp_keys: Sequence[str]) -> None:
     header = journal.read_header()
     if header is not None:
         check_hyp_keys(header, hyp_keys, str(journal.csv_path))
+        if values is None:  # an evolve.csv from elsewhere (a YOLOv5 run), about to be continued
+            check_hyp_rows(journal.read_population(hyp_keys), str(journal.csv_path))
 
 
 def _new_state(

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.config import Hyp
+from trainer.config import Hyp, valid_range
 from trainer.errors import UserError
 from trainer.files import read_yaml
 from trainer.paths import resolve_config
@@ -113,4 +113,8 @@ def _parse_gene(key: str, entry: Any, source: str) -> Gene:
         raise UserError(f"{source}: {key} gain={gain:g} is negative; use 0 to freeze a key")
     if low > high:
         raise UserError(f"{source}: {key} low={low:g} is above high={high:g}; swap them")
+    valid = valid_range(key)
+    for name, value in (("low", low), ("high", high)):  # children are clamped to [low, high], so they stay valid
+        if value not in valid:
+            raise UserError(f"{source}: {key} {name}={value:g} is out of range: {key} must be {valid}")
     return Gene(gain, low, high)

@@ -8,8 +8,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from orchestrator import cli
+from orchestrator.journal import format_header, run_columns
 from orchestrator.launch import LaunchPlan, TrainerOptions, parse_worker_key
 from orchestrator.status import WorkerState
+from trainer.config import Hyp
 from trainer.errors import UserError
 
 COMMANDS = ("start", "ddp", "status", "attach", "logs", "stop", "kill-all", "results", "compose")
@@ -121,6 +123,44 @@ def test_start_without_workers_or_with_a_bad_name(fake_backend: FakeBackend) -> 
     assert_one_line_error(invoke("start", "--cpu-workers", "1", "--name", "a/b"), "run name 'a/b' cannot name")
     assert_one_line_error(invoke("kill-all", "--run", "-x"), "run name '-x' cannot name")
     assert fake_backend.plans == []
+
+
+@pytest.mark.parametrize(("files", "flags", "message"), [
+    ({"hyp.yaml": "momentum: 1.5\n"}, ["--hyp", "hyp.yaml"],
+     "hyp.yaml: momentum=1.5 is out of range: momentum must be at least 0 and below 1"),
+    ({"space.yaml": "lr0: [1, -0.1, 0.1]\n"}, ["--search-space", "space.yaml"],
+     "space.yaml: lr0 low=-0.1 is out of range"),
+    ({"seed.yaml": "fliplr: 2\n"}, ["--evolve-population", "seed.yaml"], "seed.yaml: fliplr=2 is out of range"),
+    ({}, ["--", "--bogus"], "trainer flags --generations 300 --data synthetic --bogus: No such option '--bogus'"),
+    ({}, ["--", "--weights", "gone.pt"], "checkpoint gone.pt not found"),
+    ({}, ["--", "--resume"], "--evolve runs one process per GPU: drop --resume"),
+])
+def test_what_every_worker_would_refuse_stops_start_before_any_worker(
+    fake_backend: FakeBackend, tmp_path: Path, files: dict[str, str], flags: list[str], message: str
+) -> None:
+    """Otherwise each worker would fail and be restarted, in every container, after `start` said it started."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert_one_line_error(invoke("start", "--cpu-workers", "2", *flags), message)
+    assert fake_backend.plans == [] and not (tmp_path / "runs").exists()
+
+
+def test_a_run_with_other_columns_stops_start_before_any_worker(fake_backend: FakeBackend, tmp_path: Path) -> None:
+    assert invoke("start", "--cpu-workers", "1", "--generations", "3").exit_code == 0
+    Path("anchors.yaml").write_text("anchors: 3\n")  # adds a column the run's evolve.csv lacks
+    Path("runs/evolve/exp/evolve.csv").write_bytes(format_header(run_columns(Hyp())))
+    result = invoke("start", "--cpu-workers", "1", "--hyp", "anchors.yaml")
+    csv = tmp_path / "runs" / "evolve" / "exp" / "evolve.csv"
+    assert_one_line_error(result, f"{csv}: hyperparameter columns differ from this run's: missing anchors")
+    assert len(fake_backend.plans) == 1
+
+
+def test_ddp_checks_the_trainer_flags_before_starting(fake_backend: FakeBackend, tmp_path: Path) -> None:
+    (tmp_path / "hyp.yaml").write_text("lr0: -1\n")
+    assert_one_line_error(invoke("ddp", "--cpu-procs", "2", "--batch-size", "4", "--hyp", "hyp.yaml"),
+                          "hyp.yaml: lr0=-1 is out of range")
+    assert_one_line_error(invoke("ddp", "--cpu-procs", "2", "--batch-size", "4", "--", "--img", "8"),
+                          "trainer flags --data synthetic --batch-size 4 --img 8: Invalid value for '--imgsz'")
 
 
 def test_docker_backend_without_an_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

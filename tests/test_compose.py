@@ -111,6 +111,14 @@ def test_compose_command_refuses_all_without_an_engine(tmp_path: Path, monkeypat
     assert not (tmp_path / "compose.exp.yaml").exists()
 
 
+def test_compose_command_refuses_what_the_workers_would(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hyp.yaml").write_text("mosaic: 1.5\n")
+    result = CliRunner().invoke(main, ["compose", "--gpus", "0", "--hyp", "hyp.yaml"])
+    assert result.exit_code == 2 and result.output.startswith("Error: hyp.yaml: mosaic=1.5 is out of range")
+    assert not (tmp_path / "compose.exp.yaml").exists() and not (tmp_path / "runs").exists()
+
+
 def test_root_compose_file_runs_cpu_workers_with_our_labels() -> None:
     document = yaml.safe_load((ROOT / "compose.yaml").read_text())
     worker = document["services"]["worker"]

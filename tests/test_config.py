@@ -30,6 +30,24 @@ def test_bad_values_are_named(value, message):
         Hyp.from_dict({"lr0": value})
 
 
+@pytest.mark.parametrize("key,value,shown", [
+    ("lr0", -0.01, "at least 0"),  # torch's SGD would raise a ValueError with a traceback
+    ("weight_decay", -1e-4, "at least 0"),  # torch would take it silently
+    ("momentum", 1.0, "at least 0 and below 1"),
+    ("anchor_t", 0.5, "at least 1"),  # no label would match an anchor; at 0 a division by zero
+    ("fliplr", 2.0, "from 0 to 1"),
+    ("anchors", 0.0, "at least 1"),
+])
+def test_values_outside_their_range_are_named_with_the_range(key, value, shown):
+    with pytest.raises(UserError, match=f"hyp: {key}={value:g} is out of range: {key} must be {shown}$"):
+        Hyp.from_dict({key: value})
+
+
+def test_range_edges_are_accepted():
+    hyp = Hyp.from_dict({"lr0": 0.0, "momentum": 0.99999, "anchor_t": 1.0, "mosaic": 1.0, "scale": 1.5})
+    assert (hyp.lr0, hyp.momentum, hyp.anchor_t, hyp.mosaic, hyp.scale) == (0.0, 0.99999, 1.0, 1.0, 1.5)
+
+
 def test_partial_hyp_keeps_defaults_and_anchors_round_trip():
     hyp = Hyp.from_dict({"lr0": 0.02, "anchors": 3})
     assert hyp.lr0 == 0.02 and hyp.momentum == 0.937 and hyp.as_dict()["anchors"] == 3.0

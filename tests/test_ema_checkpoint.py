@@ -58,12 +58,24 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"])
-def test_damaged_checkpoint_is_a_user_error(tmp_path, content):
+@pytest.mark.parametrize("cut", [0, 0.5])
+def test_damaged_checkpoint_is_a_user_error(tmp_path, cut):
     path = tmp_path / "last.pt"
-    path.write_bytes(content)
-    with pytest.raises(UserError, match="cannot be read"):
+    save_checkpoint({"model": {"w": torch.zeros(100)}}, path)
+    path.write_bytes(path.read_bytes()[: int(cut * path.stat().st_size)])
+    with pytest.raises(UserError, match="cannot be read .*: it may be truncated or damaged"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("write", [lambda path: torch.save(torch.nn.Linear(2, 2), path),
+                                   lambda path: path.write_text("not a checkpoint at all")])
+def test_a_pickled_model_or_a_foreign_file_is_named_as_not_ours(tmp_path, write):
+    """YOLOv5's own .pt files pickle whole model objects; they are refused with one clear line."""
+    path = tmp_path / "yolov5s.pt"
+    write(path)
+    with pytest.raises(UserError, match="yolov5s.pt is not an evolvectl checkpoint: torch's safe loader") as caught:
+        load_checkpoint(path)
+    assert "\n" not in caught.value.message
 
 
 def test_missing_checkpoint_is_a_user_error(tmp_path):

@@ -52,6 +52,8 @@ def test_bounds_align_with_keys_and_leave_unknown_keys_frozen() -> None:
         ({"lr0": [1, 0.0]}, "must be a list [gain, low, high]"),
         ({"lr0": [True, 0.0, 0.1]}, "is not a finite number"),
         ({"lr0": [1, 0.0, ".inf"]}, "is not a finite number"),
+        ({"momentum": [0.3, 0.6, 1.2]}, "momentum high=1.2 is out of range: momentum must be at least 0 and below 1"),
+        ({"lr0": [1, -0.1, 0.1]}, "lr0 low=-0.1 is out of range: lr0 must be at least 0"),
     ],
 )
 def test_bad_entries_are_user_errors_naming_the_key(entry: dict, message: str) -> None:

@@ -113,6 +113,18 @@ def test_unknown_hyp_key(tmp_path, tiny_data):
     assert_user_error(run_trainer("--data", str(tiny_data), "--hyp", str(hyp), *TINY, cwd=tmp_path), "lr_zero")
 
 
+def test_hyp_value_out_of_range(tmp_path, tiny_data):
+    hyp = write_yaml(tmp_path / "hyp.yaml", {"lr0": -0.01})  # torch's SGD would raise its own ValueError
+    assert_user_error(run_trainer("--data", str(tiny_data), "--hyp", str(hyp), *TINY, cwd=tmp_path),
+                      "lr0=-0.01 is out of range")
+
+
+def test_missing_weights_fail_before_the_data_is_prepared(tmp_path, tiny_data):
+    result = run_trainer("--data", str(tiny_data), "--weights", "yolov5s.pt", *TINY, cwd=tmp_path)
+    assert_user_error(result, "yolov5s.pt not found")
+    assert "train:" not in result.stderr  # the dataset summary ("train: 8 images, ...") comes later
+
+
 def test_unknown_model_config(tmp_path, tiny_data):
     assert_user_error(run_trainer("--data", str(tiny_data), "--cfg", "yolov9q", *TINY, cwd=tmp_path), "yolov9q")
 

@@ -200,11 +200,11 @@ def _snapshot(path: Path) -> dict[str, bytes] | None:
     return {str(item.relative_to(path)): item.read_bytes() if item.is_file() else b"<dir>" for item in path.rglob("*")}
 
 
-def _yolov5_run(path: Path) -> None:
+def _yolov5_run(path: Path, **changes: float) -> None:
     """A YOLOv5 run directory whose evolve.csv also evolves anchors (a column this run lacks)."""
     path.mkdir()
     names = [*RESULT_COLUMNS, *KEYS, "anchors"]
-    row = [0.5] * 7 + list(BASE) + [3.0]
+    row = [0.5] * 7 + [changes.get(key, value) for key, value in zip(KEYS, BASE)] + [3.0]
     (path / "evolve.csv").write_text(
         ",".join(f"{n:>20s}" for n in names) + "\n" + ",".join(f"{v:20.5g}" for v in row) + "\n"
     )
@@ -221,6 +221,15 @@ BAD_INPUTS: dict[str, Callable[[Path, Path], object]] = {
     "population csv header differs": lambda run, tmp: (
         _yolov5_run(tmp / "old"),
         _evolve(run, 3, population=[tmp / "old" / "evolve.csv"]),
+    ),
+    "population csv row out of range": lambda run, tmp: (
+        _yolov5_run(tmp / "old", momentum=1.5),
+        run_worker(run, Hyp(anchors=3.0), SPACE, 3, smooth_objective, "w0", 0, plot_interval=None,
+                   population=[tmp / "old" / "evolve.csv"]),
+    ),
+    "population yaml out of range": lambda run, tmp: (
+        (tmp / "p.yaml").write_text("lr0: -0.01\n"),
+        _evolve(run, 3, population=[tmp / "p.yaml"]),
     ),
     "population yaml unknown key": lambda run, tmp: (
         (tmp / "p.yaml").write_text("lr: 0.1\n"),
@@ -253,6 +262,15 @@ def test_a_run_directory_with_other_columns_is_refused_untouched(tmp_path: Path)
     with pytest.raises(UserError, match="anchors"):
         _evolve(theirs, 3)
     assert {path: _snapshot(path) for path in (ours, theirs)} == before
+
+
+def test_a_yolov5_run_directory_with_a_row_out_of_range_is_refused_untouched(tmp_path: Path) -> None:
+    run_dir = tmp_path / "yolov5"
+    _yolov5_run(run_dir, fliplr=2.0)
+    before = _snapshot(run_dir)
+    with pytest.raises(UserError, match="evolve.csv, data row 1: fliplr=2 is out of range: fliplr must be from 0 to 1"):
+        run_worker(run_dir, Hyp(anchors=3.0), SPACE, 2, smooth_objective, "w0", 0, plot_interval=None)
+    assert _snapshot(run_dir) == before
 
 
 def test_a_yolov5_run_directory_with_matching_columns_is_continued(tmp_path: Path) -> None:

@@ -29,10 +29,31 @@ def latest_checkpoint(search_root: Path = Path("runs")) -> Path:
 
 
 def build_config(options: dict[str, Any]) -> TrainConfig:
-    """Turn parsed flags into the run's frozen config (the hyp file is read and validated here)."""
+    """Turn parsed flags into the run's frozen config (the hyp file is read and validated here;
+    a wrong model name or weights path fails here too, before the data is prepared)."""
+    from trainer.checkpoint import existing_checkpoint
+
     hyp = Hyp.from_yaml(resolve_config(options["hyp"], "hyps"))
+    resolve_config(options["cfg"], "models")
+    if options["weights"]:
+        existing_checkpoint(options["weights"])
     fields = {name: options[name] for name in TrainConfig.__dataclass_fields__ if name in options}
     return TrainConfig(**{**fields, "hyp": hyp, "hyp_path": str(options["hyp"])})
+
+
+def parse_arguments(arguments: list[str]) -> dict[str, Any]:
+    """The options `python -m trainer` would run with, for a launcher that checks them first; a
+    flag the trainer does not know, or a bad value, is a UserError naming it."""
+    try:
+        return main.make_context("python -m trainer", list(arguments)).params
+    except click.UsageError as error:  # no such option, a bad value, a missing argument
+        raise UserError(f"trainer flags {' '.join(arguments)}: {error.format_message()} "
+                        "(see python -m trainer --help)") from None
+
+
+def check_training_arguments(arguments: list[str]) -> TrainConfig:
+    """What a training started with these flags would refuse before it prepares any data."""
+    return build_config(parse_arguments(arguments))
 
 
 def launch_ddp(devices: list[str], options: dict[str, Any]) -> int:
@@ -135,8 +156,6 @@ def main(**options: Any) -> None:
     """Train a YOLO-family detector (YOLOv5's recipe), or run as a hyperparameter-evolution worker."""
     logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stderr)
     if options["evolve"] is not None or options["generations"] is not None:
-        if options["resume"] or options["nnodes"] > 1:
-            raise UserError("--evolve runs one process per GPU: drop --resume/--nnodes (evolutions resume by themselves)")
         from trainer.evolve import evolve_command
         evolve_command(options)
         return

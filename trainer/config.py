@@ -14,6 +14,46 @@ from trainer.files import read_yaml
 
 
 @dataclass(frozen=True)
+class ValidRange:
+    """The values a hyperparameter can take and still mean something: low <= value <= high, or
+    value < high where `high_open`."""
+
+    low: float = 0.0
+    high: float = math.inf
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return self.low <= value and (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"at least {self.low:g}"
+        if self.high_open:
+            return f"at least {self.low:g} and below {self.high:g}"
+        return f"from {self.low:g} to {self.high:g}"
+
+
+# No hyperparameter is negative: a negative rate, gain or probability means nothing, and torch
+# takes some of them silently (negative weight decay, say). A few have upper limits too.
+PROBABILITY = ValidRange(0.0, 1.0)
+VALID_RANGES = {
+    "momentum": ValidRange(0.0, 1.0, high_open=True),  # SGD diverges at 1; Adam refuses beta1 = 1
+    "warmup_momentum": ValidRange(0.0, 1.0, high_open=True),
+    "iou_t": PROBABILITY,  # an IoU
+    "anchor_t": ValidRange(1.0),  # a width/height ratio: below 1 no label matches any anchor
+    "hsv_s": PROBABILITY,  # gains of 1 ± hsv_s: above 1 the factor can go negative
+    "hsv_v": PROBABILITY,
+    "translate": PROBABILITY,  # a share of the image
+    **dict.fromkeys(("flipud", "fliplr", "mosaic", "mixup", "copy_paste"), PROBABILITY),
+    "anchors": ValidRange(1.0),  # anchors per level
+}
+
+
+def valid_range(key: str) -> ValidRange:
+    return VALID_RANGES.get(key, ValidRange())
+
+
+@dataclass(frozen=True)
 class Hyp:
     """Training hyperparameters, in the keys and order of YOLOv5's hyp files.
 
@@ -58,8 +98,8 @@ class Hyp:
     def from_dict(cls, values: dict[str, Any], source: str = "hyp") -> Hyp:
         """Validate a mapping (from YAML or an evolve.csv row) into a Hyp.
 
-        Unknown keys and non-numeric or non-finite values are errors; missing keys keep
-        their defaults so older or partial hyp files still load.
+        Unknown keys, non-numeric or non-finite values and values outside their key's valid
+        range are errors; missing keys keep their defaults so older or partial hyp files still load.
         """
         known = set(cls.keys())
         unknown = sorted(set(values) - known)
@@ -79,9 +119,9 @@ class Hyp:
                 raise UserError(f"{source}: {key}={value!r} is not a number") from None
             if not math.isfinite(number):
                 raise UserError(f"{source}: {key}={value!r} must be finite")
+            if number not in valid_range(key):
+                raise UserError(f"{source}: {key}={number:g} is out of range: {key} must be {valid_range(key)}")
             clean[key] = number
-        if clean.get("anchors") is not None and clean["anchors"] < 1:
-            raise UserError(f"{source}: anchors={clean['anchors']} must be at least 1")
         return cls(**clean)
 
     @classmethod
