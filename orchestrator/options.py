@@ -31,6 +31,26 @@ class GpuSpec(click.ParamType):
         return text
 
 
+class MemorySize(click.ParamType):
+    """A size as `docker run --shm-size` takes it (`8g`, `512m`, bytes), checked with the Docker SDK's
+    own parser, so a typo is a one-line error at once rather than the engine's refusal per container."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from docker.errors import DockerException
+        from docker.utils import parse_bytes
+
+        text = str(value).strip()
+        try:
+            size = parse_bytes(text)
+        except DockerException:
+            size = 0
+        if size <= 0:
+            self.fail(f"{value!r} is not a size: give a number with b, k, m or g, e.g. 8g", param, ctx)
+        return text
+
+
 backend_option = click.option(
     "--backend", type=click.Choice(CHOICES), default="auto", envvar="EVOLVECTL_BACKEND",
     help="docker, local processes, or auto (docker when an engine answers; for a run: the one it started with)",
@@ -75,7 +95,7 @@ def _container_options() -> list[Callable[..., Any]]:
         click.option("--image", default=DEFAULT_IMAGE, envvar="EVOLVECTL_IMAGE", help="worker image"),
         click.option("--base-image", default=None, envvar="BASE_IMAGE",
                      help="PyTorch base image for the build (default: the Dockerfile's)"),
-        click.option("--shm-size", default=DEFAULT_SHM_SIZE, help="shared memory per container"),
+        click.option("--shm-size", type=MemorySize(), default=DEFAULT_SHM_SIZE, help="shared memory per container"),
         click.option("--max-restarts", type=click.IntRange(min=0), default=DEFAULT_MAX_RESTARTS,
                      help="restarts of a failing worker"),
         click.argument("trainer_args", nargs=-1, type=click.UNPROCESSED),

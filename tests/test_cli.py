@@ -85,6 +85,14 @@ def test_bad_gpu_specs_are_one_line_errors(spec: str, message: str) -> None:
     assert_one_line_error(invoke("start", "--gpus", spec), message)
 
 
+@pytest.mark.parametrize("size", ["bogus", "-1g", "0"])
+def test_a_bad_shm_size_is_refused_before_any_engine_is_asked(fake_backend: FakeBackend, size: str) -> None:
+    result = invoke("start", "--cpu-workers", "1", "--shm-size", size)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"Invalid value for '--shm-size': '{size}' is not a size: give a number with b, k, m or g" in result.output
+    assert fake_backend.plans == []
+
+
 def test_a_gpu_the_engine_lacks_lists_the_ones_it_has(fake_backend: FakeBackend) -> None:
     result = invoke("start", "--gpus", "2-5")
     assert_one_line_error(result, "--gpus '2-5': no GPU 4, 5; the engine sees: 0, 1, 2, 3")
