@@ -189,6 +189,19 @@ def test_label_path_replaces_the_last_images_folder() -> None:
     assert label_path(Path("/d/pictures/a.png")) == Path("/d/pictures/a.txt")
 
 
+@pytest.mark.parametrize("suffix", [".png", ".bmp", ".tif", ".tiff", ".webp"])
+def test_lossless_image_formats_decode_to_their_pixels(tmp_path: Path, suffix: str) -> None:
+    """YOLOv5 datasets come as BMP and TIFF too; torchvision has no decoder for those, Pillow has."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    path = tmp_path / "images" / f"a{suffix}"
+    path.parent.mkdir()
+    Image.fromarray(pixels).save(path, **({"lossless": True} if suffix == ".webp" else {}))
+    assert labels_module.find_images([path.parent]) == [path]
+    np.testing.assert_array_equal(labels_module.read_image(path).permute(1, 2, 0).numpy(), pixels)
+
+
 def test_corrupt_labels_and_unreadable_images_are_skipped_and_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -27,7 +27,9 @@ from trainer.files import atomic_output
 
 logger = logging.getLogger("trainer.data")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# torchvision's decoders have no BMP or TIFF; Pillow, which torchvision itself depends on, has.
+PILLOW_SUFFIXES = (".bmp", ".tif", ".tiff")
 CACHE_VERSION = 1  # bump when what is cached, or how labels are checked, changes
 STATUSES = ("found", "missing", "empty", "corrupt")
 
@@ -75,14 +77,13 @@ def read_image(path: Path) -> torch.Tensor:
     try:
         return decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError:
-        if path.suffix.lower() != ".bmp":
+        if path.suffix.lower() not in PILLOW_SUFFIXES:
             raise
-    # torchvision's decoders have no BMP; Pillow, which torchvision itself depends on, does.
-    from PIL import Image
+    from PIL import Image, ImageOps
     from torchvision.transforms.v2.functional import pil_to_tensor
 
     with Image.open(path) as image:
-        return pil_to_tensor(image.convert("RGB"))
+        return pil_to_tensor(ImageOps.exif_transpose(image).convert("RGB"))
 
 
 def parse_label_file(path: Path, nc: int) -> tuple[np.ndarray, int]:
