@@ -202,6 +202,21 @@ def test_lossless_image_formats_decode_to_their_pixels(tmp_path: Path, suffix: s
     np.testing.assert_array_equal(labels_module.read_image(path).permute(1, 2, 0).numpy(), pixels)
 
 
+def test_polygon_labels_become_the_box_around_their_points(tmp_path: Path) -> None:
+    """YOLOv5's COCO download has segment labels; its detection training boxes them, and so do we."""
+    path = tmp_path / "a.txt"
+    path.write_text("2 0.1 0.2 0.5 0.2 0.3 0.6\n0 0.5 0.5 0.2 0.2\n1 0.2 0.2 0.4 0.25 0.3 0.5 0.1 0.3\n")
+    labels, duplicates = labels_module.parse_label_file(path, nc=3)
+    np.testing.assert_allclose(labels, [[2, 0.3, 0.4, 0.4, 0.4], [0, 0.5, 0.5, 0.2, 0.2], [1, 0.25, 0.35, 0.3, 0.3]],
+                               atol=1e-6)
+    assert duplicates == 0
+    for text, message in (("0 0.1 0.2 0.3 0.4 0.5 0.6 0.7", "has 8 values"),  # half a point
+                          ("0 0.1 0.2 0.3 0.4 0.5 1.6", "line 1: polygon points are not normalised")):
+        path.write_text(text + "\n")
+        with pytest.raises(ValueError, match=message):
+            labels_module.parse_label_file(path, nc=3)
+
+
 def test_corrupt_labels_and_unreadable_images_are_skipped_and_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -30,7 +30,7 @@ logger = logging.getLogger("trainer.data")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # torchvision's decoders have no BMP or TIFF; Pillow, which torchvision itself depends on, has.
 PILLOW_SUFFIXES = (".bmp", ".tif", ".tiff")
-CACHE_VERSION = 1  # bump when what is cached, or how labels are checked, changes
+CACHE_VERSION = 2  # bump when what is cached, or how labels are checked, changes
 STATUSES = ("found", "missing", "empty", "corrupt")
 
 
@@ -89,6 +89,8 @@ def read_image(path: Path) -> torch.Tensor:
 def parse_label_file(path: Path, nc: int) -> tuple[np.ndarray, int]:
     """Labels of one file as float32 (n, 5), and how many duplicate rows were dropped.
 
+    A line is a box, `class cx cy w h`, or a polygon, `class x1 y1 x2 y2 x3 y3 ...` (YOLOv5's
+    segment labels, as its COCO download has them), which becomes the box around its points.
     Raises ValueError naming the problem when a line is malformed or out of range.
     """
     rows, line_numbers = [], []
@@ -96,12 +98,14 @@ def parse_label_file(path: Path, nc: int) -> tuple[np.ndarray, int]:
         values = line.split()
         if not values:
             continue
-        if len(values) != 5:
-            raise ValueError(f"line {number} has {len(values)} values, expected 5 (class cx cy w h)")
+        if len(values) != 5 and (len(values) < 7 or len(values) % 2 == 0):
+            raise ValueError(f"line {number} has {len(values)} values, expected 5 (class cx cy w h) "
+                             "or a polygon of 3 or more points (class x1 y1 x2 y2 x3 y3 ...)")
         try:
-            rows.append([float(value) for value in values])
+            numbers = [float(value) for value in values]
         except ValueError:
             raise ValueError(f"line {number} is not numeric: {line.strip()!r}") from None
+        rows.append(numbers if len(numbers) == 5 else [numbers[0], *polygon_box(numbers[1:], number)])
         line_numbers.append(number)
     labels = np.array(rows, dtype=np.float32).reshape(-1, 5)
     classes, boxes = labels[:, 0], labels[:, 1:]
@@ -116,6 +120,15 @@ def parse_label_file(path: Path, nc: int) -> tuple[np.ndarray, int]:
         raise ValueError(f"line {line_numbers[row]}: box {box} is not normalised to 0..1")
     _, first_rows = np.unique(labels, axis=0, return_index=True)
     return labels[np.sort(first_rows)], len(labels) - len(first_rows)
+
+
+def polygon_box(coordinates: list[float], line: int) -> list[float]:
+    """`cx cy w h` of the box around a polygon's normalised points `x1 y1 x2 y2 ...`."""
+    points = np.array(coordinates, dtype=np.float64).reshape(-1, 2)
+    if not (np.isfinite(points).all() and (points >= 0).all() and (points <= 1).all()):
+        raise ValueError(f"line {line}: polygon points are not normalised to 0..1")
+    (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0)
+    return [(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]
 
 
 def check_image(image: Path, nc: int) -> tuple[str, Sample | None, str | None]:
