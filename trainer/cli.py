@@ -19,6 +19,7 @@ from trainer.paths import resolve_config
 from trainer.progress import setup_logging
 
 LOGGER = logging.getLogger("trainer")
+DEFAULT_MODEL = "yolov5n"
 
 
 def latest_checkpoint(search_root: Path = Path("runs")) -> Path:
@@ -30,15 +31,18 @@ def latest_checkpoint(search_root: Path = Path("runs")) -> Path:
 
 def build_config(options: dict[str, Any]) -> TrainConfig:
     """Turn parsed flags into the run's frozen config (the hyp file is read and validated here;
-    a wrong model name or weights path fails here too, before the data is prepared)."""
-    from trainer.checkpoint import existing_checkpoint
+    a wrong model name or weights file fails here too, before the data is prepared).
+
+    Without --cfg the model is the one the --weights were trained with, as in YOLOv5, else yolov5n.
+    """
+    from trainer.checkpoint import load_weights
 
     hyp = Hyp.from_yaml(resolve_config(options["hyp"], "hyps"))
-    resolve_config(options["cfg"], "models")
-    if options["weights"]:
-        existing_checkpoint(options["weights"])
+    weights = load_weights(options["weights"]) if options.get("weights") else None
+    model = options.get("cfg") or (weights.model_name() if weights else DEFAULT_MODEL)
+    resolve_config(model, "models")
     fields = {name: options[name] for name in TrainConfig.__dataclass_fields__ if name in options}
-    return TrainConfig(**{**fields, "hyp": hyp, "hyp_path": str(options["hyp"])})
+    return TrainConfig(**{**fields, "cfg": model, "hyp": hyp, "hyp_path": str(options["hyp"])})
 
 
 def parse_arguments(arguments: list[str]) -> dict[str, Any]:
@@ -109,8 +113,10 @@ def train_command(options: dict[str, Any]) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--data", default="synthetic", help="data.yaml path or a bundled name (synthetic = built-in data)")
-@click.option("--cfg", default="yolov5n", help="model YAML path or a bundled name (yolov5n/s/m/l/x)")
-@click.option("--weights", default="", help="initial weights: an evolvectl checkpoint (.pt)")
+@click.option("--cfg", default=None,
+              help="model YAML path or a bundled name (yolov5n/s/m/l/x); default: the --weights' model, "
+                   f"else {DEFAULT_MODEL}")
+@click.option("--weights", default="", help="initial weights: a last.pt or best.pt of evolvectl or YOLOv5 (yolov5s.pt)")
 @click.option("--hyp", default="hyp.scratch-low", help="hyperparameter YAML path or bundled name")
 @click.option("--epochs", default=100, type=click.IntRange(min=1))
 @click.option("--batch-size", "--batch", "batch_size", default=16, type=click.IntRange(min=1),

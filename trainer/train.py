@@ -16,7 +16,7 @@ import yaml
 
 from trainer import dist
 from trainer.autoanchor import check_anchors
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from trainer.coco import write_predictions_json
 from trainer.config import TrainConfig
 from trainer.data import DataConfig, build_dataloader, build_datasets, load_data_config
@@ -120,10 +120,13 @@ def build_model(cfg: TrainConfig, nc: int, device: torch.device) -> DetectionMod
     anchors = round(cfg.hyp.anchors) if cfg.hyp.anchors else None
     model = DetectionModel(cfg.cfg, nc=nc, anchors=anchors)
     if cfg.weights:
-        state = load_checkpoint(cfg.weights)
-        weights = (state.get("ema") or {}).get("module") or state["model"]
+        weights = load_weights(cfg.weights).state
         own = model.state_dict()
         matching = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+        kernels = {name for name, parameter in model.named_parameters() if parameter.ndim > 1}
+        if not kernels & set(matching):  # not one convolution fits: the weights are another model's
+            raise UserError(f"no convolution in {cfg.weights} fits the {cfg.cfg} model: "
+                            "pass the --cfg it was trained with")
         model.load_state_dict(matching, strict=False)
         LOGGER.info("Transferred %d/%d items from %s", len(matching), len(own), cfg.weights)
     # channels_last (NHWC): convolutions skip layout reorders on the CPU and use tensor cores

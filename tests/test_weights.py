@@ -1,0 +1,90 @@
+"""Starting weights (--weights): from our checkpoints, and from YOLOv5's pickled ones without running them."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.checkpoint import load_weights, save_checkpoint
+from trainer.cli import build_config
+from trainer.config import TrainConfig
+from trainer.errors import UserError
+from trainer.model.yolo import DetectionModel
+from trainer.train import build_model
+
+OPTIONS = {"hyp": "hyp.scratch-low", "cfg": None, "weights": ""}
+
+
+class RunsCode:
+    """Unpickling this would run `exec`, which would create `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def yolov5_style_checkpoint(path: Path, model: DetectionModel, **extra: object) -> None:
+    """What YOLOv5's train.py saves: whole pickled modules (its EMA, in half precision), not state dicts."""
+    torch.save({"epoch": 3, "best_fitness": 0.1, "model": copy.deepcopy(model).half(),
+                "ema": copy.deepcopy(model).half(), "updates": 12, "optimizer": None,
+                "opt": {"imgsz": 640}, **extra}, path)
+
+
+def test_a_yolov5_checkpoint_gives_its_weights_without_running_its_pickle(tmp_path: Path) -> None:
+    model = DetectionModel("yolov5s", nc=80)
+    marker = tmp_path / "ran"
+    path = tmp_path / "yolov5s.pt"
+    yolov5_style_checkpoint(path, model, date=RunsCode(marker))
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)  # torch's safe loader refuses it: our own reader is needed
+    weights = load_weights(path)
+    assert not marker.exists()
+    expected = copy.deepcopy(model).half().float().state_dict()
+    assert list(weights.state) == list(expected)  # YOLOv5's names and order
+    assert all(torch.equal(weights.state[name], expected[name]) for name in expected)
+    assert weights.model_name() == "yolov5s"  # recognised by its architecture
+
+
+def test_without_cfg_the_model_is_the_weights_own_as_in_yolov5(tmp_path: Path) -> None:
+    path = tmp_path / "yolov5s.pt"
+    yolov5_style_checkpoint(path, DetectionModel("yolov5s", nc=80))
+    assert build_config({**OPTIONS, "weights": str(path)}).cfg == "yolov5s"
+    assert build_config({**OPTIONS, "weights": str(path), "cfg": "yolov5n"}).cfg == "yolov5n"  # --cfg wins
+    assert build_config(OPTIONS).cfg == "yolov5n"
+    ours = tmp_path / "last.pt"
+    save_checkpoint({"model": DetectionModel("yolov5m", nc=2).state_dict(), "config": {"cfg": "yolov5m"}}, ours)
+    assert build_config({**OPTIONS, "weights": str(ours)}).cfg == "yolov5m"
+
+
+def test_transfer_keeps_every_weight_that_fits_and_refits_the_head_to_the_data(tmp_path: Path) -> None:
+    source = DetectionModel("yolov5n", nc=80)
+    path = tmp_path / "yolov5n.pt"
+    yolov5_style_checkpoint(path, source)
+    model = build_model(TrainConfig(cfg="yolov5n", weights=str(path)), nc=3, device=torch.device("cpu"))
+    expected = copy.deepcopy(source).half().float().state_dict()
+    own = model.state_dict()
+    transferred = [name for name in own if own[name].shape == expected[name].shape]
+    assert all(torch.equal(own[name], expected[name]) for name in transferred)
+    assert {name for name in own if name not in transferred} == {f"model.24.m.{i}.{kind}" for i in range(3)
+                                                                 for kind in ("weight", "bias")}
+
+
+def test_weights_that_fit_nothing_or_hold_no_model_are_user_errors(tmp_path: Path) -> None:
+    path = tmp_path / "yolov5x.pt"
+    yolov5_style_checkpoint(path, DetectionModel("yolov5n", nc=80))
+    with pytest.raises(UserError, match="no convolution in .*yolov5x.pt fits the yolov5x model: pass the --cfg"):
+        build_model(TrainConfig(cfg="yolov5x", weights=str(path)), nc=80, device=torch.device("cpu"))
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "linear.pt")
+    with pytest.raises(UserError, match="linear.pt is neither an evolvectl nor a YOLOv5 checkpoint"):
+        load_weights(tmp_path / "linear.pt")
+    custom = DetectionModel("yolov5n", nc=80)
+    custom.yaml = {**custom.yaml, "width_multiple": 0.3}
+    yolov5_style_checkpoint(tmp_path / "custom.pt", custom)
+    with pytest.raises(UserError, match="custom.pt was trained from a model config that is not bundled here"):
+        build_config({**OPTIONS, "weights": str(tmp_path / "custom.pt")})
+    assert build_config({**OPTIONS, "weights": str(tmp_path / "custom.pt"), "cfg": "yolov5n"}).cfg == "yolov5n"
