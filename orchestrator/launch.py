@@ -77,6 +77,7 @@ class TrainerOptions:
 
     data: str = "synthetic"
     cfg: str | None = None
+    weights: str | None = None
     hyp: str | None = None
     epochs: int | None = None
     batch_size: int | None = None
@@ -89,12 +90,13 @@ class TrainerOptions:
 
     def arguments(self, generations: int) -> list[str]:
         """Flags for `python -m trainer --evolve`, without the run's place and the worker's identity."""
-        names = ("cfg", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed", "search_space", "evolve_population")
+        names = ("cfg", "weights", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed", "search_space",
+                 "evolve_population")
         return ["--generations", str(generations), "--data", self.data, *self._flags(names), *self.extra]
 
     def training_arguments(self) -> list[str]:
         """Flags for one training (`evolvectl ddp`): no evolution flags, which would make it a worker."""
-        names = ("cfg", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed")
+        names = ("cfg", "weights", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed")
         return ["--data", self.data, *self._flags(names), *self.extra]
 
     def _flags(self, names: Sequence[str]) -> list[str]:

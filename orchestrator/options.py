@@ -76,6 +76,8 @@ def _training_options(evolution: bool) -> list[Callable[..., Any]]:
     return [
         click.option("--data", default="synthetic", help="data YAML path or bundled name (synthetic)"),
         click.option("--cfg", default=None, help="model YAML path or bundled name (yolov5n/s/m/l/x)"),
+        click.option("--weights", default=None,
+                     help="starting weights: a last.pt or best.pt of evolvectl or YOLOv5 (e.g. yolov5s.pt)"),
         click.option("--hyp", default=None, help="base hyperparameter YAML path or bundled name" if evolution
                      else "hyperparameter YAML path or bundled name (e.g. an evolution's hyp_evolve.yaml)"),
         click.option("--epochs", type=click.IntRange(min=1), default=None,
@@ -137,14 +139,14 @@ def ddp_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def trainer_options(values: dict[str, Any]) -> TrainerOptions:
-    names = ("data", "cfg", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed", "search_space",
+    names = ("data", "cfg", "weights", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed", "search_space",
              "evolve_population")
     return TrainerOptions(**{name: values[name] for name in names}, extra=tuple(values["trainer_args"]))
 
 
 def ddp_trainer_options(values: dict[str, Any]) -> TrainerOptions:
     flags = tuple(flag for flag, wanted in (("--sync-bn", values["sync_bn"]), ("--cos-lr", values["cos_lr"])) if wanted)
-    names = ("data", "cfg", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed")
+    names = ("data", "cfg", "weights", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed")
     return TrainerOptions(**{name: values[name] for name in names}, extra=(*flags, *values["trainer_args"]))
 
 

@@ -3,7 +3,7 @@
 Local workers read the host's files directly. Container workers see only their mounts, so
 the dataset folder is mounted read-only at `/datasets/<folder>`, and a copy of the data YAML
 that points there is written into the run folder (which they share). Host files given for
---hyp, --cfg, --search-space and --evolve-population are copied into `<run>/inputs/`;
+--hyp, --cfg, --weights, --search-space and --evolve-population are copied into `<run>/inputs/`;
 bundled names (yolov5s, hyp.scratch-low) are passed as they are, since the image has them.
 """
 
@@ -19,6 +19,7 @@ import yaml
 from orchestrator.container_spec import RUNS_DIR, container_dataset_path
 from orchestrator.launch import TrainerOptions
 from trainer.errors import UserError
+from trainer.files import atomic_output
 from trainer.paths import resolve_config
 
 CONTAINER_DATA_NAME = "data.yaml"
@@ -56,7 +57,8 @@ def stage_local(options: TrainerOptions) -> StagedInputs:
     population = options.evolve_population
     if population is not None:
         population = ",".join(str(_existing(part).absolute()) for part in population.split(","))
-    staged = options.with_paths(data=str(data_yaml), evolve_population=population, **paths)
+    weights = None if options.weights is None else str(_weights_file(options.weights).absolute())
+    staged = options.with_paths(data=str(data_yaml), evolve_population=population, weights=weights, **paths)
     return StagedInputs(staged, None)
 
 
@@ -72,6 +74,8 @@ def stage_for_containers(options: TrainerOptions, run: str, run_dir: Path) -> St
         paths[name] = _copied_config(getattr(options, name), kind, run_dir, inside_run)
     if options.evolve_population is not None:
         paths["evolve_population"] = _copied_population(options.evolve_population, run_dir, inside_run)
+    if options.weights is not None:
+        paths["weights"] = _copied_weights(options.weights, run_dir, inside_run)
     return StagedInputs(options.with_paths(**paths), dataset_root)
 
 
@@ -134,6 +138,22 @@ def _copied_config(value: str | None, kind: str, run_dir: Path, inside_run: str)
     destination.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, destination)
     return f"{inside_run}/{INPUTS_DIR}/{kind}/{source.name}"
+
+
+def _weights_file(value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise UserError(f"--weights {value} not found: pass a last.pt or best.pt (evolvectl's or YOLOv5's)")
+    return path
+
+
+def _copied_weights(value: str, run_dir: Path, inside_run: str) -> str:
+    """The weights file copied into <run>/inputs/weights/, atomically: running workers of the run
+    may be reading the copy that a second `start` replaces."""
+    source = _weights_file(value)
+    with source.open("rb") as original, atomic_output(run_dir / INPUTS_DIR / "weights" / source.name) as copy:
+        shutil.copyfileobj(original, copy)
+    return f"{inside_run}/{INPUTS_DIR}/weights/{source.name}"
 
 
 def _copied_population(value: str, run_dir: Path, inside_run: str) -> str:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from conftest import write_data_yaml
 
 from orchestrator import cli
 from orchestrator.journal import format_header, run_columns
+from orchestrator.run_inputs import stage_local
 from orchestrator.launch import LaunchPlan, TrainerOptions, parse_worker_key
 from orchestrator.status import WorkerState
+from trainer.checkpoint import save_checkpoint
 from trainer.config import Hyp
 from trainer.errors import UserError
 
@@ -116,6 +120,18 @@ def test_start_passes_the_chosen_gpus_and_trainer_flags(fake_backend: FakeBacken
         "--generations", "40", "--data", "synthetic", "--epochs", "3", "--cos-lr"]
     assert plan.run_dir == tmp_path / "runs" / "evolve" / "big"
     assert "started 5 docker worker(s)" in result.output and "evolvectl attach gpu0 --name big" in result.output
+
+
+def test_start_passes_weights_and_checks_them_first(fake_backend: FakeBackend, tmp_path: Path) -> None:
+    save_checkpoint({"model": {}, "config": {"cfg": "yolov5s"}}, tmp_path / "start.pt")
+    assert invoke("start", "--cpu-workers", "1", "--weights", "start.pt").exit_code == 0
+    [plan] = fake_backend.plans
+    assert plan.options.arguments(plan.generations)[-2:] == ["--weights", "start.pt"]
+    local = stage_local(replace(plan.options, data=str(write_data_yaml(tmp_path, train=2, val=1, size=32))))
+    assert local.options.weights == str(tmp_path / "start.pt")  # absolute: workers run from anywhere
+    (tmp_path / "broken.pt").write_bytes(b"")
+    assert_one_line_error(invoke("start", "--cpu-workers", "1", "--weights", "broken.pt"),
+                          "checkpoint broken.pt cannot be read")
 
 
 def test_start_clears_a_previous_stop(fake_backend: FakeBackend, tmp_path: Path) -> None:

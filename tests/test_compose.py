@@ -14,6 +14,7 @@ from orchestrator.compose import compose_document, project_name
 from orchestrator.docker_backend import worker_specs
 from orchestrator.launch import LaunchPlan, TrainerOptions, worker_slots
 from orchestrator.run_inputs import StagedInputs, container_data_yaml
+from trainer.checkpoint import save_checkpoint
 from trainer.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,8 +89,10 @@ def test_compose_command_writes_the_file_and_prepares_the_run(tmp_path: Path, mo
         (tmp_path / "shapes" / "images" / split / "a.jpg").write_bytes(b"")  # only found, never decoded here
     (tmp_path / "shapes.yaml").write_text("path: shapes\ntrain: images/train\nval: images/val\nnames: [a]\n")
     (tmp_path / "my_hyp.yaml").write_text((ROOT / "configs/hyps/hyp.scratch-low.yaml").read_text())
+    save_checkpoint({"model": {}, "config": {"cfg": "yolov5s"}}, tmp_path / "start.pt")
     result = CliRunner().invoke(main, ["compose", "--gpus", "0-2", "--generations", "50", "--data", "shapes.yaml",
-                                       "--hyp", "my_hyp.yaml", "--cfg", "yolov5s", "--name", "big"])
+                                       "--hyp", "my_hyp.yaml", "--cfg", "yolov5s", "--weights", "start.pt",
+                                       "--name", "big"])
     assert result.exit_code == 0, result.output
     assert "docker compose -f compose.big.yaml up -d" in result.output
     document = yaml.safe_load((tmp_path / "compose.big.yaml").read_text())
@@ -97,8 +100,10 @@ def test_compose_command_writes_the_file_and_prepares_the_run(tmp_path: Path, mo
     command = document["services"]["worker-gpu1"]["command"]
     assert command[command.index("--hyp") + 1] == "/runs/evolve/big/inputs/hyps/my_hyp.yaml"
     assert command[command.index("--cfg") + 1] == "yolov5s"  # bundled: the image has it
+    assert command[command.index("--weights") + 1] == "/runs/evolve/big/inputs/weights/start.pt"
     run_dir = tmp_path / "runs" / "evolve" / "big"
     assert (run_dir / "inputs" / "hyps" / "my_hyp.yaml").is_file()
+    assert (run_dir / "inputs" / "weights" / "start.pt").read_bytes() == (tmp_path / "start.pt").read_bytes()
     assert yaml.safe_load((run_dir / "data.yaml").read_text())["path"] == "/datasets/shapes"
     assert json.loads((run_dir / "launch.json").read_text())["backend"] == "docker"
 

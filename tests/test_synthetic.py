@@ -31,6 +31,14 @@ def test_same_seed_gives_the_same_bytes(tmp_path: Path) -> None:
     assert first != other
 
 
+@pytest.mark.parametrize("size", [16, 32])
+def test_small_images_generate_too(tmp_path: Path, size: int) -> None:
+    """A 3:4 image of 32 px is 24 px wide: the clutter's blur range once went negative there."""
+    generate_synthetic(tmp_path, seed=0, n_train=20, n_val=4, size=size)
+    samples = load_samples([tmp_path / "images" / "train"], nc=len(SHAPES), split="train")
+    assert len(samples) == 20 and max(max(sample.width, sample.height) for sample in samples) == size
+
+
 def test_layout_is_what_a_user_dataset_looks_like(tmp_path: Path) -> None:
     generate_synthetic(tmp_path, seed=0, n_train=4, n_val=3, size=80)
     for split, count in (("train", 4), ("val", 3)):

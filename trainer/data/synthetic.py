@@ -146,7 +146,7 @@ def _draw_clutter(canvas: torch.Tensor, rng: np.random.Generator, lines_only: bo
         alpha = (half_thickness + 0.5 - distance).clamp(0, 1)
     else:
         centre = np.array([rng.uniform(0, width), rng.uniform(0, height)])
-        sigma = np.array([rng.uniform(3, 0.1 * width), rng.uniform(3, 0.1 * height)])
+        sigma = np.array([rng.uniform(3, max(3.0, 0.1 * width)), rng.uniform(3, max(3.0, 0.1 * height))])
         region, ys, xs = _region(canvas, centre - 3 * sigma, centre + 3 * sigma)
         alpha = torch.exp(-0.5 * (((xs - centre[0]) / sigma[0]) ** 2 + ((ys - centre[1]) / sigma[1]) ** 2))
         alpha = alpha * rng.uniform(0.3, 0.8)
