@@ -78,6 +78,20 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
     assert again.returncode == 0 and (tmp_path / "exp2" / "weights" / "last.pt").is_file()
 
 
+@pytest.mark.slow
+def test_fine_tuning_from_a_yolov5_checkpoint_takes_its_model_and_weights(tiny_data, tmp_path):
+    """`--weights yolov5s.pt` as YOLOv5 users run it: no --cfg, COCO's 80 classes onto 6."""
+    from test_weights import yolov5_style_checkpoint
+    from trainer.model.yolo import DetectionModel
+
+    yolov5_style_checkpoint(tmp_path / "yolov5s.pt", DetectionModel("yolov5s", nc=80))
+    result = run_trainer("--data", str(tiny_data), "--weights", "yolov5s.pt", *TINY, "--epochs", "1",
+                         "--noautoanchor", "--project", str(tmp_path), "--name", "tuned", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Transferred 343/349 items from yolov5s.pt" in result.stderr  # all but the 80-class output layers
+    assert yaml.safe_load((tmp_path / "tuned" / "opt.yaml").read_text())["cfg"] == "yolov5s"
+
+
 def write_yaml(path: Path, values: dict) -> Path:
     path.write_text(yaml.safe_dump(values))
     return path
