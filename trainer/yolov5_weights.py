@@ -34,7 +34,7 @@ class Stub:
     setting its state, only records the arguments and the state."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.__dict__["_stub_args"] = args
+        self.__dict__["stub_arguments"] = args
 
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
@@ -76,15 +76,9 @@ def module_tensors(module: Stub, prefix: str = "") -> dict[str, torch.Tensor]:
     return state
 
 
-def is_pickled_model_file(error: BaseException) -> bool:
-    """Whether torch's safe loader refused a file for naming classes it does not allow."""
-    return isinstance(error, pickle.UnpicklingError)
-
-
 def read_yolov5_weights(path: Path) -> dict[str, Any] | None:
-    """`{"model": state dict, "model_yaml": its model config, "model_file": e.g. "yolov5s.yaml"}`
-    from a YOLOv5 checkpoint (its EMA weights when it has them), or None when the file holds
-    no YOLOv5 model."""
+    """`{"model": state dict, "model_yaml": its model config}` from a YOLOv5 checkpoint (its EMA
+    weights when it has them), or None when the file holds no YOLOv5 model."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
     except Exception:  # not a pickle torch can read at all
@@ -97,4 +91,4 @@ def read_yolov5_weights(path: Path) -> dict[str, Any] | None:
     state = module_tensors(model)
     if not state:
         return None
-    return {"model": state, "model_yaml": model.__dict__["yaml"], "model_file": model.__dict__.get("yaml_file")}
+    return {"model": state, "model_yaml": model.__dict__["yaml"]}
