@@ -80,16 +80,24 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_fine_tuning_from_a_yolov5_checkpoint_takes_its_model_and_weights(tiny_data, tmp_path):
-    """`--weights yolov5s.pt` as YOLOv5 users run it: no --cfg, COCO's 80 classes onto 6."""
+    """`--weights yolov5s.pt --freeze 10` as YOLOv5 users run it: no --cfg, COCO's 80 classes onto 6,
+    the backbone frozen."""
     from test_weights import yolov5_style_checkpoint
     from trainer.model.yolo import DetectionModel
 
-    yolov5_style_checkpoint(tmp_path / "yolov5s.pt", DetectionModel("yolov5s", nc=80))
-    result = run_trainer("--data", str(tiny_data), "--weights", "yolov5s.pt", *TINY, "--epochs", "1",
-                         "--noautoanchor", "--project", str(tmp_path), "--name", "tuned", cwd=tmp_path)
+    source = DetectionModel("yolov5s", nc=80)
+    yolov5_style_checkpoint(tmp_path / "yolov5s.pt", source)
+    result = run_trainer("--data", str(tiny_data), "--weights", "yolov5s.pt", "--freeze", "10", *TINY,
+                         "--epochs", "1", "--noautoanchor", "--project", str(tmp_path), "--name", "tuned", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Transferred 343/349 items from yolov5s.pt" in result.stderr  # all but the 80-class output layers
     assert yaml.safe_load((tmp_path / "tuned" / "opt.yaml").read_text())["cfg"] == "yolov5s"
+    start = {name: parameter.detach().half().float() for name, parameter in source.named_parameters()}
+    trained = torch.load(tmp_path / "tuned" / "weights" / "last.pt", weights_only=True)["model"]
+    backbone = {name for name in start if int(name.split(".")[1]) < 10}
+    assert all(torch.equal(trained[name], start[name]) for name in backbone)  # --freeze 10: the backbone
+    kernels = [name for name in start if name not in backbone and start[name].ndim == 4]  # BN scales of 1 barely
+    assert not any(torch.equal(trained[name], start[name]) for name in kernels)  # move in 4 warmup steps
 
 
 def write_yaml(path: Path, values: dict) -> Path:

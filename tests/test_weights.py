@@ -1,4 +1,5 @@
-"""Starting weights (--weights): from our checkpoints, and from YOLOv5's pickled ones without running them."""
+"""Fine-tuning: starting weights (--weights) from our checkpoints and from YOLOv5's pickled ones
+without running them, and frozen layers (--freeze)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from trainer.checkpoint import load_weights, save_checkpoint
-from trainer.cli import build_config
+from trainer.cli import build_config, parse_arguments
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.model.yolo import DetectionModel
@@ -88,3 +89,20 @@ def test_weights_that_fit_nothing_or_hold_no_model_are_user_errors(tmp_path: Pat
     with pytest.raises(UserError, match="custom.pt was trained from a model config that is not bundled here"):
         build_config({**OPTIONS, "weights": str(tmp_path / "custom.pt")})
     assert build_config({**OPTIONS, "weights": str(tmp_path / "custom.pt"), "cfg": "yolov5n"}).cfg == "yolov5n"
+
+
+@pytest.mark.parametrize(("flag", "layers"), [("0", ()), ("3", (0, 1, 2)), ("4,2,4", (2, 4))])
+def test_freeze_takes_a_count_or_a_list_as_in_yolov5(flag: str, layers: tuple[int, ...]) -> None:
+    assert build_config({**parse_arguments(["--freeze", flag])}).freeze == layers
+    assert TrainConfig.from_dict(TrainConfig(freeze=layers).as_dict()).freeze == layers  # opt.yaml, checkpoints
+    with pytest.raises(UserError, match="'x1' is not a layer count"):
+        parse_arguments(["--freeze", "x1"])
+
+
+def test_frozen_layers_do_not_train_and_the_rest_do() -> None:
+    model = build_model(TrainConfig(cfg="yolov5n", freeze=(0, 1, 2)), nc=3, device=torch.device("cpu"))
+    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+    assert frozen and frozen == {name for name, _ in model.named_parameters()
+                                 if name.split(".")[1] in ("0", "1", "2")}
+    with pytest.raises(UserError, match="layer 25 does not exist; the model has layers 0 to 24"):
+        build_model(TrainConfig(cfg="yolov5n", freeze=(25,)), nc=3, device=torch.device("cpu"))

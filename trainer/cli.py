@@ -29,6 +29,24 @@ def latest_checkpoint(search_root: Path = Path("runs")) -> Path:
     return candidates[-1]
 
 
+class FrozenLayers(click.ParamType):
+    """YOLOv5's --freeze: `10` freezes layers 0 to 9 (the backbone of the bundled models), a list
+    such as `0,1,2` freezes those layers; `0` freezes nothing."""
+
+    name = "N|LIST"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = [int(part) for part in str(value).split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not a layer count or a list of layer indices such as 0,1,2", param, ctx)
+        if any(number < 0 for number in numbers):
+            self.fail(f"{value!r}: layer indices are 0 or more", param, ctx)
+        return tuple(range(numbers[0])) if len(numbers) == 1 else tuple(sorted(set(numbers)))
+
+
 def build_config(options: dict[str, Any]) -> TrainConfig:
     """Turn parsed flags into the run's frozen config (the hyp file is read and validated here;
     a wrong model name or weights file fails here too, before the data is prepared).
@@ -137,6 +155,8 @@ def train_command(options: dict[str, Any]) -> None:
 @click.option("--label-smoothing", default=0.0, type=click.FloatRange(0.0, 1.0))
 @click.option("--seed", default=0, type=int, help="global training seed")
 @click.option("--patience", default=100, type=click.IntRange(min=0), help="early stopping patience (0 = off)")
+@click.option("--freeze", type=FrozenLayers(), default="0",
+              help="freeze the first N layers (10: the backbone), or the listed ones (0,1,2)")
 @click.option("--single-cls", is_flag=True, help="train multi-class data as single-class")
 @click.option("--noval", is_flag=True, help="only validate the final epoch")
 @click.option("--nosave", is_flag=True, help="only save the final checkpoint")

@@ -166,6 +166,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     patience: int = 100
+    freeze: tuple[int, ...] = ()  # indices of model layers whose parameters do not train
     single_cls: bool = False
     noval: bool = False
     nosave: bool = False
@@ -177,12 +178,14 @@ class TrainConfig:
     def as_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["hyp"] = self.hyp.as_dict()
+        values["freeze"] = list(self.freeze)  # YAML has lists, not tuples
         return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         values = dict(values)
         values["hyp"] = Hyp.from_dict(values.get("hyp", {}), source="opt.yaml")
+        values["freeze"] = tuple(values.get("freeze", ()))
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
