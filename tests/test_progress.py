@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from trainer.progress import EpochProgress
+from trainer.metrics import DetectionMetrics
+from trainer.progress import EpochProgress, class_table
 
 
 def test_plain_lines_show_progress_elapsed_time_and_rate(caplog: pytest.LogCaptureFixture) -> None:
@@ -39,3 +40,17 @@ def test_losses_on_a_device_are_read_when_the_line_is_written(caplog: pytest.Log
     lines = [record.getMessage() for record in caplog.records]
     assert lines[1].split()[2:5] == ["0.25", "0.25", "0.25"]
     assert lines[2].split()[2:5] == ["0.5", "0.5", "0.5"]
+
+
+def test_class_table_has_all_then_each_labelled_class_as_yolov5_prints_it() -> None:
+    metrics = DetectionMetrics()
+    box = [10.0, 10.0, 50.0, 50.0]
+    # Image 1: a cat found, a dog missed. Image 2: a second cat found. No bird anywhere.
+    metrics.update(torch.tensor([[*box, 0.9, 0.0]]), torch.tensor([[0.0, *box], [2.0, 60.0, 60.0, 90.0, 90.0]]))
+    metrics.update(torch.tensor([[*box, 0.8, 0.0]]), torch.tensor([[0.0, *box]]))
+    lines = class_table(metrics.compute(), ["cat", "bird", "dog"])
+    assert lines[0].split() == ["Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95"]
+    assert [line.split()[:3] for line in lines[1:]] == [["all", "2", "3"], ["cat", "2", "2"], ["dog", "2", "1"]]
+    assert lines[2].split()[3:] == ["1", "1", "1", "1"]
+    assert lines[3].split()[3:] == ["0", "0", "0", "0"]
+    assert len({len(line) for line in lines}) == 1  # fixed-width columns

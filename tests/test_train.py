@@ -65,6 +65,8 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
     result = run_trainer("--data", str(tiny_data), *TINY, "--epochs", "1", "--project", str(tmp_path),
                          "--name", "exp", "--save-json", "--noautoanchor", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stderr[result.stderr.index("Class     Images  Instances"):].splitlines()
+    assert [line.split()[0] for line in table[1:3]] == ["all", "disc"]  # then a row per labelled class
     run = tmp_path / "exp"
     assert sorted(p.name for p in run.iterdir()) == ["hyp.yaml", "opt.yaml", "predictions.json", "results.csv", "weights"]
     assert sorted(p.name for p in (run / "weights").iterdir()) == ["best.pt", "last.pt"]

@@ -241,7 +241,8 @@ class DetectionMetrics:
         return metrics
 
     def compute(self) -> dict[str, float | np.ndarray]:
-        """Mean precision, recall, mAP@0.5, mAP@0.5:0.95 over labelled classes, and per-class arrays."""
+        """Mean precision, recall, mAP@0.5, mAP@0.5:0.95 over labelled classes, per-class arrays
+        (for the labelled classes, in `class_ids` order) and the number of images."""
         state = self.state()
         stats = ap_per_class(state.tp, state.conf, state.pred_cls, state.target_cls)
         has_classes = stats.class_ids.size > 0
@@ -250,10 +251,13 @@ class DetectionMetrics:
             "recall": float(stats.recall.mean()) if has_classes else 0.0,
             "map50": float(stats.ap50.mean()) if has_classes else 0.0,
             "map": float(stats.ap50_95.mean()) if has_classes else 0.0,
+            "precision_per_class": stats.precision,
+            "recall_per_class": stats.recall,
             "ap50_per_class": stats.ap50,
             "ap_per_class": stats.ap50_95,
             "class_ids": stats.class_ids,
             "targets_per_class": stats.targets,
+            "images": len(self._parts),
         }
 
 

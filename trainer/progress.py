@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from rich.console import Console
@@ -109,3 +109,18 @@ def append_results(path: Path, values: Sequence[float]) -> None:
     header = "" if path.exists() else format_row(RESULTS_COLUMNS, numeric=False)
     with path.open("a") as stream:
         stream.write(header + format_row(values, numeric=True))
+
+
+def class_table(metrics: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """YOLOv5's validation table: all classes, then one row per labelled class."""
+    row = "%22s%11s%11s%11s%11s%11s%11s"
+    lines = [row % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")]
+    number = "%22s%11i%11i%11.3g%11.3g%11.3g%11.3g"
+    images, instances = metrics["images"], int(metrics["targets_per_class"].sum())
+    lines.append(number % ("all", images, instances, metrics["precision"], metrics["recall"], metrics["map50"],
+                           metrics["map"]))
+    for i, class_id in enumerate(metrics["class_ids"]):
+        lines.append(number % (names[class_id], images, metrics["targets_per_class"][i],
+                               metrics["precision_per_class"][i], metrics["recall_per_class"][i],
+                               metrics["ap50_per_class"][i], metrics["ap_per_class"][i]))
+    return lines

@@ -29,7 +29,7 @@ from trainer.loss import DetectionLoss
 from trainer.metrics import fitness
 from trainer.model import DetectionModel
 from trainer.optim import Warmup, build_optimizer, lr_lambda, scaled_weight_decay, scheduler_lambda
-from trainer.progress import EpochProgress, append_results
+from trainer.progress import EpochProgress, append_results, class_table
 
 LOGGER = logging.getLogger("trainer")
 MIN_GRAPHED_STEPS = 50
@@ -325,5 +325,8 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
                         save_dir / "weights" / "last.pt" if save_dir else "")
             break
     metrics.pop("records", None)
+    if writes and nc > 1 and "class_ids" in metrics:  # the last validation, class by class, as YOLOv5 ends
+        for line in class_table(metrics, prepared.data.names):
+            LOGGER.info("%s", line)
     return TrainResult(metrics=metrics, best_fitness=best_fitness, epochs_run=epoch + 1 - start_epoch,
                        save_dir=save_dir)
