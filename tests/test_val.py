@@ -1,0 +1,57 @@
+"""`python -m trainer.val`: the validation of training, for any weights, as YOLOv5's val.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import run_trainer
+from trainer.checkpoint import save_checkpoint
+from trainer.errors import UserError
+from trainer.model.yolo import DetectionModel
+from trainer.val import main, validate
+
+OPTIONS = {"cfg": None, "batch_size": 16, "imgsz": 64, "device": "cpu", "workers": 0, "conf_thres": 0.001,
+           "iou_thres": 0.6, "single_cls": False, "save_json": False, "project": "runs/val", "name": "exp",
+           "exist_ok": False}
+
+
+@pytest.mark.slow
+def test_val_scores_a_run_exactly_as_its_last_epoch_did(tiny_data: Path, tmp_path: Path) -> None:
+    trained = run_trainer("--data", str(tiny_data), "--imgsz", "64", "--batch-size", "8", "--workers", "0",
+                          "--device", "cpu", "--epochs", "3", "--hyp", "hyp.quickstart", "--optimizer", "AdamW",
+                          "--noautoanchor", "--project", str(tmp_path), "--name", "run", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    header, *_, last = (tmp_path / "run" / "results.csv").read_text().splitlines()
+    logged = dict(zip((cell.strip() for cell in header.split(",")), (float(cell) for cell in last.split(","))))
+    assert logged["metrics/mAP_0.5"] > 0  # AdamW finds a few boxes in 3 epochs: the comparison means something
+    # Training validates the EMA weights in batches of twice its own: 16 here.
+    metrics = validate({**OPTIONS, "data": str(tiny_data), "weights": str(tmp_path / "run" / "weights" / "last.pt")})
+    assert metrics["map50"] == pytest.approx(logged["metrics/mAP_0.5"], rel=1e-4, abs=1e-9)
+    assert metrics["map"] == pytest.approx(logged["metrics/mAP_0.5:0.95"], rel=1e-4, abs=1e-9)
+    assert metrics["box_loss"] == pytest.approx(logged["val/box_loss"], rel=1e-4)
+
+
+def test_val_prints_yolov5s_table_and_writes_coco_predictions(tiny_data: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint({"model": DetectionModel("yolov5n", nc=6).state_dict(), "config": {"cfg": "yolov5n"}},
+                    tmp_path / "last.pt")
+    result = CliRunner().invoke(main, ["--data", str(tiny_data), "--weights", "last.pt", "--imgsz", "64",
+                                       "--workers", "0", "--device", "cpu", "--save-json"])
+    assert result.exit_code == 0, result.output
+    predictions = json.loads((tmp_path / "runs" / "val" / "exp" / "predictions.json").read_text())
+    assert predictions and {"image_id", "category_id", "bbox", "score"} <= set(predictions[0])
+
+
+def test_weights_that_do_not_fit_the_data_are_a_user_error(tiny_data: Path, tmp_path: Path) -> None:
+    save_checkpoint({"model": DetectionModel("yolov5n", nc=6).state_dict(), "config": {"cfg": "yolov5n"}},
+                    tmp_path / "last.pt")
+    options = {**OPTIONS, "data": str(tiny_data), "weights": str(tmp_path / "last.pt")}
+    with pytest.raises(UserError, match="does not fit a 1-class yolov5n model for this data"):
+        validate({**options, "single_cls": True})
+    with pytest.raises(UserError, match="does not fit a 6-class yolov5s model"):
+        validate({**options, "cfg": "yolov5s"})
