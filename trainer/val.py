@@ -8,47 +8,44 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
-from trainer import __version__
+from trainer import __version__, dist
+from trainer.checkpoint import load_weights
+from trainer.coco import write_predictions_json
+from trainer.config import Hyp
+from trainer.data.data_config import load_data_config
+from trainer.data.dataset import YoloDataset
+from trainer.data.labels import load_samples
+from trainer.data.loader import build_dataloader
+from trainer.engine import evaluate
+from trainer.errors import UserError
+from trainer.loss import DetectionLoss
+from trainer.model.yolo import DetectionModel
+from trainer.progress import class_table
+from trainer.train import amp_dtype_for, next_run_dir
 
 LOGGER = logging.getLogger("trainer")
 
 
 def validate(options: dict[str, Any]) -> dict[str, Any]:
     """Score `options["weights"]` on the data's validation images; returns the metrics."""
-    import torch
-
-    from trainer import dist
-    from trainer.checkpoint import load_weights
-    from trainer.coco import write_predictions_json
-    from trainer.config import Hyp
-    from trainer.data.data_config import load_data_config
-    from trainer.data.dataset import YoloDataset
-    from trainer.data.labels import load_samples
-    from trainer.data.loader import build_dataloader
-    from trainer.engine import evaluate
-    from trainer.errors import UserError
-    from trainer.loss import DetectionLoss
-    from trainer.model.yolo import DetectionModel
-    from trainer.progress import class_table
-    from trainer.train import amp_dtype_for, next_run_dir
-
     if len(dist.parse_devices(options["device"])) > 1:
         raise UserError(f"--device {options['device']}: validation runs on one device; pick one, e.g. 0")
     ctx = dist.init_distributed(options["device"])
     weights = load_weights(options["weights"])
     data = load_data_config(options["data"])
     nc = 1 if options["single_cls"] else data.nc
-    model = DetectionModel(options["cfg"] or weights.model_name(), nc=nc)
+    model_name = options["cfg"] or weights.model_name()
+    model = DetectionModel(model_name, nc=nc)
     own = model.state_dict()
     misfits = [name for name, tensor in weights.state.items() if name in own and own[name].shape != tensor.shape]
     if misfits or set(own) - set(weights.state):
-        raise UserError(f"{options['weights']} does not fit a {nc}-class {options['cfg'] or weights.model_name()} "
-                        "model for this data: check --data, --cfg and --single-cls")
+        raise UserError(f"{options['weights']} does not fit a {nc}-class {model_name} model for this data: "
+                        "check --data, --cfg and --single-cls")
     model.load_state_dict(weights.state, strict=False)
     model = model.to(ctx.device, memory_format=torch.channels_last).eval()
     hyp = Hyp()  # validation losses with the default gains
