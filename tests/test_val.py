@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from conftest import run_trainer
@@ -14,7 +15,7 @@ from trainer.errors import UserError
 from trainer.model.yolo import DetectionModel
 from trainer.val import main, validate
 
-OPTIONS = {"cfg": None, "batch_size": 16, "imgsz": 64, "device": "cpu", "workers": 0, "conf_thres": 0.001,
+OPTIONS = {"task": "val", "cfg": None, "batch_size": 16, "imgsz": 64, "device": "cpu", "workers": 0, "conf_thres": 0.001,
            "iou_thres": 0.6, "single_cls": False, "save_json": False, "project": "runs/val", "name": "exp",
            "exist_ok": False}
 
@@ -55,3 +56,15 @@ def test_weights_that_do_not_fit_the_data_are_a_user_error(tiny_data: Path, tmp_
         validate({**options, "single_cls": True})
     with pytest.raises(UserError, match="does not fit a 6-class yolov5s model"):
         validate({**options, "cfg": "yolov5s"})
+
+
+def test_task_test_scores_the_test_split(tiny_data: Path, tmp_path: Path) -> None:
+    save_checkpoint({"model": DetectionModel("yolov5n", nc=6).state_dict(), "config": {"cfg": "yolov5n"}},
+                    tmp_path / "last.pt")
+    options = {**OPTIONS, "weights": str(tmp_path / "last.pt"), "task": "test"}
+    with pytest.raises(UserError, match="has no `test` split; add one to it, or use --task val"):
+        validate({**options, "data": str(tiny_data)})
+    with_test = yaml.safe_load(tiny_data.read_text())
+    with_test["test"] = with_test["train"]  # 32 images, where val has 16
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(with_test))
+    assert validate({**options, "data": str(tmp_path / "data.yaml")})["images"] == 32

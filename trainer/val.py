@@ -49,7 +49,10 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
     model.load_state_dict(weights.state, strict=False)
     model = model.to(ctx.device, memory_format=torch.channels_last).eval()
     hyp = Hyp()  # validation losses with the default gains
-    samples = load_samples(data.val, data.nc, "val")
+    task = options["task"]
+    if task == "test" and not data.test:
+        raise UserError(f"--task test: {options['data']} has no `test` split; add one to it, or use --task val")
+    samples = load_samples(data.test if task == "test" else data.val, data.nc, task)
     dataset = YoloDataset(samples, options["imgsz"], augment=False, hyp=hyp, single_cls=options["single_cls"],
                           stride=int(model.stride.max()))
     loader = build_dataloader(dataset, options["batch_size"], options["workers"], False, 0, shard=True)[0]
@@ -71,6 +74,7 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("--data", default="synthetic", help="data.yaml path or a bundled name (synthetic = built-in data)")
 @click.option("--weights", required=True, help="a last.pt or best.pt of evolvectl or YOLOv5")
 @click.option("--cfg", default=None, help="model YAML path or bundled name; default: the weights' model")
+@click.option("--task", default="val", type=click.Choice(["val", "test"]), help="which split of the data to score")
 @click.option("--batch-size", "--batch", "batch_size", default=32, type=click.IntRange(min=1))
 @click.option("--imgsz", "--img", "--img-size", "imgsz", default=640, type=click.IntRange(min=32),
               help="image size (pixels)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ class DataConfig:
     val: list[Path]
     nc: int
     names: list[str]
+    test: list[Path] = field(default_factory=list)  # optional, for `python -m trainer.val --task test`
 
 
 def datasets_dir() -> Path:
@@ -56,6 +57,7 @@ def load_data_config(name_or_path: str | Path) -> DataConfig:
         val=_split_sources(values, "val", root, path),
         nc=len(names),
         names=names,
+        test=_split_sources(values, "test", root, path) if values.get("test") not in (None, "", []) else [],
     )
 
 
