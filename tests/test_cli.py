@@ -11,8 +11,8 @@ from conftest import write_data_yaml
 
 from orchestrator import cli
 from orchestrator.journal import format_header, run_columns
-from orchestrator.run_inputs import stage_local
 from orchestrator.launch import LaunchPlan, TrainerOptions, parse_worker_key
+from orchestrator.run_inputs import stage_local
 from orchestrator.status import WorkerState
 from trainer.checkpoint import save_checkpoint
 from trainer.config import Hyp
