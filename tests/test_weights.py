@@ -106,3 +106,13 @@ def test_frozen_layers_do_not_train_and_the_rest_do() -> None:
                                  if name.split(".")[1] in ("0", "1", "2")}
     with pytest.raises(UserError, match="layer 25 does not exist; the model has layers 0 to 24"):
         build_model(TrainConfig(cfg="yolov5n", freeze=(25,)), nc=3, device=torch.device("cpu"))
+
+
+def test_weights_are_read_once_while_the_file_is_unchanged(tmp_path: Path) -> None:
+    """An evolution builds its model from --weights every generation."""
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.zeros(2)}, "config": {"cfg": "yolov5n"}}, path)
+    first = load_weights(path)
+    assert load_weights(str(path)) is first
+    save_checkpoint({"model": {"w": torch.ones(3)}, "config": {"cfg": "yolov5s"}}, path)  # a new run wrote it
+    assert load_weights(path).model_name() == "yolov5s" and torch.equal(load_weights(path).state["w"], torch.ones(3))

@@ -3,6 +3,7 @@ starting weights for `--weights`, from these or from YOLOv5's."""
 
 from __future__ import annotations
 
+import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 
+from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.files import atomic_output, read_yaml
 from trainer.paths import CONFIGS
@@ -69,8 +71,20 @@ class Weights:
 
 def load_weights(path: str | Path) -> Weights:
     """Weights from one of this trainer's checkpoints (its EMA when it has one) or from a YOLOv5
-    checkpoint such as yolov5s.pt, read without running anything pickled in it."""
+    checkpoint such as yolov5s.pt, read without running anything pickled in it.
+
+    The last file read is kept while it is unchanged: a run reads it for its model name and then
+    for its model, and an evolution builds a model from it every generation. Callers copy the
+    tensors into their model and never change them.
+    """
     path = existing_checkpoint(path)
+    status = path.stat()
+    return _load_weights(path, path.resolve(), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_weights(path: Path, resolved: Path, size: int, modified_ns: int) -> Weights:
+    """`load_weights` for one version of one file (the key); `path` as the user gave it, for messages."""
     try:
         state = _read_own(path)
     except pickle.UnpicklingError:
@@ -82,7 +96,7 @@ def load_weights(path: str | Path) -> Weights:
             ) from None
         return Weights(path, imported["model"], imported["model_yaml"])
     weights = (state.get("ema") or {}).get("module") or state["model"]
-    return Weights(path, weights, state.get("config", {}).get("cfg", "yolov5n"))
+    return Weights(path, weights, state.get("config", {}).get("cfg", TrainConfig.cfg))
 
 
 def _read_own(path: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from trainer.paths import resolve_config
 from trainer.progress import setup_logging
 
 LOGGER = logging.getLogger("trainer")
-DEFAULT_MODEL = "yolov5n"
+DEFAULT_MODEL = TrainConfig.cfg
 
 
 def latest_checkpoint(search_root: Path = Path("runs")) -> Path:
