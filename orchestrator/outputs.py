@@ -7,20 +7,19 @@ often. Every file is replaced atomically, so a reader never sees half of one.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.table import Table
 
 from orchestrator.journal import RESULT_COLUMNS, Population
-from trainer.files import write_atomic
 from trainer.config import Hyp
+from trainer.files import write_atomic
+from trainer.plots import save_figure
 
 HYP_EVOLVE_NAME = "hyp_evolve.yaml"
 EVOLVE_PLOT_NAME = "evolve.png"
@@ -52,12 +51,6 @@ def write_hyp_evolve(run_dir: Path, population: Population) -> bool:
     return True
 
 
-def _save_figure(figure: Figure, path: Path) -> None:
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
-    write_atomic(path, buffer.getvalue())
-
-
 def plot_evolution(path: Path, population: Population, keys: Sequence[str]) -> None:
     """One scatter per evolved key: value against fitness, the best row marked."""
     fitness = population.fitness
@@ -74,7 +67,7 @@ def plot_evolution(path: Path, population: Population, keys: Sequence[str]) -> N
             axes.plot(values[best], fitness[best], "k+", markersize=14)
             axes.set_title(f"{key} = {values[best]:.3g}", fontsize=9)
         axes.tick_params(labelsize=7)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_fitness(path: Path, population: Population) -> None:
@@ -89,7 +82,7 @@ def plot_fitness(path: Path, population: Population) -> None:
     axes.set_xlabel("generation")
     axes.set_ylabel("fitness (0.1 mAP@0.5 + 0.9 mAP@0.5:0.95)")
     axes.legend(loc="lower right")
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def write_plots(run_dir: Path, population: Population, keys: Sequence[str]) -> bool:

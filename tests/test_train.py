@@ -68,7 +68,11 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
     table = result.stderr[result.stderr.index("Class     Images  Instances"):].splitlines()
     assert [line.split()[0] for line in table[1:3]] == ["all", "disc"]  # then a row per labelled class
     run = tmp_path / "exp"
-    assert sorted(p.name for p in run.iterdir()) == ["hyp.yaml", "opt.yaml", "predictions.json", "results.csv", "weights"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "hyp.yaml", "opt.yaml", "predictions.json", "results.csv", "results.png",
+        "train_batch0.jpg", "train_batch1.jpg", "train_batch2.jpg",  # 4 batches of 8
+        "val_batch0_labels.jpg", "val_batch0_pred.jpg", "weights",  # 16 images: one validation batch
+    ]
     assert sorted(p.name for p in (run / "weights").iterdir()) == ["best.pt", "last.pt"]
     header = [cell.strip() for cell in (run / "results.csv").read_text().splitlines()[0].split(",")]
     assert header[:4] == ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss"]
@@ -76,8 +80,9 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
     assert yaml.safe_load((run / "hyp.yaml").read_text())["lr0"] == 0.01
     assert yaml.safe_load((run / "opt.yaml").read_text())["epochs"] == 1
     again = run_trainer("--data", str(tiny_data), *TINY, "--epochs", "1", "--project", str(tmp_path),
-                        "--name", "exp", "--noval", "--nosave", "--noautoanchor", cwd=tmp_path)
+                        "--name", "exp", "--noval", "--nosave", "--noplots", "--noautoanchor", cwd=tmp_path)
     assert again.returncode == 0 and (tmp_path / "exp2" / "weights" / "last.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "exp2").iterdir()) == ["hyp.yaml", "opt.yaml", "results.csv", "weights"]
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ def test_val_scores_a_run_exactly_as_its_last_epoch_did(tiny_data: Path, tmp_pat
     logged = dict(zip((cell.strip() for cell in header.split(",")), (float(cell) for cell in last.split(","))))
     assert logged["metrics/mAP_0.5"] > 0  # AdamW finds a few boxes in 3 epochs: the comparison means something
     # Training validates the EMA weights in batches of twice its own: 16 here.
-    metrics = validate({**OPTIONS, "data": str(tiny_data), "weights": str(tmp_path / "run" / "weights" / "last.pt")})
+    metrics = validate({**OPTIONS, "data": str(tiny_data), "weights": str(tmp_path / "run" / "weights" / "last.pt"),
+                        "project": str(tmp_path / "val")})
     assert metrics["map50"] == pytest.approx(logged["metrics/mAP_0.5"], rel=1e-4, abs=1e-9)
     assert metrics["map"] == pytest.approx(logged["metrics/mAP_0.5:0.95"], rel=1e-4, abs=1e-9)
     assert metrics["box_loss"] == pytest.approx(logged["val/box_loss"], rel=1e-4)
@@ -44,14 +45,17 @@ def test_val_prints_yolov5s_table_and_writes_coco_predictions(tiny_data: Path, t
     result = CliRunner().invoke(main, ["--data", str(tiny_data), "--weights", "last.pt", "--imgsz", "64",
                                        "--workers", "0", "--device", "cpu", "--save-json"])
     assert result.exit_code == 0, result.output
-    predictions = json.loads((tmp_path / "runs" / "val" / "exp" / "predictions.json").read_text())
+    folder = tmp_path / "runs" / "val" / "exp"
+    predictions = json.loads((folder / "predictions.json").read_text())
     assert predictions and {"image_id", "category_id", "bbox", "score"} <= set(predictions[0])
+    assert sorted(path.name for path in folder.iterdir()) == [  # 16 images, one batch
+        "predictions.json", "val_batch0_labels.jpg", "val_batch0_pred.jpg"]
 
 
 def test_weights_that_do_not_fit_the_data_are_a_user_error(tiny_data: Path, tmp_path: Path) -> None:
     save_checkpoint({"model": DetectionModel("yolov5n", nc=6).state_dict(), "config": {"cfg": "yolov5n"}},
                     tmp_path / "last.pt")
-    options = {**OPTIONS, "data": str(tiny_data), "weights": str(tmp_path / "last.pt")}
+    options = {**OPTIONS, "data": str(tiny_data), "weights": str(tmp_path / "last.pt"), "project": str(tmp_path / "val")}
     with pytest.raises(UserError, match="does not fit a 1-class yolov5n model for this data"):
         validate({**options, "single_cls": True})
     with pytest.raises(UserError, match="does not fit a 6-class yolov5s model"):
@@ -61,7 +65,7 @@ def test_weights_that_do_not_fit_the_data_are_a_user_error(tiny_data: Path, tmp_
 def test_task_test_scores_the_test_split(tiny_data: Path, tmp_path: Path) -> None:
     save_checkpoint({"model": DetectionModel("yolov5n", nc=6).state_dict(), "config": {"cfg": "yolov5n"}},
                     tmp_path / "last.pt")
-    options = {**OPTIONS, "weights": str(tmp_path / "last.pt"), "task": "test"}
+    options = {**OPTIONS, "weights": str(tmp_path / "last.pt"), "task": "test", "project": str(tmp_path / "val")}
     with pytest.raises(UserError, match="has no `test` split; add one to it, or use --task val"):
         validate({**options, "data": str(tiny_data)})
     with_test = yaml.safe_load(tiny_data.read_text())

@@ -172,6 +172,7 @@ class TrainConfig:
     nosave: bool = False
     noautoanchor: bool = False
     save_json: bool = False
+    noplots: bool = False
     sync_bn: bool = False
     deterministic: bool = True
 

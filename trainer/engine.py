@@ -22,6 +22,9 @@ from trainer.postprocess import non_max_suppression, scale_boxes
 from trainer.progress import EpochProgress
 
 LossFunction = Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# Called with each validation batch: its index, the uint8 images, then per image its labels
+# `[class, x1, y1, x2, y2]` and detections `[x1, y1, x2, y2, confidence, class]` in input pixels.
+BatchCallback = Callable[[int, torch.Tensor, list[torch.Tensor], list[torch.Tensor]], None]
 
 
 @dataclass
@@ -139,10 +142,11 @@ def image_labels(targets: torch.Tensor, index: int, height: int, width: int) -> 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: LossFunction, nc: int, ctx: DistContext,
              amp_dtype: torch.dtype | None = None, conf_thres: float = 0.001, iou_thres: float = 0.6,
-             collect_json: bool = False) -> dict[str, Any]:
+             collect_json: bool = False, on_batch: BatchCallback | None = None) -> dict[str, Any]:
     """Validate on this rank's shard; rank results are merged so every rank returns the full metrics.
 
     Boxes are compared in original-image pixels, as COCO-format predictions are written.
+    `on_batch` sees this rank's batches as they are scored (see BatchCallback).
     """
     model.eval()
     metrics = DetectionMetrics()
@@ -152,16 +156,18 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: LossFunction, nc: in
     # The batch sampler's keys name each image's data set index: it orders the merged metrics
     # exactly as one process would see them.
     image_indices = (key.index for batch in loader.batch_sampler for key in batch)
-    for images, targets, paths, shapes in loader:  # targets stay on the host, like the metrics
-        images = to_model_input(images, ctx.device)
+    for raw_images, targets, paths, shapes in loader:  # targets stay on the host, like the metrics
+        images = to_model_input(raw_images, ctx.device)
         with autocast(ctx.device, amp_dtype):
             decoded, raw = model(images)
         loss_sum += loss_fn([r.float() for r in raw], targets)[1]
-        batches += 1
         detections = non_max_suppression(decoded.float(), conf_thres, iou_thres, multi_label=nc > 1)
         height, width = images.shape[2:]
-        for index, predicted in enumerate(detections):
-            labels = image_labels(targets, index, height, width)
+        all_labels = [image_labels(targets, index, height, width) for index in range(len(detections))]
+        if on_batch is not None:
+            on_batch(batches, raw_images, all_labels, detections)
+        batches += 1
+        for index, (predicted, labels) in enumerate(zip(detections, all_labels)):
             predicted = predicted.clone()
             predicted[:, :4] = scale_boxes(predicted[:, :4], shapes[index])
             labels[:, 1:] = scale_boxes(labels[:, 1:], shapes[index])

@@ -16,7 +16,7 @@ import yaml
 
 from trainer import dist
 from trainer.autoanchor import check_anchors
-from trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from trainer.checkpoint import load_weights, save_checkpoint
 from trainer.coco import write_predictions_json
 from trainer.config import TrainConfig
 from trainer.data import DataConfig, build_dataloader, build_datasets, load_data_config
@@ -29,6 +29,7 @@ from trainer.loss import DetectionLoss
 from trainer.metrics import fitness
 from trainer.model import DetectionModel
 from trainer.optim import Warmup, build_optimizer, lr_lambda, scaled_weight_decay, scheduler_lambda
+from trainer.plots import ValidationPlots, plot_results, plot_training_batches
 from trainer.progress import EpochProgress, append_results, class_table
 
 LOGGER = logging.getLogger("trainer")
@@ -241,6 +242,7 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
     # Per-sample augmentation has its own generators, seeded by (seed, epoch, index).
     seed_everything(cfg.seed, cfg.deterministic)
     writes = save_dir is not None and ctx.is_main
+    plots = writes and not cfg.noplots
     if writes:
         (save_dir / "weights").mkdir(parents=True, exist_ok=True)
         (save_dir / "hyp.yaml").write_text(yaml.safe_dump(cfg.hyp.as_dict(), sort_keys=False))
@@ -249,6 +251,7 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
     prepared = prepared or prepare_data(cfg, ctx)
     prepared.train_set.set_hyp(cfg.hyp)
     nc = 1 if cfg.single_cls else prepared.data.nc
+    names = ["item"] if cfg.single_cls else prepared.data.names
     model = build_model(cfg, nc, ctx.device)
 
     if not cfg.noautoanchor and resume_state is None:
@@ -287,6 +290,8 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
     for epoch in range(start_epoch, cfg.epochs):
         progress = EpochProgress(ctx.is_main, epoch, cfg.epochs, batches_per_epoch, ctx.device)
         epoch_batches = itertools.islice(batches, batches_per_epoch)
+        if plots and epoch == 0:
+            epoch_batches = plot_training_batches(epoch_batches, save_dir, names)
         train_losses = train_one_epoch(parts.train_model, loss_fn, epoch_batches, optimizer, parts.scaler,
                                        ema, parts.warmup, parts.lr_factor(epoch), parts.counter, ctx,
                                        parts.amp_dtype, progress)
@@ -296,7 +301,8 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
         validated = not cfg.noval or final_epoch
         if validated:
             metrics = evaluate(ema.module, prepared.val_loader, loss_fn, nc, ctx, parts.amp_dtype,
-                               collect_json=cfg.save_json and final_epoch)
+                               collect_json=cfg.save_json and final_epoch,
+                               on_batch=ValidationPlots(save_dir, names) if plots and final_epoch else None)
             current = fitness(metrics["precision"], metrics["recall"], metrics["map50"], metrics["map"])
             if current > best_fitness:
                 best_fitness, best_epoch = current, epoch
@@ -326,7 +332,9 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
             break
     metrics.pop("records", None)
     if writes and nc > 1 and "class_ids" in metrics:  # the last validation, class by class, as YOLOv5 ends
-        for line in class_table(metrics, prepared.data.names):
+        for line in class_table(metrics, names):
             LOGGER.info("%s", line)
+    if plots and epoch >= start_epoch:
+        plot_results(save_dir / "results.csv", save_dir / "results.png")
     return TrainResult(metrics=metrics, best_fitness=best_fitness, epochs_run=epoch + 1 - start_epoch,
                        save_dir=save_dir)

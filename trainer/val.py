@@ -2,6 +2,8 @@
 
 The same validation as the end of every training epoch (`trainer.engine.evaluate`): rectangular
 batches, the same thresholds, YOLOv5's per-class table. The weights may be ours or YOLOv5's.
+The folder `runs/val/exp` gets the first batches drawn with labels and with detections, and
+with --save-json the COCO-format predictions.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from trainer.engine import evaluate
 from trainer.errors import UserError
 from trainer.loss import DetectionLoss
 from trainer.model.yolo import DetectionModel
+from trainer.plots import ValidationPlots
 from trainer.progress import class_table
 from trainer.train import amp_dtype_for, next_run_dir
 
@@ -57,16 +60,18 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
                           stride=int(model.stride.max()))
     loader = build_dataloader(dataset, options["batch_size"], options["workers"], False, 0, shard=True)[0]
     loss_fn = DetectionLoss.from_model(model, hyp, imgsz=options["imgsz"])
+    names = ["item"] if options["single_cls"] else data.names
+    save_dir = next_run_dir(options["project"], options["name"], options["exist_ok"])
+    save_dir.mkdir(parents=True, exist_ok=True)
     metrics = evaluate(model, loader, loss_fn, nc, ctx, amp_dtype_for(ctx.device), options["conf_thres"],
-                       options["iou_thres"], collect_json=options["save_json"])
-    lines = class_table(metrics, data.names)
+                       options["iou_thres"], collect_json=options["save_json"],
+                       on_batch=ValidationPlots(save_dir, names))
+    lines = class_table(metrics, names)
     for line in lines if nc > 1 else lines[:2]:
         LOGGER.info("%s", line)
     if options["save_json"]:
-        save_dir = next_run_dir(options["project"], options["name"], options["exist_ok"])
-        save_dir.mkdir(parents=True, exist_ok=True)
         write_predictions_json(metrics.pop("records"), save_dir / "predictions.json")
-        LOGGER.info("Predictions saved to %s", save_dir / "predictions.json")
+    LOGGER.info("Results saved to %s", save_dir)
     return metrics
 
 
@@ -83,7 +88,7 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("--conf-thres", default=0.001, type=click.FloatRange(0.0, 1.0), help="confidence threshold")
 @click.option("--iou-thres", default=0.6, type=click.FloatRange(0.0, 1.0), help="NMS IoU threshold")
 @click.option("--single-cls", is_flag=True, help="score as a single class")
-@click.option("--save-json", is_flag=True, help="write COCO-format predictions.json to project/name")
+@click.option("--save-json", is_flag=True, help="also write COCO-format predictions.json")
 @click.option("--project", default="runs/val", help="save to project/name")
 @click.option("--name", default="exp", help="save to project/name")
 @click.option("--exist-ok", is_flag=True, help="existing project/name ok, do not increment")

@@ -1,0 +1,125 @@
+"""Pictures of a run, in the files YOLOv5 users look for first.
+
+- `results.png`: every loss and metric column of results.csv against the epoch.
+- `train_batch0.jpg` to `train_batch2.jpg`: the first augmented batches with their labels, to
+  see what the model is fed before trusting a long run.
+- `val_batch0_labels.jpg` / `val_batch0_pred.jpg` to `val_batch2_*`: validation images with their
+  labels, and with the final model's detections above PREDICTION_CONF.
+
+Boxes are drawn with torchvision (`draw_bounding_boxes`, `make_grid`, `encode_jpeg`); plots with
+matplotlib's object API, which needs no display. Every file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torch import Tensor
+from torchvision.io import encode_jpeg
+from torchvision.transforms.v2.functional import resize
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+from trainer.engine import image_labels
+from trainer.files import write_atomic
+
+PLOTTED_BATCHES = 3  # train_batch0-2 and val_batch0-2, as YOLOv5 writes
+MAX_GRID_IMAGES = 16
+MAX_GRID_SIDE = 1920  # pixels; larger batches are scaled down to fit
+PREDICTION_CONF = 0.25  # detections drawn on val_batch*_pred.jpg; validation scores down to 0.001
+RESULTS_PANELS = (
+    "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
+    "val/box_loss", "val/obj_loss", "val/cls_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
+)
+PALETTE = [tuple(int(255 * channel) for channel in colormaps["tab20"](i)[:3]) for i in range(20)]
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def plot_results(csv_path: Path, png_path: Path) -> None:
+    """results.png: one panel per loss and metric of results.csv, against the (1-based) epoch."""
+    with csv_path.open(newline="") as stream:
+        rows = [{key.strip(): float(value) for key, value in row.items()} for row in csv.DictReader(stream)]
+    epochs = [row["epoch"] + 1 for row in rows]
+    figure = Figure(figsize=(15, 6), tight_layout=True)
+    for index, name in enumerate(RESULTS_PANELS):
+        axes = figure.add_subplot(2, 5, index + 1)
+        axes.plot(epochs, [row[name] for row in rows], marker=".", linewidth=1.5)
+        axes.set_title(name, fontsize=10)
+        axes.set_xlabel("epoch", fontsize=8)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.tick_params(labelsize=8)
+    save_figure(figure, png_path)
+
+
+def batch_grid(images: Tensor, boxes: Sequence[Tensor], names: Sequence[str]) -> Tensor:
+    """A (3, H, W) uint8 grid of up to MAX_GRID_IMAGES images with their boxes drawn.
+
+    `images` (B, 3, h, w) uint8; `boxes[i]` holds image i's rows `[class, x1, y1, x2, y2]` in its
+    pixels, or `[x1, y1, x2, y2, confidence, class]` for detections (6 columns).
+    """
+    count = min(len(images), MAX_GRID_IMAGES)
+    columns = math.ceil(math.sqrt(count))
+    height, width = images.shape[2:]
+    scale = min(1.0, MAX_GRID_SIDE / (columns * max(height, width)))
+    size = [max(1, round(height * scale)), max(1, round(width * scale))]
+    drawn = []
+    for image, rows in zip(images[:count].cpu(), boxes):
+        rows = rows.detach().float().cpu()
+        detections = rows.shape[1] == 6
+        classes = (rows[:, 5] if detections else rows[:, 0]).long().tolist()
+        corners = (rows[:, :4] if detections else rows[:, 1:5]) * scale
+        texts = [names[c] if 0 <= c < len(names) else str(c) for c in classes]
+        if detections:
+            texts = [f"{text} {score:.2f}" for text, score in zip(texts, rows[:, 4].tolist())]
+        image = resize(image, size, antialias=True) if scale < 1 else image
+        if classes:
+            image = draw_bounding_boxes(image, corners, texts, colors=[PALETTE[c % len(PALETTE)] for c in classes],
+                                        width=2)
+        drawn.append(image)
+    return make_grid(drawn, nrow=columns, padding=2, pad_value=255)
+
+
+def save_batch(path: Path, images: Tensor, boxes: Sequence[Tensor], names: Sequence[str]) -> None:
+    write_atomic(path, encode_jpeg(batch_grid(images, boxes, names), quality=90).numpy().tobytes())
+
+
+def confident(detections: Tensor, threshold: float = PREDICTION_CONF) -> Tensor:
+    return detections[detections[:, 4] > threshold]
+
+
+def plot_training_batches(batches: Iterable[Any], save_dir: Path, names: Sequence[str]) -> Iterator[Any]:
+    """Pass `(images, targets, paths, shapes)` batches through, saving the first PLOTTED_BATCHES."""
+    for index, batch in enumerate(batches):
+        if index < PLOTTED_BATCHES:
+            images, targets = batch[0], batch[1]
+            height, width = images.shape[2:]
+            labels = [image_labels(targets, i, height, width) for i in range(len(images))]
+            save_batch(save_dir / f"train_batch{index}.jpg", images, labels, names)
+        yield batch
+
+
+class ValidationPlots:
+    """The `evaluate` callback that saves val_batch{i}_labels.jpg and val_batch{i}_pred.jpg."""
+
+    def __init__(self, save_dir: Path, names: Sequence[str]) -> None:
+        self.save_dir, self.names = save_dir, names
+
+    def __call__(self, index: int, images: Tensor, labels: Sequence[Tensor], detections: Sequence[Tensor]) -> None:
+        if index >= PLOTTED_BATCHES:
+            return
+        save_batch(self.save_dir / f"val_batch{index}_labels.jpg", images, labels, self.names)
+        save_batch(self.save_dir / f"val_batch{index}_pred.jpg", images,
+                   [confident(rows) for rows in detections], self.names)
