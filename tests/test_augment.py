@@ -16,6 +16,7 @@ from trainer.data.augment import (
     FILL,
     Augmentation,
     GREY_WEIGHTS,
+    MultiScale,
     apply_colour_matrix,
     augment_colour,
     colour_matrix,
@@ -267,3 +268,23 @@ def test_saturation_and_value_gains() -> None:
 def test_augmentation_settings_are_hyp_keys() -> None:
     assert {field.name for field in fields(Augmentation)} <= set(Hyp.keys())
     assert Augmentation.from_hyp(Hyp(mosaic=0.25)).mosaic == 0.25
+
+
+def test_multi_scale_draws_stride_multiples_from_half_to_one_and_a_half_imgsz() -> None:
+    multi_scale = MultiScale(imgsz=320, stride=32, seed=0)
+    sizes = [multi_scale.size(iteration) for iteration in range(500)]
+    assert set(sizes) == set(range(160, 481, 32))  # YOLOv5's range, every size drawn
+    assert sizes == [MultiScale(imgsz=320, stride=32, seed=0).size(i) for i in range(500)]  # resumes draw the same
+    assert sizes != [MultiScale(imgsz=320, stride=32, seed=1).size(i) for i in range(500)]
+    assert {MultiScale(imgsz=32, stride=32, seed=0).size(i) for i in range(100)} == {32, 64}  # never below a stride
+
+
+def test_multi_scale_resizes_the_batch_keeping_its_layout() -> None:
+    multi_scale = MultiScale(imgsz=320, stride=32, seed=0)
+    images = torch.rand(2, 3, 320, 320).contiguous(memory_format=torch.channels_last)
+    iteration = next(i for i in range(100) if multi_scale.size(i) == 160)
+    resized = multi_scale(images, iteration)
+    assert resized.shape == (2, 3, 160, 160) and resized.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(resized[0, :, 0, 0], images[0, :, :2, :2].mean((1, 2)))  # bilinear halving averages
+    same = next(i for i in range(100) if multi_scale.size(i) == 320)
+    assert multi_scale(images, same) is images

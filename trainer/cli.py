@@ -150,6 +150,7 @@ def train_command(options: dict[str, Any]) -> None:
               help="resume the most recent run, or the given last.pt")
 @click.option("--cache", is_flag=False, flag_value="ram", default="", type=click.Choice(["", "ram"]),
               help="cache decoded images in RAM")
+@click.option("--multi-scale", is_flag=True, help="vary the training image size by ±50% from batch to batch")
 @click.option("--optimizer", default="SGD", type=click.Choice(["SGD", "Adam", "AdamW"]))
 @click.option("--cos-lr", is_flag=True, help="cosine LR schedule")
 @click.option("--label-smoothing", default=0.0, type=click.FloatRange(0.0, 1.0))

@@ -161,6 +161,7 @@ class TrainConfig:
     exist_ok: bool = False
     resume: str = ""
     cache: str = ""  # "" | "ram"
+    multi_scale: bool = False
     optimizer: str = "SGD"
     cos_lr: bool = False
     label_smoothing: float = 0.0

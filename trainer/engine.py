@@ -88,8 +88,11 @@ class DivergenceCheck:
 def train_one_epoch(model: nn.Module, loss_fn: LossFunction, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, ema: ModelEMA | None, warmup: Warmup, lr_factor: float,
                     counter: StepCounter, ctx: DistContext, amp_dtype: torch.dtype | None,
-                    progress: EpochProgress, max_norm: float = 10.0) -> dict[str, float]:
+                    progress: EpochProgress, max_norm: float = 10.0,
+                    rescale: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> dict[str, float]:
     """Train one epoch with gradient accumulation to the nominal batch; returns mean train losses.
+
+    `rescale(images, iteration)` resizes each model input batch (--multi-scale).
 
     Nothing in a step waits for the GPU: targets are assigned on the host, the loss check reads
     the previous step's losses and the progress display reads the running mean only when shown.
@@ -100,6 +103,8 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFunction, loader: Iterable, o
     batches = 0
     for images, targets, _, _ in progress.track(loader):
         images = to_model_input(images, ctx.device)
+        if rescale is not None:
+            images = rescale(images, counter.iteration)
         warmup.apply(optimizer, counter.iteration, lr_factor)
         step_now = counter.iteration - counter.last_step >= warmup.accumulate(counter.iteration)
         # Skip the gradient all-reduce on batches that only accumulate.

@@ -20,6 +20,7 @@ from trainer.checkpoint import load_weights, save_checkpoint
 from trainer.coco import write_predictions_json
 from trainer.config import TrainConfig
 from trainer.data import DataConfig, build_dataloader, build_datasets, load_data_config
+from trainer.data.augment import MultiScale
 from trainer.dist import DistContext
 from trainer.ema import ModelEMA
 from trainer.engine import StepCounter, autocast, evaluate, to_model_input, train_one_epoch
@@ -279,8 +280,10 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
                 cfg.cfg, cfg.epochs, len(prepared.train_set), cfg.batch_size, cfg.batch_size // ctx.world_size,
                 ctx.world_size, ctx.device)
 
-    capture_graphs(parts, cfg.batch_size // ctx.world_size, cfg.imgsz, ctx.device,
-                   steps=(cfg.epochs - start_epoch) * batches_per_epoch)
+    rescale = MultiScale(cfg.imgsz, int(model.stride.max()), cfg.seed) if cfg.multi_scale else None
+    if rescale is None:  # graphs replay one input shape
+        capture_graphs(parts, cfg.batch_size // ctx.world_size, cfg.imgsz, ctx.device,
+                       steps=(cfg.epochs - start_epoch) * batches_per_epoch)
     metrics: dict[str, Any] = {}
     epoch = start_epoch - 1
     # One iterator for the whole run: the loader's workers prefetch across epoch boundaries
@@ -294,7 +297,7 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
             epoch_batches = plot_training_batches(epoch_batches, save_dir, names)
         train_losses = train_one_epoch(parts.train_model, loss_fn, epoch_batches, optimizer, parts.scaler,
                                        ema, parts.warmup, parts.lr_factor(epoch), parts.counter, ctx,
-                                       parts.amp_dtype, progress)
+                                       parts.amp_dtype, progress, rescale=rescale)
         learning_rates = [group["lr"] for group in optimizer.param_groups]
         parts.scheduler.step()
         final_epoch = epoch + 1 == cfg.epochs

@@ -317,3 +317,32 @@ def random_flips(
         image = F.horizontal_flip(image)
         boxes[:, [1, 3]] = width - boxes[:, [3, 1]]
     return image, boxes
+
+
+@dataclass(frozen=True)
+class MultiScale:
+    """YOLOv5's --multi-scale: every training batch is resized to a random size from half to one
+    and a half times `imgsz`, in steps of the model's largest stride.
+
+    The size is drawn from (seed, iteration) alone, so every DDP rank trains the same size at the
+    same step, and a resumed run draws the sizes the straight run drew. Labels are normalised to
+    the image, so they need no change.
+    """
+
+    imgsz: int
+    stride: int
+    seed: int
+
+    def size(self, iteration: int) -> int:
+        low, high = int(self.imgsz * 0.5), int(self.imgsz * 1.5) + self.stride
+        draw = int(np.random.default_rng([self.seed % 2**32, iteration]).integers(low, high))
+        return max(self.stride, draw // self.stride * self.stride)
+
+    def __call__(self, images: torch.Tensor, iteration: int) -> torch.Tensor:
+        """`images` (B, 3, H, W) float model input, resized so its long side is this step's size."""
+        scale = self.size(iteration) / max(images.shape[2:])
+        if scale == 1:
+            return images
+        shape = [math.ceil(side * scale / self.stride) * self.stride for side in images.shape[2:]]
+        resized = torch.nn.functional.interpolate(images, size=shape, mode="bilinear", align_corners=False)
+        return resized.contiguous(memory_format=torch.channels_last)
