@@ -63,7 +63,7 @@ def test_resume_after_interruption_ends_with_the_same_weights(tiny_data, tmp_pat
 @pytest.mark.slow
 def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
     result = run_trainer("--data", str(tiny_data), *TINY, "--epochs", "1", "--project", str(tmp_path),
-                         "--name", "exp", "--save-json", "--noautoanchor", cwd=tmp_path)
+                         "--name", "exp", "--save-json", "--save-period", "1", "--noautoanchor", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stderr[result.stderr.index("Class     Images  Instances"):].splitlines()
     assert [line.split()[0] for line in table[1:3]] == ["all", "disc"]  # then a row per labelled class
@@ -73,7 +73,7 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
         "train_batch0.jpg", "train_batch1.jpg", "train_batch2.jpg",  # 4 batches of 8
         "val_batch0_labels.jpg", "val_batch0_pred.jpg", "weights",  # 16 images: one validation batch
     ]
-    assert sorted(p.name for p in (run / "weights").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in (run / "weights").iterdir()) == ["best.pt", "epoch0.pt", "last.pt"]
     header = [cell.strip() for cell in (run / "results.csv").read_text().splitlines()[0].split(",")]
     assert header[:4] == ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss"]
     assert header[4:8] == ["metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]

@@ -161,6 +161,7 @@ def train_command(options: dict[str, Any]) -> None:
 @click.option("--single-cls", is_flag=True, help="train multi-class data as single-class")
 @click.option("--noval", is_flag=True, help="only validate the final epoch")
 @click.option("--nosave", is_flag=True, help="only save the final checkpoint")
+@click.option("--save-period", default=-1, type=int, help="also save weights/epoch{N}.pt every N epochs (< 1: off)")
 @click.option("--noautoanchor", is_flag=True, help="disable AutoAnchor")
 @click.option("--save-json", is_flag=True, help="write COCO-format predictions.json")
 @click.option("--noplots", is_flag=True, help="save no plot files (results.png, train_batch*.jpg, val_batch*.jpg)")

@@ -171,6 +171,7 @@ class TrainConfig:
     single_cls: bool = False
     noval: bool = False
     nosave: bool = False
+    save_period: int = -1  # also keep weights/epoch{N}.pt every N epochs; off below 1
     noautoanchor: bool = False
     save_json: bool = False
     noplots: bool = False

@@ -322,6 +322,8 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
                 save_checkpoint(state, save_dir / "weights" / "last.pt")
                 if best_epoch == epoch:
                     save_checkpoint(state, save_dir / "weights" / "best.pt")
+                if cfg.save_period > 0 and epoch % cfg.save_period == 0:  # YOLOv5's: epoch0.pt, epochN.pt, ...
+                    save_checkpoint(state, save_dir / "weights" / f"epoch{epoch}.pt")
             if cfg.save_json and final_epoch and "records" in metrics:
                 write_predictions_json(metrics["records"], save_dir / "predictions.json")
         no_progress = validated and 0 < cfg.patience <= epoch - best_epoch
