@@ -213,7 +213,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers per process")
     parser.add_argument("--data", default="synthetic", help="data YAML path or bundled name")
     parser.add_argument("--hyp", default="hyp.scratch-low")
-    parser.add_argument("--cache", default="", choices=["", "ram"])
+    parser.add_argument("--cache", default="", choices=["", "ram", "disk"])
     parser.add_argument("--warmup", type=int, default=5, help="steps run before timing")
     parser.add_argument("--iterations", type=int, default=20, help="timed steps")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

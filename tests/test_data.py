@@ -357,12 +357,56 @@ def test_single_class_stride_and_exposed_fields(tmp_path: Path) -> None:
 def test_ram_cache_serves_images_without_the_files(tmp_path: Path) -> None:
     samples = _samples(tmp_path)
     from_disk = YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp(mixup=0.5), seed=1)
-    in_ram = YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp(mixup=0.5), seed=1, cache_ram=True)
+    in_ram = YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp(mixup=0.5), seed=1, cache="ram")
     expected = [from_disk[index] for index in range(len(samples))]
     for sample in samples:
         sample.image.unlink()
     for index, (image, labels, _, _) in enumerate(expected):
         assert torch.equal(in_ram[index][0], image) and torch.equal(in_ram[index][1], labels)
+
+
+def test_disk_cache_serves_the_same_items_and_outlives_the_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    samples = _samples(tmp_path)
+    decoded = YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp(mixup=0.5), seed=1)
+    expected = [decoded[index] for index in range(len(samples))]
+    YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp(mixup=0.5), seed=1, cache="disk")
+    folder = tmp_path / "images" / "train-cache" / "64"
+    assert len(list(folder.glob("*.npy"))) == len(samples)
+
+    def no_decoding(path: Path) -> torch.Tensor:
+        raise AssertionError(f"{path} was decoded")
+
+    monkeypatch.setattr("trainer.data.dataset.read_image", no_decoding)
+    again = YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp(mixup=0.5), seed=1, cache="disk")
+    for index, (image, labels, _, _) in enumerate(expected):  # every pixel from the cache
+        assert torch.equal(again[index][0], image) and torch.equal(again[index][1], labels)
+
+
+def test_disk_cache_follows_changed_images_and_decodes_what_it_cannot_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    samples = _samples(tmp_path)
+    folder = tmp_path / "images" / "train-cache" / "64"
+    cached = YoloDataset(samples, imgsz=64, augment=False, hyp=Hyp(), cache="disk")
+    expected = [cached[index][0] for index in range(len(samples))]
+    write_image(samples[0].image, 64, 48, box=(1, 1, 20, 20))  # new pixels, new size and time
+    changed = YoloDataset(samples, imgsz=64, augment=False, hyp=Hyp(), cache="disk")
+    assert len(list(folder.glob("*.npy"))) == len(samples) + 1
+    assert not torch.equal(changed[0][0], expected[0])
+    changed._disk.paths[1].write_bytes(b"not an array")
+    assert torch.equal(changed[1][0], expected[1])
+
+    def read_only(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)  # what atomic_output creates
+    write_image(samples[2].image, 64, 48, box=(2, 2, 30, 30))
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        read_only_data = YoloDataset(samples, imgsz=64, augment=False, hyp=Hyp(), cache="disk")
+    assert "cannot write the image cache" in caplog.text and "Read-only file system" in caplog.text
+    assert torch.equal(read_only_data[3][0], expected[3])
 
 
 def test_collate_stacks_images_and_indexes_targets(tmp_path: Path) -> None:

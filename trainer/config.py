@@ -160,7 +160,7 @@ class TrainConfig:
     name: str = "exp"
     exist_ok: bool = False
     resume: str = ""
-    cache: str = ""  # "" | "ram"
+    cache: str = ""  # "" | "ram" | "disk"
     multi_scale: bool = False
     optimizer: str = "SGD"
     cos_lr: bool = False

@@ -37,6 +37,7 @@ from trainer.data.augment import (
     resize_to_fit,
     shift_boxes,
 )
+from trainer.data.disk_cache import DiskCache
 from trainer.data.labels import Sample, read_image
 from trainer.errors import UserError
 
@@ -71,7 +72,7 @@ class YoloDataset(Dataset):
         imgsz: int,
         augment: bool,
         hyp: Hyp,
-        cache_ram: bool = False,
+        cache: str = "",
         seed: int = 0,
         single_cls: bool = False,
         stride: int = 32,
@@ -93,7 +94,10 @@ class YoloDataset(Dataset):
         # Augmentation hyperparameters, shared so persistent workers see updates.
         self._settings = torch.zeros(AUGMENTATION_SIZE, dtype=torch.float64).share_memory_()
         self.set_hyp(hyp)
-        self._images = self._decode_all() if cache_ram else None
+        self._images = self._decode_all() if cache == "ram" else None
+        self._disk = DiskCache(self.files, imgsz) if cache == "disk" else None
+        if self._disk is not None and not self._disk.fill(self._read_resized):
+            self._disk = None
 
     @staticmethod
     def _class_zero(labels: np.ndarray) -> np.ndarray:
@@ -127,8 +131,11 @@ class YoloDataset(Dataset):
         return resize_to_fit(read_image(self.files[index]), self.imgsz)
 
     def load_image(self, index: int) -> torch.Tensor:
-        """The image with its long side resized to imgsz, from RAM when cached."""
-        return self._images[index] if self._images is not None else self._read_resized(index)
+        """The image with its long side resized to imgsz, from RAM or disk when cached."""
+        if self._images is not None:
+            return self._images[index]
+        cached = self._disk.read(index) if self._disk is not None else None
+        return cached if cached is not None else self._read_resized(index)
 
     def _image_and_boxes(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The resized image and its boxes as (class, x0, y0, x1, y1) in its pixels."""

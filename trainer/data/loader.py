@@ -18,15 +18,14 @@ from trainer.data.labels import load_samples
 def build_datasets(
     data_cfg: DataConfig, imgsz: int, hyp: Hyp, cache: str, single_cls: bool, seed: int, stride: int = 32
 ) -> tuple[YoloDataset, YoloDataset]:
-    """The augmented training set and the letterboxed validation set; cache="ram" keeps
-    decoded images in memory."""
-    cache_ram = cache == "ram"
+    """The augmented training set and the letterboxed validation set; cache "ram" keeps
+    decoded, resized images in memory, "disk" in .npy files (see trainer.data.disk_cache)."""
     train = YoloDataset(
         load_samples(data_cfg.train, data_cfg.nc, "train"),
         imgsz,
         augment=True,
         hyp=hyp,
-        cache_ram=cache_ram,
+        cache=cache,
         seed=seed,
         single_cls=single_cls,
         stride=stride,
@@ -36,7 +35,7 @@ def build_datasets(
         imgsz,
         augment=False,
         hyp=hyp,
-        cache_ram=cache_ram,
+        cache=cache,
         seed=seed,
         single_cls=single_cls,
         stride=stride,
