@@ -20,7 +20,7 @@ from trainer.coco import (
     write_ground_truth_json,
     write_predictions_json,
 )
-from trainer.metrics import DetectionMetrics, ap_per_class, fitness, match_predictions
+from trainer.metrics import ConfusionMatrix, DetectionMetrics, ap_per_class, fitness, match_predictions
 
 WIDTH, HEIGHT = 640, 480
 LABELLED_CLASSES = 3
@@ -170,6 +170,34 @@ def test_hand_computed_average_precision() -> None:
     assert stats.ap50_95[0] == pytest.approx(expected / 2)
     # Best F1 keeps all five detections: precision 3/5, recall 1 (F1 0.75 against 2/3 above 0.6).
     assert stats.precision[0] == pytest.approx(3 / 5) and stats.recall[0] == pytest.approx(1.0)
+    # The PR curve is the envelope at the recall points: AP@0.5 is its mean.
+    assert stats.pr_curves[0].tolist() == pytest.approx([1.0] * 34 + [2 / 3] * 33 + [3 / 5] * 34)
+    assert stats.pr_curves[0].mean() == pytest.approx(stats.ap50[0])
+
+
+def test_confusion_matrix_counts_pairs_misses_and_false_alarms() -> None:
+    labels = torch.tensor([[0.0, 0, 0, 10, 10], [1.0, 20, 0, 30, 10], [2.0, 40, 0, 50, 10], [1.0, 60, 0, 70, 10]])
+    detections = torch.tensor([
+        [0.0, 0, 10, 10, 0.9, 0],  # on label 0, right class
+        [0.0, 0, 10, 9, 0.7, 0],  # on label 0 again: already taken, a false alarm
+        [20.0, 0, 30, 10, 0.8, 0],  # on the class-1 label, called class 0
+        [40.0, 0, 50, 10, 0.2, 2],  # on the class-2 label, below the confidence: that label is missed
+        [80.0, 0, 90, 10, 0.5, 1],  # on nothing
+        [61.0, 0, 69, 10, 0.6, 1],  # IoU 0.8 with the last label, 0 with any other
+    ])
+    confusion = ConfusionMatrix(nc=3)
+    confusion.update(detections, labels)
+    expected = np.zeros((4, 4), dtype=np.int64)
+    expected[0, 0] = expected[0, 1] = expected[1, 1] = 1  # predicted row, true column
+    expected[3, 2] = 1  # missed: background row
+    expected[0, 3] = expected[1, 3] = 1  # false alarms: background column
+    np.testing.assert_array_equal(confusion.matrix, expected)
+    confusion.update(detections[:0], labels[:1])  # an image without detections
+    confusion.update(detections[:1], labels[:0])  # an image without labels
+    assert confusion.matrix[3, 0] == 1 and confusion.matrix[0, 3] == 2
+    overlapping = ConfusionMatrix(nc=2)  # one detection over two labels takes the one of higher IoU
+    overlapping.update(torch.tensor([[0.0, 0, 10, 10, 0.9, 0]]), torch.tensor([[0.0, 0, 0, 10, 8], [1.0, 0, 0, 10, 10]]))
+    np.testing.assert_array_equal(overlapping.matrix, [[0, 1, 0], [0, 0, 0], [1, 0, 0]])
 
 
 def test_ap_does_not_depend_on_input_order() -> None:

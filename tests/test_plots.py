@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
+from trainer.metrics import ConfusionMatrix, DetectionMetrics
 from trainer.plots import (
     MAX_GRID_IMAGES, MAX_GRID_SIDE, PALETTE, ValidationPlots, batch_grid, confident, plot_results,
-    plot_training_batches,
+    plot_training_batches, plot_validation,
 )
 from trainer.progress import RESULTS_COLUMNS, append_results
 
@@ -78,3 +80,30 @@ def test_validation_plots_keep_the_first_three_batches(tmp_path):
         plots(index, images, [torch.zeros(0, 5)], [torch.zeros(0, 6)])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"val_batch{i}_{kind}.jpg" for i in range(3) for kind in ("labels", "pred"))
+
+
+VALIDATION_PLOTS = ["F1_curve.png", "PR_curve.png", "P_curve.png", "R_curve.png", "confusion_matrix.png"]
+
+
+@pytest.mark.parametrize("classes", [2, 40])  # with a legend entry per class, and without
+def test_validation_curves_and_confusion_matrix(tmp_path, classes):
+    metrics, confusion = DetectionMetrics(), ConfusionMatrix(classes)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        labels = torch.cat([torch.randint(0, classes, (4, 1), generator=generator).float(),
+                            torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10]])], 1)
+        detections = torch.cat([labels[:, 1:5] + torch.rand(4, 4, generator=generator) * 3,
+                                torch.rand(4, 1, generator=generator), labels[:, :1]], 1)
+        metrics.update(detections, labels)
+        confusion.update(detections, labels)
+    result = {**metrics.compute(), "confusion_matrix": confusion.matrix}
+    plot_validation(tmp_path, result, [f"class{c}" for c in range(classes)])
+    assert sorted(path.name for path in tmp_path.iterdir()) == VALIDATION_PLOTS
+    with Image.open(tmp_path / "PR_curve.png") as image:
+        assert image.format == "PNG" and image.size == (900, 600)
+
+
+def test_validation_plots_without_any_label(tmp_path):
+    result = {**DetectionMetrics().compute(), "confusion_matrix": ConfusionMatrix(3).matrix}
+    plot_validation(tmp_path, result, ["a", "b", "c"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == VALIDATION_PLOTS

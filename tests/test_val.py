@@ -49,6 +49,7 @@ def test_val_prints_yolov5s_table_and_writes_coco_predictions(tiny_data: Path, t
     predictions = json.loads((folder / "predictions.json").read_text())
     assert predictions and {"image_id", "category_id", "bbox", "score"} <= set(predictions[0])
     assert sorted(path.name for path in folder.iterdir()) == [  # 16 images, one batch
+        "F1_curve.png", "PR_curve.png", "P_curve.png", "R_curve.png", "confusion_matrix.png",
         "predictions.json", "val_batch0_labels.jpg", "val_batch0_pred.jpg"]
 
 

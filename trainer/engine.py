@@ -16,7 +16,7 @@ from trainer.coco import coco_records, image_id_from_path
 from trainer.dist import DistContext
 from trainer.ema import ModelEMA
 from trainer.errors import TrainingDiverged
-from trainer.metrics import DetectionMetrics
+from trainer.metrics import ConfusionMatrix, DetectionMetrics
 from trainer.optim import Warmup
 from trainer.postprocess import non_max_suppression, scale_boxes
 from trainer.progress import EpochProgress
@@ -155,6 +155,7 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: LossFunction, nc: in
     """
     model.eval()
     metrics = DetectionMetrics()
+    confusion = ConfusionMatrix(nc)
     loss_sum = torch.zeros(3, device=ctx.device)
     batches = 0
     records: list[dict[str, Any]] = []
@@ -173,18 +174,20 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: LossFunction, nc: in
             on_batch(batches, raw_images, all_labels, detections)
         batches += 1
         for index, (predicted, labels) in enumerate(zip(detections, all_labels)):
-            predicted = predicted.clone()
+            predicted = predicted.to("cpu", copy=True)
             predicted[:, :4] = scale_boxes(predicted[:, :4], shapes[index])
             labels[:, 1:] = scale_boxes(labels[:, 1:], shapes[index])
-            metrics.update(predicted.cpu(), labels, order=next(image_indices))
+            metrics.update(predicted, labels, order=next(image_indices))
+            confusion.update(predicted, labels)
             if collect_json:
-                records.extend(coco_records(predicted.cpu(), image_id_from_path(paths[index])))
+                records.extend(coco_records(predicted, image_id_from_path(paths[index])))
     parts = dist.gather_objects(metrics.parts(), ctx)
     losses = dist.gather_objects((loss_sum.cpu(), batches), ctx)
     merged = DetectionMetrics.merged(parts).compute()
     total_batches = max(sum(count for _, count in losses), 1)
     box, obj, cls = (sum(loss for loss, _ in losses) / total_batches).tolist()
-    merged.update({"box_loss": box, "obj_loss": obj, "cls_loss": cls})
+    merged.update({"box_loss": box, "obj_loss": obj, "cls_loss": cls,
+                   "confusion_matrix": sum(dist.gather_objects(confusion.matrix, ctx))})
     if collect_json:
         merged["records"] = [record for part in dist.gather_objects(records, ctx) for record in part]
     return merged

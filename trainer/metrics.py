@@ -88,7 +88,8 @@ class ClassStats:
     """Per-class results for the classes that have at least one label, in class-id order.
 
     precision, recall and f1 are read at `confidence`, the threshold that maximizes the
-    (smoothed) mean F1 over classes at IoU 0.5; `ap` holds one AP per IoU threshold.
+    (smoothed) mean F1 over classes at IoU 0.5; `ap` holds one AP per IoU threshold. The curves,
+    at IoU 0.5, are what the run folder's PR_curve.png, P/R/F1_curve.png plot.
     """
 
     class_ids: np.ndarray  # (k,) int
@@ -98,6 +99,10 @@ class ClassStats:
     f1: np.ndarray  # (k,)
     ap: np.ndarray  # (k, thresholds)
     confidence: float
+    precision_curves: np.ndarray  # (k, CONFIDENCE_GRID.size): precision of detections scoring at least each confidence
+    recall_curves: np.ndarray  # (k, CONFIDENCE_GRID.size)
+    f1_curves: np.ndarray  # (k, CONFIDENCE_GRID.size)
+    pr_curves: np.ndarray  # (k, RECALL_POINTS.size): interpolated precision at each recall point, AP@0.5's terms
 
     @property
     def ap50(self) -> np.ndarray:
@@ -122,13 +127,15 @@ def ap_per_class(
     pred_cls, target_cls = np.asarray(pred_cls), np.asarray(target_cls)
     class_ids, targets = np.unique(target_cls.astype(np.int64), return_counts=True)
     ap = np.zeros((class_ids.size, tp.shape[1]))
+    pr_curves = np.zeros((class_ids.size, RECALL_POINTS.size))
     precision_curves = np.zeros((class_ids.size, CONFIDENCE_GRID.size))
     recall_curves = np.zeros((class_ids.size, CONFIDENCE_GRID.size))
     for row, (class_id, target_count) in enumerate(zip(class_ids, targets)):
         selected = pred_cls == class_id
         order = np.argsort(-conf[selected], kind="stable")
         class_tp, class_conf = tp[selected][order], conf[selected][order]
-        ap[row] = _average_precision(class_tp, target_count)
+        interpolated = _interpolated_precision(class_tp, target_count)
+        ap[row], pr_curves[row] = interpolated.sum(axis=0) / RECALL_POINTS.size, interpolated[:, 0]
         precision_curves[row], recall_curves[row] = _curves_over_confidence(
             class_tp[:, 0], class_conf, target_count
         )
@@ -143,23 +150,28 @@ def ap_per_class(
         f1=f1_curves[:, best],
         ap=ap,
         confidence=float(CONFIDENCE_GRID[best]),
+        precision_curves=precision_curves,
+        recall_curves=recall_curves,
+        f1_curves=f1_curves,
+        pr_curves=pr_curves,
     )
 
 
-def _average_precision(tp: np.ndarray, target_count: int) -> np.ndarray:
-    """COCO's 101-point interpolated AP, one per column of `tp` (detections sorted by score)."""
+def _interpolated_precision(tp: np.ndarray, target_count: int) -> np.ndarray:
+    """COCO's interpolated precision at each of the 101 recall points (0 where that recall is never
+    reached), one column per column of `tp` (detections sorted by score); AP is their mean."""
     true_positives = np.cumsum(tp, axis=0, dtype=np.float64)
     false_positives = np.cumsum(~tp, axis=0, dtype=np.float64)
     recall = true_positives / target_count
     precision = true_positives / (true_positives + false_positives + np.spacing(1))
     # The envelope: precision at a rank becomes the best precision at any later rank.
     envelope = np.maximum.accumulate(precision[::-1], axis=0)[::-1]
-    ap = np.zeros(tp.shape[1])
+    interpolated = np.zeros((RECALL_POINTS.size, tp.shape[1]))
     for column in range(tp.shape[1]):
         first_rank = np.searchsorted(recall[:, column], RECALL_POINTS, side="left")
         reached = first_rank < tp.shape[0]
-        ap[column] = envelope[first_rank[reached], column].sum() / RECALL_POINTS.size
-    return ap
+        interpolated[reached, column] = envelope[first_rank[reached], column]
+    return interpolated
 
 
 def _curves_over_confidence(
@@ -258,7 +270,44 @@ class DetectionMetrics:
             "class_ids": stats.class_ids,
             "targets_per_class": stats.targets,
             "images": len(self._parts),
+            "curves": {"precision": stats.precision_curves, "recall": stats.recall_curves, "f1": stats.f1_curves,
+                       "pr": stats.pr_curves},
         }
+
+
+class ConfusionMatrix:
+    """Counts of (predicted class, true class) pairs over a data set, YOLOv5's confusion matrix.
+
+    Row and column `nc` are the background. Detections at or below `conf` are ignored. A
+    detection and a label of any classes pair up when their IoU is above `iou`, each at most
+    once, the pairs of highest IoU first. A label left without a detection counts as missed
+    (background row); a detection left without a label as a false alarm (background column).
+    """
+
+    def __init__(self, nc: int, conf: float = 0.25, iou: float = 0.45) -> None:
+        self.nc, self.conf, self.iou = nc, conf, iou
+        self.matrix = np.zeros((nc + 1, nc + 1), dtype=np.int64)
+
+    def update(self, detections: Tensor, labels: Tensor) -> None:
+        """One image: detections (n, 6) xyxy/conf/class, labels (m, 5) class/xyxy, same pixels."""
+        detections = detections[detections[:, 4] > self.conf]
+        predicted = detections[:, 5].long().cpu().numpy()
+        true = labels[:, 0].long().cpu().numpy()
+        matched_labels: set[int] = set()
+        matched_detections: set[int] = set()
+        if len(predicted) and len(true):
+            iou = box_iou(labels[:, 1:].double(), detections[:, :4].double()).cpu().numpy()
+            label_rows, detection_columns = np.nonzero(iou > self.iou)
+            for order in np.argsort(-iou[label_rows, detection_columns], kind="stable"):
+                label, detection = int(label_rows[order]), int(detection_columns[order])
+                if label not in matched_labels and detection not in matched_detections:
+                    matched_labels.add(label)
+                    matched_detections.add(detection)
+                    self.matrix[predicted[detection], true[label]] += 1
+        for label in set(range(len(true))) - matched_labels:
+            self.matrix[self.nc, true[label]] += 1
+        for detection in set(range(len(predicted))) - matched_detections:
+            self.matrix[predicted[detection], self.nc] += 1
 
 
 def fitness(precision: float, recall: float, map50: float, map: float) -> float:

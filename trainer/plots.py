@@ -5,6 +5,8 @@
   see what the model is fed before trusting a long run.
 - `val_batch0_labels.jpg` / `val_batch0_pred.jpg` to `val_batch2_*`: validation images with their
   labels, and with the final model's detections above PREDICTION_CONF.
+- `PR_curve.png`, `F1_curve.png`, `P_curve.png`, `R_curve.png` and `confusion_matrix.png`: the
+  final validation, class by class.
 
 Boxes are drawn with torchvision (`draw_bounding_boxes`, `make_grid`, `encode_jpeg`); plots with
 matplotlib's object API, which needs no display. Every file is replaced atomically.
@@ -19,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -30,6 +33,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from trainer.engine import image_labels
 from trainer.files import write_atomic
+from trainer.metrics import CONFIDENCE_GRID, RECALL_POINTS
 
 PLOTTED_BATCHES = 3  # train_batch0-2 and val_batch0-2, as YOLOv5 writes
 MAX_GRID_IMAGES = 16
@@ -39,6 +43,7 @@ RESULTS_PANELS = (
     "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
     "val/box_loss", "val/obj_loss", "val/cls_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
 )
+LEGEND_MAX_CLASSES = 20  # more classes: curves without a legend entry each
 PALETTE = [tuple(int(255 * channel) for channel in colormaps["tab20"](i)[:3]) for i in range(20)]
 
 
@@ -123,3 +128,60 @@ class ValidationPlots:
         save_batch(self.save_dir / f"val_batch{index}_labels.jpg", images, labels, self.names)
         save_batch(self.save_dir / f"val_batch{index}_pred.jpg", images,
                    [confident(rows) for rows in detections], self.names)
+
+
+def plot_validation(save_dir: Path, metrics: dict[str, Any], names: Sequence[str]) -> None:
+    """PR, F1, P and R curves and the confusion matrix of one validation (`evaluate`'s metrics)."""
+    curves, labels = metrics["curves"], [names[c] for c in metrics["class_ids"]]
+    listed = len(labels) <= LEGEND_MAX_CLASSES
+    figure, axes = _curve_axes("Recall", "Precision")
+    for label, curve, ap in zip(labels, curves["pr"], metrics["ap50_per_class"]):
+        axes.plot(RECALL_POINTS, curve, linewidth=1, label=f"{label} {ap:.3f}" if listed else None)
+    if len(labels):
+        axes.plot(RECALL_POINTS, curves["pr"].mean(0), linewidth=3, color="blue",
+                  label=f"all classes {metrics['map50']:.3f} mAP@0.5")
+    _finish_curves(figure, axes, save_dir / "PR_curve.png")
+    for key, title, file in (("f1", "F1", "F1"), ("precision", "Precision", "P"), ("recall", "Recall", "R")):
+        figure, axes = _curve_axes("Confidence", title)
+        for label, curve in zip(labels, curves[key]):
+            axes.plot(CONFIDENCE_GRID, curve, linewidth=1, label=label if listed else None)
+        if len(labels):
+            mean = curves[key].mean(0)
+            best = int(mean.argmax())
+            axes.plot(CONFIDENCE_GRID, mean, linewidth=3, color="blue",
+                      label=f"all classes {mean[best]:.2f} at {CONFIDENCE_GRID[best]:.3f}")
+        _finish_curves(figure, axes, save_dir / f"{file}_curve.png")
+    plot_confusion_matrix(save_dir / "confusion_matrix.png", metrics["confusion_matrix"], names)
+
+
+def _curve_axes(xlabel: str, ylabel: str) -> tuple[Figure, Any]:
+    figure = Figure(figsize=(9, 6), tight_layout=True)
+    axes = figure.add_subplot()
+    axes.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.01))
+    return figure, axes
+
+
+def _finish_curves(figure: Figure, axes: Any, path: Path) -> None:
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(bbox_to_anchor=(1.04, 1), loc="upper left", fontsize=8)
+    save_figure(figure, path)
+
+
+def plot_confusion_matrix(path: Path, matrix: np.ndarray, names: Sequence[str]) -> None:
+    """The matrix (rows predicted, columns true, background last), each column normalised to 1."""
+    nc = len(matrix) - 1
+    shares = matrix / np.maximum(matrix.sum(axis=0, keepdims=True), 1)
+    figure = Figure(figsize=(12, 9), tight_layout=True)
+    axes = figure.add_subplot()
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axes, shrink=0.8)
+    if nc < 30:  # beyond that, names and numbers would overlap
+        ticks = [*(names[c] if c < len(names) else str(c) for c in range(nc)), "background"]
+        axes.set_xticks(range(nc + 1), ticks, rotation=90, fontsize=8)
+        axes.set_yticks(range(nc + 1), ticks, fontsize=8)
+        for (row, column), share in np.ndenumerate(shares):
+            if share >= 0.005:
+                axes.text(column, row, f"{share:.2f}", ha="center", va="center", fontsize=7,
+                          color="white" if share > 0.5 else "black")
+    axes.set(xlabel="True", ylabel="Predicted", title="Confusion matrix (confidence > 0.25, IoU > 0.45)")
+    save_figure(figure, path)

@@ -30,7 +30,7 @@ from trainer.loss import DetectionLoss
 from trainer.metrics import fitness
 from trainer.model import DetectionModel
 from trainer.optim import Warmup, build_optimizer, lr_lambda, scaled_weight_decay, scheduler_lambda
-from trainer.plots import ValidationPlots, plot_results, plot_training_batches
+from trainer.plots import ValidationPlots, plot_results, plot_training_batches, plot_validation
 from trainer.progress import EpochProgress, append_results, class_table
 
 LOGGER = logging.getLogger("trainer")
@@ -341,5 +341,7 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
             LOGGER.info("%s", line)
     if plots and epoch >= start_epoch:
         plot_results(save_dir / "results.csv", save_dir / "results.png")
+    if plots and "curves" in metrics:
+        plot_validation(save_dir, metrics, names)
     return TrainResult(metrics=metrics, best_fitness=best_fitness, epochs_run=epoch + 1 - start_epoch,
                        save_dir=save_dir)

@@ -2,8 +2,8 @@
 
 The same validation as the end of every training epoch (`trainer.engine.evaluate`): rectangular
 batches, the same thresholds, YOLOv5's per-class table. The weights may be ours or YOLOv5's.
-The folder `runs/val/exp` gets the first batches drawn with labels and with detections, and
-with --save-json the COCO-format predictions.
+The folder `runs/val/exp` gets the first batches drawn with labels and with detections, the
+PR, F1, P and R curves, the confusion matrix, and with --save-json the COCO-format predictions.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from trainer.engine import evaluate
 from trainer.errors import UserError
 from trainer.loss import DetectionLoss
 from trainer.model.yolo import DetectionModel
-from trainer.plots import ValidationPlots
+from trainer.plots import ValidationPlots, plot_validation
 from trainer.progress import class_table
 from trainer.train import amp_dtype_for, next_run_dir
 
@@ -69,6 +69,7 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
     lines = class_table(metrics, names)
     for line in lines if nc > 1 else lines[:2]:
         LOGGER.info("%s", line)
+    plot_validation(save_dir, metrics, names)
     if options["save_json"]:
         write_predictions_json(metrics.pop("records"), save_dir / "predictions.json")
     LOGGER.info("Results saved to %s", save_dir)
