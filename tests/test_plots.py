@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -9,7 +10,7 @@ from PIL import Image
 from trainer.metrics import ConfusionMatrix, DetectionMetrics
 from trainer.plots import (
     MAX_GRID_IMAGES, MAX_GRID_SIDE, PALETTE, ValidationPlots, batch_grid, confident, plot_results,
-    plot_training_batches, plot_validation,
+    plot_labels, plot_training_batches, plot_validation,
 )
 from trainer.progress import RESULTS_COLUMNS, append_results
 
@@ -107,3 +108,12 @@ def test_validation_plots_without_any_label(tmp_path):
     result = {**DetectionMetrics().compute(), "confusion_matrix": ConfusionMatrix(3).matrix}
     plot_validation(tmp_path, result, ["a", "b", "c"])
     assert sorted(path.name for path in tmp_path.iterdir()) == VALIDATION_PLOTS
+
+
+@pytest.mark.parametrize("count", [0, 300])
+def test_labels_picture(tmp_path, count):
+    rng = np.random.default_rng(0)
+    labels = np.concatenate([rng.integers(0, 3, (count, 1)), rng.random((count, 4))], axis=1)
+    plot_labels(tmp_path / "labels.jpg", labels, labels[:, 3:5] * 320, np.array([[10.0, 13], [16, 30]]), ["a", "b", "c"])
+    with Image.open(tmp_path / "labels.jpg") as image:
+        assert image.format == "JPEG" and image.size == (1000, 1000)

@@ -70,7 +70,7 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
     run = tmp_path / "exp"
     assert sorted(p.name for p in run.iterdir()) == [
         "F1_curve.png", "PR_curve.png", "P_curve.png", "R_curve.png", "confusion_matrix.png",
-        "hyp.yaml", "opt.yaml", "predictions.json", "results.csv", "results.png",
+        "hyp.yaml", "labels.jpg", "opt.yaml", "predictions.json", "results.csv", "results.png",
         "train_batch0.jpg", "train_batch1.jpg", "train_batch2.jpg",  # 4 batches of 8
         "val_batch0_labels.jpg", "val_batch0_pred.jpg", "weights",  # 16 images: one validation batch
     ]

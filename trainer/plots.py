@@ -1,6 +1,8 @@
 """Pictures of a run, in the files YOLOv5 users look for first.
 
 - `results.png`: every loss and metric column of results.csv against the epoch.
+- `labels.jpg`: the training labels: instances per class, where the boxes lie, their shapes, and
+  their sizes in pixels against the model's anchors.
 - `train_batch0.jpg` to `train_batch2.jpg`: the first augmented batches with their labels, to
   see what the model is fed before trusting a long run.
 - `val_batch0_labels.jpg` / `val_batch0_pred.jpg` to `val_batch2_*`: validation images with their
@@ -48,8 +50,9 @@ PALETTE = [tuple(int(255 * channel) for channel in colormaps["tab20"](i)[:3]) fo
 
 
 def save_figure(figure: Figure, path: Path) -> None:
+    """Write `figure` in the format of the path's suffix (png, jpg)."""
     buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
+    FigureCanvasAgg(figure).print_figure(buffer, format=path.suffix.lstrip("."))
     write_atomic(path, buffer.getvalue())
 
 
@@ -67,6 +70,29 @@ def plot_results(csv_path: Path, png_path: Path) -> None:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.tick_params(labelsize=8)
     save_figure(figure, png_path)
+
+
+def plot_labels(path: Path, labels: np.ndarray, sizes: np.ndarray, anchors: np.ndarray, names: Sequence[str]) -> None:
+    """labels.jpg from the training labels `(class, cx, cy, w, h)` (normalised), their `sizes`
+    (width, height) in pixels at the training size, and the model's anchors in pixels."""
+    figure = Figure(figsize=(10, 10), tight_layout=True)
+    counts = np.bincount(labels[:, 0].astype(np.int64), minlength=len(names))
+    axes = figure.add_subplot(2, 2, 1)
+    axes.bar(range(len(counts)), counts, color=[np.array(PALETTE[c % len(PALETTE)]) / 255 for c in range(len(counts))])
+    axes.set(title="instances per class", ylabel="instances")
+    if len(names) <= 30:
+        axes.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
+    for index, (x, y, title) in enumerate(((1, 2, "box centres (x, y)"), (3, 4, "box sizes (width, height)"))):
+        axes = figure.add_subplot(2, 2, index + 2)
+        axes.hist2d(labels[:, x], labels[:, y], bins=50, range=[[0, 1], [0, 1]], cmap="Blues")
+        axes.set(title=title, xlim=(0, 1), ylim=(0, 1))
+    axes = figure.add_subplot(2, 2, 4)
+    shown = sizes[np.random.default_rng(0).permutation(len(sizes))[:5000]]
+    axes.scatter(shown[:, 0], shown[:, 1], s=2, alpha=0.3, linewidths=0, label="labels")
+    axes.scatter(anchors[:, 0], anchors[:, 1], marker="x", s=60, color="red", label="anchors")
+    axes.set(xscale="log", yscale="log", xlabel="width (px)", ylabel="height (px)", title="sizes at the training size")
+    axes.legend(loc="upper left")
+    save_figure(figure, path)
 
 
 def batch_grid(images: Tensor, boxes: Sequence[Tensor], names: Sequence[str]) -> Tensor:

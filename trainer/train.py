@@ -30,7 +30,7 @@ from trainer.loss import DetectionLoss
 from trainer.metrics import fitness
 from trainer.model import DetectionModel
 from trainer.optim import Warmup, build_optimizer, lr_lambda, scaled_weight_decay, scheduler_lambda
-from trainer.plots import ValidationPlots, plot_results, plot_training_batches, plot_validation
+from trainer.plots import ValidationPlots, plot_labels, plot_results, plot_training_batches, plot_validation
 from trainer.progress import EpochProgress, append_results, class_table
 
 LOGGER = logging.getLogger("trainer")
@@ -264,6 +264,12 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
                         f" → {report.bpr_after:.4f}, anchors replaced" if report.replaced else "")
             anchors = model.detect.anchors.cpu()
         model.detect.anchors.copy_(dist.broadcast_object(anchors, ctx).to(ctx.device))
+    if plots and resume_state is None:
+        detect = model.detect
+        anchors_px = (detect.anchors.cpu() * detect.stride.cpu().view(-1, 1, 1)).view(-1, 2).numpy()
+        labels = [labels for labels in prepared.train_set.labels if len(labels)]
+        plot_labels(save_dir / "labels.jpg", np.concatenate(labels) if labels else np.zeros((0, 5)),
+                    label_sizes(prepared.train_set, cfg.imgsz).numpy(), anchors_px, names)
 
     batches_per_epoch = len(prepared.train_loader)
     parts = build_training_parts(cfg, ctx, model, batches_per_epoch)
