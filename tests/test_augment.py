@@ -30,7 +30,7 @@ from trainer.data.augment import (
     random_perspective,
     warp,
 )
-from trainer.data.dataset import YoloDataset
+from trainer.data.dataset import CanvasKey, YoloDataset
 from trainer.data.labels import Sample
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]  # one per class
@@ -152,6 +152,22 @@ def test_dataset_training_items_match_their_pixels(tmp_path: Path) -> None:
                 )
                 checked += 1
     assert checked >= 30
+
+
+def test_rect_training_items_fill_their_canvas_and_match_their_pixels(tmp_path: Path) -> None:
+    """--rect: a wide image letterboxed onto a wide canvas, then warped onto the same canvas."""
+    box = (24, 10, 40, 22)
+    path = tmp_path / "wide.png"
+    write_file(str(path), encode_png(rectangle_image(32, 64, box, 2)))
+    label = np.array([[2, 32 / 64, 16 / 32, 16 / 64, 12 / 32]], dtype=np.float32)
+    hyp = Hyp(degrees=5, scale=0.2, translate=0.05, fliplr=0.5, hsv_h=0, hsv_s=0, hsv_v=0, mosaic=1.0, mixup=1.0)
+    dataset = YoloDataset([Sample(path, 64, 32, label)], imgsz=64, augment=True, hyp=hyp, seed=0)
+    for epoch in range(5):
+        image, labels, _, _ = dataset[epoch, CanvasKey(0, 32, 64)]
+        assert image.shape == (3, 32, 64)  # no mosaic, no square
+        assert len(labels) == 1
+        cx, cy, w, h = (labels[0, 1:] * torch.tensor([64, 32, 64, 32])).tolist()
+        assert_box_matches_pixels(image, torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]), 2)
 
 
 def test_training_items_are_reproducible_per_epoch(tmp_path: Path) -> None:

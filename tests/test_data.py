@@ -18,9 +18,11 @@ from torchvision.io import encode_png, write_file
 from trainer.config import Hyp
 from trainer.data import labels as labels_module
 from trainer.data.data_config import load_data_config
-from trainer.data.dataset import ValidationKey, YoloDataset, collate
+from trainer.data.dataset import CanvasKey, YoloDataset, collate
 from trainer.data.labels import Sample, label_path, load_samples
-from trainer.data.loader import EpochBatches, ValidationBatches, build_dataloader, build_datasets, canvas_shape
+from trainer.data.loader import (
+    EpochBatches, RectBatches, ValidationBatches, build_dataloader, build_datasets, canvas_shape,
+)
 from trainer.errors import UserError
 
 
@@ -326,7 +328,7 @@ def test_validation_letterbox_maps_back_to_the_original(
     write_image(image, 120, 60, box)
     write_labels(image, [f"1 {60 / 120} {25 / 60} {60 / 120} {30 / 60}"])
     dataset = YoloDataset(load_samples([image.parent], 2, "val"), imgsz=96, augment=False, hyp=Hyp())
-    padded, labels, path, shapes = dataset[0] if canvas is None else dataset[ValidationKey(0, *canvas)]
+    padded, labels, path, shapes = dataset[0] if canvas is None else dataset[CanvasKey(0, *canvas)]
     canvas_height, canvas_width = canvas or (96, 96)  # a bare index: the imgsz square
     (height0, width0), ((ratio_h, ratio_w), (pad_w, pad_h)) = shapes
     assert padded.shape == (3, canvas_height, canvas_width) and path == str(image) and (height0, width0) == (60, 120)
@@ -448,7 +450,7 @@ def test_persistent_workers_see_new_hyps_and_epochs_and_match_no_workers(tmp_pat
     # No mosaic, no colour or geometry change: every image must be its letterboxed original, mirrored.
     for image, path in zip(flipped[0], flipped[2]):
         index = dataset.files.index(Path(path))
-        original = dataset._validation_item(ValidationKey(index, 64, 64))[0]
+        original = dataset._validation_item(CanvasKey(index, 64, 64))[0]
         assert torch.equal(image, original.flip(-1))
 
     dataset.set_hyp(Hyp(fliplr=0.0))
@@ -507,6 +509,31 @@ def test_validation_batches_group_by_aspect_and_keep_canvases_across_ranks() -> 
     # A last group smaller than the world: the rank with nothing in it gets no (empty) batch.
     small = [ValidationBatches(sizes[:5], 320, 32, batch_size=2, rank=rank, world_size=2) for rank in (0, 1)]
     assert [[len(batch) for batch in batches] for batches in small] == [[2, 1], [2]]
+
+
+def test_rect_training_batches_by_aspect_shuffled_per_epoch_alike_on_every_rank() -> None:
+    rng = np.random.default_rng(1)
+    sizes = np.stack([rng.integers(100, 800, 23), rng.integers(100, 800, 23)], axis=1)  # (width, height)
+    aspects = sizes[:, 1] / sizes[:, 0]
+    single = RectBatches(sizes, 320, 32, batch_size=4, seed=0)
+    batches = list(itertools.islice(iter(single), 2 * len(single)))
+    assert len(single) == 6 and {epoch for batch in batches[:6] for epoch, _ in batch} == {0}
+    first, second = ([[key for _, key in batch] for batch in batches[i * 6:(i + 1) * 6]] for i in (0, 1))
+    assert sorted(key.index for batch in first for key in batch) == list(range(23))
+    assert first != second and sorted(first) == sorted(second)  # the same batches, in another order
+    for batch in first:
+        assert canvas_shape(aspects[[key.index for key in batch]], 320, 32, pad=0.0) == (batch[0].height,
+                                                                                         batch[0].width)
+    # 23 images over 3 ranks: one repeated, so that every rank takes the same number of steps.
+    ranks = [RectBatches(sizes, 320, 32, batch_size=2, seed=0, rank=rank, world_size=3) for rank in range(3)]
+    epochs = [list(itertools.islice(iter(sampler), len(sampler))) for sampler in ranks]
+    assert [len(epoch) for epoch in epochs] == [4, 4, 4]
+    steps = list(zip(*epochs))  # what the ranks train together, step by step: one canvas
+    assert all(len({(key.height, key.width) for batch in step for _, key in batch}) == 1 for step in steps)
+    indices = [key.index for epoch in epochs for batch in epoch for _, key in batch]
+    assert sorted(set(indices)) == list(range(23)) and len(indices) == 24
+    ranks[0].start_at(3)
+    assert next(iter(ranks[0]))[0][0] == 3
 
 
 def test_validation_shards_cover_every_image_once(tmp_path: Path) -> None:

@@ -196,7 +196,8 @@ def test_confusion_matrix_counts_pairs_misses_and_false_alarms() -> None:
     confusion.update(detections[:1], labels[:0])  # an image without labels
     assert confusion.matrix[3, 0] == 1 and confusion.matrix[0, 3] == 2
     overlapping = ConfusionMatrix(nc=2)  # one detection over two labels takes the one of higher IoU
-    overlapping.update(torch.tensor([[0.0, 0, 10, 10, 0.9, 0]]), torch.tensor([[0.0, 0, 0, 10, 8], [1.0, 0, 0, 10, 10]]))
+    two_labels = torch.tensor([[0.0, 0, 0, 10, 8], [1.0, 0, 0, 10, 10]])
+    overlapping.update(torch.tensor([[0.0, 0, 10, 10, 0.9, 0]]), two_labels)
     np.testing.assert_array_equal(overlapping.matrix, [[0, 1, 0], [0, 0, 0], [1, 0, 0]])
 
 

@@ -114,6 +114,7 @@ def test_validation_plots_without_any_label(tmp_path):
 def test_labels_picture(tmp_path, count):
     rng = np.random.default_rng(0)
     labels = np.concatenate([rng.integers(0, 3, (count, 1)), rng.random((count, 4))], axis=1)
-    plot_labels(tmp_path / "labels.jpg", labels, labels[:, 3:5] * 320, np.array([[10.0, 13], [16, 30]]), ["a", "b", "c"])
+    anchors = np.array([[10.0, 13], [16, 30]])
+    plot_labels(tmp_path / "labels.jpg", labels, labels[:, 3:5] * 320, anchors, ["a", "b", "c"])
     with Image.open(tmp_path / "labels.jpg") as image:
         assert image.format == "JPEG" and image.size == (1000, 1000)

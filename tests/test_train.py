@@ -82,7 +82,7 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
     assert yaml.safe_load((run / "opt.yaml").read_text())["epochs"] == 1
     again = run_trainer("--data", str(tiny_data), *TINY, "--epochs", "1", "--project", str(tmp_path),
                         "--name", "exp", "--noval", "--nosave", "--noplots", "--noautoanchor", "--multi-scale",
-                        "--cache", "disk", cwd=tmp_path)
+                        "--cache", "disk", "--rect", cwd=tmp_path)
     assert again.returncode == 0 and (tmp_path / "exp2" / "weights" / "last.pt").is_file()
     sizes = {int(line.split()[6]) for line in again.stderr.splitlines() if line.strip().startswith("1/1 ")}
     assert len(sizes) > 1 and sizes <= {32, 64, 96}  # the batches' sizes: 64 px ± 50%, in steps of 32

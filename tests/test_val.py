@@ -56,7 +56,8 @@ def test_val_prints_yolov5s_table_and_writes_coco_predictions(tiny_data: Path, t
 def test_weights_that_do_not_fit_the_data_are_a_user_error(tiny_data: Path, tmp_path: Path) -> None:
     save_checkpoint({"model": DetectionModel("yolov5n", nc=6).state_dict(), "config": {"cfg": "yolov5n"}},
                     tmp_path / "last.pt")
-    options = {**OPTIONS, "data": str(tiny_data), "weights": str(tmp_path / "last.pt"), "project": str(tmp_path / "val")}
+    options = {**OPTIONS, "data": str(tiny_data), "weights": str(tmp_path / "last.pt"),
+               "project": str(tmp_path / "val")}
     with pytest.raises(UserError, match="does not fit a 1-class yolov5n model for this data"):
         validate({**options, "single_cls": True})
     with pytest.raises(UserError, match="does not fit a 6-class yolov5s model"):

@@ -150,6 +150,8 @@ def train_command(options: dict[str, Any]) -> None:
               help="resume the most recent run, or the given last.pt")
 @click.option("--cache", is_flag=False, flag_value="ram", default="", type=click.Choice(["", "ram", "disk"]),
               help="keep decoded, resized images in RAM (--cache, --cache ram) or in .npy files (--cache disk)")
+@click.option("--rect", is_flag=True,
+              help="rectangular training: batches of similar aspect ratio, each on its own canvas; no mosaic")
 @click.option("--multi-scale", is_flag=True, help="vary the training image size by ±50% from batch to batch")
 @click.option("--optimizer", default="SGD", type=click.Choice(["SGD", "Adam", "AdamW"]))
 @click.option("--cos-lr", is_flag=True, help="cosine LR schedule")

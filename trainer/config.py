@@ -162,6 +162,7 @@ class TrainConfig:
     resume: str = ""
     cache: str = ""  # "" | "ram" | "disk"
     multi_scale: bool = False
+    rect: bool = False  # batches of similar aspect ratio on their own canvases; no mosaic
     optimizer: str = "SGD"
     cos_lr: bool = False
     label_smoothing: float = 0.0

@@ -41,7 +41,8 @@ def population_sources(spec: str | None) -> list[Path]:
         elif path.is_file():
             sources.append(path)
         else:
-            raise UserError(f"--evolve-population {part.strip()!r} not found: give hyp YAMLs, an evolve.csv or a folder")
+            raise UserError(f"--evolve-population {part.strip()!r} not found: "
+                            "give hyp YAMLs, an evolve.csv or a folder")
     return sources
 
 

@@ -13,7 +13,8 @@ from torch import nn
 NOMINAL_BATCH = 64
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
     """Groups: `bias` (no decay), `weights` (decay), `norm` (BatchNorm weights, no decay).
 
     Decaying BatchNorm scales or biases only hurts, so only conv/linear weights decay.

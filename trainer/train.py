@@ -93,13 +93,14 @@ def prepare_data(cfg: TrainConfig, ctx: DistContext, stride: int = 32) -> Prepar
     if cfg.batch_size % ctx.world_size:
         raise UserError(
             f"--batch-size {cfg.batch_size} is the total over {ctx.world_size} processes and must divide "
-            f"evenly: use a multiple of {ctx.world_size}, e.g. {ctx.world_size * max(1, cfg.batch_size // ctx.world_size)}"
+            f"evenly: use a multiple of {ctx.world_size}, "
+            f"e.g. {ctx.world_size * max(1, cfg.batch_size // ctx.world_size)}"
         )
     per_rank = cfg.batch_size // ctx.world_size
     train_set, val_set = build_datasets(data, cfg.imgsz, cfg.hyp, cfg.cache, cfg.single_cls, cfg.seed, stride)
     pin = ctx.device.type == "cuda"
     train_loader, train_batches = build_dataloader(train_set, per_rank, cfg.workers, True, cfg.seed,
-                                                   ctx.rank, ctx.world_size, pin)
+                                                   ctx.rank, ctx.world_size, pin, rect=cfg.rect)
     val_loader = build_dataloader(val_set, per_rank * 2, cfg.workers, False, cfg.seed,
                                   ctx.rank, ctx.world_size, pin, shard=True)[0]
     return PreparedData(data, train_set, val_set, train_loader, train_batches, val_loader)
@@ -287,7 +288,7 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
                 ctx.world_size, ctx.device)
 
     rescale = MultiScale(cfg.imgsz, int(model.stride.max()), cfg.seed) if cfg.multi_scale else None
-    if rescale is None:  # graphs replay one input shape
+    if not (cfg.multi_scale or cfg.rect):  # graphs replay one input shape
         capture_graphs(parts, cfg.batch_size // ctx.world_size, cfg.imgsz, ctx.device,
                        steps=(cfg.epochs - start_epoch) * batches_per_epoch)
     metrics: dict[str, Any] = {}

@@ -135,8 +135,15 @@ def copy_paste(
     return image, all_boxes
 
 
+Size = int | tuple[int, int]  # an output's side (a square), or its (height, width)
+
+
+def height_width(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def perspective_matrix(
-    in_size: tuple[int, int], out_size: int, augmentation: Augmentation, rng: np.random.Generator
+    in_size: tuple[int, int], out_size: Size, augmentation: Augmentation, rng: np.random.Generator
 ) -> tuple[np.ndarray, float]:
     """A random 3×3 map from input to output pixels, and its scale factor.
 
@@ -155,7 +162,9 @@ def perspective_matrix(
     shear = np.eye(3)
     shear[0, 1], shear[1, 0] = np.tan(np.radians(rng.uniform(-augmentation.shear, augmentation.shear, 2)))
     translation = np.eye(3)
-    translation[:2, 2] = (0.5 + rng.uniform(-augmentation.translate, augmentation.translate, 2)) * out_size
+    out_height, out_width = height_width(out_size)
+    shift = 0.5 + rng.uniform(-augmentation.translate, augmentation.translate, 2)
+    translation[:2, 2] = shift * (out_width, out_height)
     return translation @ shear @ rotation @ perspective @ centre, scale
 
 
@@ -173,12 +182,13 @@ def apply_homography(
     return mapped_x / denominator, mapped_y / denominator
 
 
-def source_window(inverse: np.ndarray, out_size: int, in_size: tuple[int, int]) -> tuple[int, int, int, int]:
+def source_window(inverse: np.ndarray, out_size: Size, in_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """The input pixels (x0, y0, x1, y1) that bilinear sampling of the output can touch: the
     box around the output's corners mapped back, one pixel wider each side, within the input.
     The whole input for a map that sends a corner through infinity."""
     in_height, in_width = in_size
-    corners = np.array([[0, 0, out_size, out_size], [0, out_size, 0, out_size], [1, 1, 1, 1]], dtype=np.float64)
+    out_height, out_width = height_width(out_size)
+    corners = np.array([[0, 0, out_width, out_width], [0, out_height, 0, out_height], [1, 1, 1, 1]], dtype=np.float64)
     mapped = inverse @ corners
     if (mapped[2] <= 0).any():
         return 0, 0, in_width, in_height
@@ -188,8 +198,8 @@ def source_window(inverse: np.ndarray, out_size: int, in_size: tuple[int, int]) 
     return x0, y0, x1, y1
 
 
-def warp(image: torch.Tensor, matrix: np.ndarray, out_size: int) -> torch.Tensor:
-    """Warp an image by `matrix` into an out_size×out_size image with grey borders.
+def warp(image: torch.Tensor, matrix: np.ndarray, out_size: Size) -> torch.Tensor:
+    """Warp an image by `matrix` into an image of `out_size` with grey borders.
 
     torchvision's affine and perspective keep the input's canvas size; a mosaic is twice the
     output's side, so they would warp four times the pixels and crop. Sampling the output
@@ -197,14 +207,16 @@ def warp(image: torch.Tensor, matrix: np.ndarray, out_size: int) -> torch.Tensor
     samples from is converted to float.
     """
     inverse = np.linalg.inv(matrix)
+    out_height, out_width = height_width(out_size)
     x0, y0, x1, y1 = source_window(inverse, out_size, tuple(image.shape[1:]))
     if x1 <= x0 or y1 <= y0:  # the output sees none of the input
-        return torch.full((3, out_size, out_size), FILL, dtype=torch.uint8)
+        return torch.full((3, out_height, out_width), FILL, dtype=torch.uint8)
     # For each output pixel centre: where it comes from, in grid_sample's -1..1 coordinates of the window.
     to_grid = np.array([[2 / (x1 - x0), 0, -1], [0, 2 / (y1 - y0), -1], [0, 0, 1]])
     to_grid = to_grid @ np.array([[1.0, 0, -x0], [0, 1.0, -y0], [0, 0, 1]]) @ inverse
-    centres = torch.arange(out_size, dtype=torch.float32) + 0.5
-    grid_x, grid_y = apply_homography(to_grid, centres[None, :], centres[:, None])
+    column_centres = torch.arange(out_width, dtype=torch.float32) + 0.5
+    row_centres = torch.arange(out_height, dtype=torch.float32) + 0.5
+    grid_x, grid_y = apply_homography(to_grid, column_centres[None, :], row_centres[:, None])
     grid = torch.stack((grid_x, grid_y), dim=-1)[None]
     # Shift by the fill value so that zero padding outside the input becomes the grey border.
     shifted = image[None, :, y0:y1, x0:x1].to(torch.float32).sub_(FILL)
@@ -214,13 +226,14 @@ def warp(image: torch.Tensor, matrix: np.ndarray, out_size: int) -> torch.Tensor
     return warped[0].add_(FILL).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def transform_boxes(boxes: torch.Tensor, matrix: np.ndarray, out_size: int) -> torch.Tensor:
+def transform_boxes(boxes: torch.Tensor, matrix: np.ndarray, out_size: Size) -> torch.Tensor:
     """The xyxy boxes enclosing each box's four mapped corners, clipped to the output."""
     xs = boxes[:, [0, 2, 2, 0]]
     ys = boxes[:, [1, 1, 3, 3]]
     mapped_x, mapped_y = apply_homography(matrix, xs, ys)
-    enclosing = torch.stack([mapped_x.amin(1), mapped_y.amin(1), mapped_x.amax(1), mapped_y.amax(1)], dim=1)
-    return enclosing.clamp_(0, out_size)
+    out_height, out_width = height_width(out_size)
+    return torch.stack([mapped_x.amin(1).clamp(0, out_width), mapped_y.amin(1).clamp(0, out_height),
+                        mapped_x.amax(1).clamp(0, out_width), mapped_y.amax(1).clamp(0, out_height)], dim=1)
 
 
 def keep_boxes(before: torch.Tensor, after: torch.Tensor, scale: float) -> torch.Tensor:
@@ -240,11 +253,11 @@ def keep_boxes(before: torch.Tensor, after: torch.Tensor, scale: float) -> torch
 def random_perspective(
     image: torch.Tensor,
     boxes: torch.Tensor,
-    out_size: int,
+    out_size: Size,
     augmentation: Augmentation,
     rng: np.random.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Randomly rotate, scale, shear, translate and tilt into out_size×out_size, dropping
+    """Randomly rotate, scale, shear, translate and tilt into an image of `out_size`, dropping
     boxes that end up too small or mostly outside."""
     matrix, scale = perspective_matrix(tuple(image.shape[1:]), out_size, augmentation, rng)
     warped = warp(image, matrix, out_size)

@@ -5,7 +5,7 @@ process. Rebuilding datasets and loaders for each would re-cache images and rest
 so the augmentation hyperparameters live in a small shared-memory tensor that `set_hyp`
 updates and that persistent DataLoader workers read on every sample. The epoch comes with each
 training key, `(epoch, index)`, so workers may prefetch into the next epoch. A validation key
-names the canvas its image is letterboxed onto (`ValidationKey`), which the loader chooses per
+names the canvas its image is letterboxed onto (`CanvasKey`), which the loader chooses per
 batch.
 """
 
@@ -49,8 +49,9 @@ Item = tuple[torch.Tensor, torch.Tensor, str, Shapes | None]
 AUGMENTATION_SIZE = len(fields(Augmentation))
 
 
-class ValidationKey(NamedTuple):
-    """A validation image and the (height, width) canvas to letterbox it onto."""
+class CanvasKey(NamedTuple):
+    """An image and the (height, width) canvas to letterbox it onto: a validation item, or with
+    its epoch a --rect training item."""
 
     index: int
     height: int
@@ -60,10 +61,11 @@ class ValidationKey(NamedTuple):
 class YoloDataset(Dataset):
     """Images with their boxes as (class, cx, cy, w, h), normalised to the returned image.
 
-    Training items are asked for by `(epoch, index)` (a bare index is epoch 0). Every random
-    choice for a sample comes from a generator seeded by (seed, epoch, index), so a sample is
-    the same whatever the number of workers, and after resuming. Validation items are asked for
-    by `ValidationKey` (a bare index: the imgsz×imgsz square).
+    Training items are asked for by `(epoch, index)` (a bare index is epoch 0), or by
+    `(epoch, CanvasKey)` for --rect training. Every random choice for a sample comes from a
+    generator seeded by (seed, epoch, index), so a sample is the same whatever the number of
+    workers, and after resuming. Validation items are asked for by `CanvasKey` (a bare index:
+    the imgsz×imgsz square).
     """
 
     def __init__(
@@ -151,23 +153,44 @@ class YoloDataset(Dataset):
         scale = boxes.new_tensor([width, height, width, height])
         return torch.cat([boxes[:, :1], box_convert(boxes[:, 1:], "xyxy", "cxcywh") / scale], dim=1)
 
-    def __getitem__(self, key: int | tuple[int, int] | ValidationKey) -> Item:
+    def __getitem__(self, key: int | tuple[int, int] | CanvasKey) -> Item:
         if not self.augment:
-            return self._validation_item(key if isinstance(key, ValidationKey) else
-                                         ValidationKey(key, self.imgsz, self.imgsz))
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+            return self._validation_item(key if isinstance(key, CanvasKey) else
+                                         CanvasKey(key, self.imgsz, self.imgsz))
+        epoch, target = key if isinstance(key, tuple) else (0, key)
+        index = target.index if isinstance(target, CanvasKey) else target
         augmentation = self.augmentation
         rng = np.random.default_rng([self.seed, epoch, index])
+        if isinstance(target, CanvasKey):
+            canvas = (target.height, target.width)
+            image, boxes = self._rect_view(index, canvas, augmentation, rng)
+        else:
+            canvas = (self.imgsz, self.imgsz)
+            image, boxes = self._mosaic_or_mixup_view(index, augmentation, rng)
+        image = augment_colour(image, augmentation, rng)
+        image, boxes = random_flips(image, boxes, augmentation, rng)
+        # A training image has no single mapping back to one original, hence no shapes.
+        return image.contiguous(), self._normalised(boxes, *canvas), str(self.files[index]), None
+
+    def _mosaic_or_mixup_view(
+        self, index: int, augmentation: Augmentation, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with_mosaic = bool(rng.random() < augmentation.mosaic)
         image, boxes = self._training_view(index, with_mosaic, augmentation, rng)
         if rng.random() < augmentation.mixup:
             other_index = int(rng.integers(len(self)))
             other, other_boxes = self._training_view(other_index, with_mosaic, augmentation, rng)
             image, boxes = mixup(image, boxes, other, other_boxes, rng)
-        image = augment_colour(image, augmentation, rng)
-        image, boxes = random_flips(image, boxes, augmentation, rng)
-        # A training image has no single mapping back to one original, hence no shapes.
-        return image.contiguous(), self._normalised(boxes, self.imgsz, self.imgsz), str(self.files[index]), None
+        return image, boxes
+
+    def _rect_view(
+        self, index: int, canvas: tuple[int, int], augmentation: Augmentation, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """--rect training, as in YOLOv5: the image letterboxed onto its batch's canvas, then a
+        random perspective onto the same canvas; no mosaic, mixup or copy-paste."""
+        image, boxes = self._image_and_boxes(index)
+        image, (left, top) = letterbox(image, canvas)
+        return random_perspective(image, shift_boxes(boxes, left, top), canvas, augmentation, rng)
 
     def _training_view(
         self, index: int, with_mosaic: bool, augmentation: Augmentation, rng: np.random.Generator
@@ -186,7 +209,7 @@ class YoloDataset(Dataset):
         image, merged = copy_paste(image, merged, augmentation.copy_paste, rng)
         return random_perspective(image, merged, self.imgsz, augmentation, rng)
 
-    def _validation_item(self, key: ValidationKey) -> Item:
+    def _validation_item(self, key: CanvasKey) -> Item:
         """The image letterboxed onto the key's canvas with grey padding; no randomness."""
         image, boxes = self._image_and_boxes(key.index)
         height, width = image.shape[1:]

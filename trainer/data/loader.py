@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from trainer.config import Hyp
 from trainer.data.data_config import DataConfig
-from trainer.data.dataset import ValidationKey, YoloDataset, collate
+from trainer.data.dataset import CanvasKey, YoloDataset, collate
 from trainer.data.labels import load_samples
 
 
@@ -61,7 +61,28 @@ def canvas_shape(aspects: np.ndarray, imgsz: int, stride: int, pad: float = VALI
     return height, width
 
 
-class ValidationBatches(Sampler[list[ValidationKey]]):
+def aspect_batches(sizes: np.ndarray, imgsz: int, stride: int, batch_size: int, rank: int, world_size: int,
+                   pad: float = VALIDATION_PAD, order: np.ndarray | None = None) -> list[list[CanvasKey]]:
+    """This rank's batches of images of similar aspect ratio, each with its own canvas.
+
+    The images (`sizes`: (n, 2) original width, height), in `order` (default: all of them),
+    are sorted by height/width and cut into groups of `batch_size × world_size`. Each group's
+    canvas fits all of its images (`canvas_shape`); rank r takes every world_size-th image of
+    each group from the r-th on, so a canvas does not depend on the number of ranks.
+    """
+    order = np.arange(len(sizes)) if order is None else order
+    aspects = sizes[:, 1] / sizes[:, 0]
+    order = order[np.argsort(aspects[order], kind="stable")]
+    group_size = batch_size * world_size
+    batches = []
+    for start in range(0, len(order), group_size):
+        group = order[start : start + group_size]
+        height, width = canvas_shape(aspects[group], imgsz, stride, pad)
+        batches.append([CanvasKey(int(index), height, width) for index in group[rank::world_size]])
+    return batches
+
+
+class ValidationBatches(Sampler[list[CanvasKey]]):
     """This rank's validation batches: images of similar aspect ratio together, each batch
     letterboxed onto its own canvas (`canvas_shape`), as YOLOv5 validates during training.
 
@@ -76,18 +97,9 @@ class ValidationBatches(Sampler[list[ValidationKey]]):
     def __init__(self, sizes: np.ndarray, imgsz: int, stride: int, batch_size: int, rank: int = 0,
                  world_size: int = 1) -> None:
         """`sizes` is the (n, 2) array of the images' original (width, height)."""
-        aspects = sizes[:, 1] / sizes[:, 0]
-        order = np.argsort(aspects, kind="stable")
-        group_size = batch_size * world_size
-        self.batches: list[list[ValidationKey]] = []
-        for start in range(0, len(order), group_size):
-            group = order[start : start + group_size]
-            height, width = canvas_shape(aspects[group], imgsz, stride)
-            share = [ValidationKey(int(index), height, width) for index in group[rank::world_size]]
-            if share:
-                self.batches.append(share)
+        self.batches = [share for share in aspect_batches(sizes, imgsz, stride, batch_size, rank, world_size) if share]
 
-    def __iter__(self) -> Iterator[list[ValidationKey]]:
+    def __iter__(self) -> Iterator[list[CanvasKey]]:
         return iter(self.batches)
 
     def __len__(self) -> int:
@@ -125,6 +137,37 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
         return math.ceil(len(self.sampler) / self.batch_size)
 
 
+class RectBatches(Sampler[list[tuple[int, CanvasKey]]]):
+    """--rect training batches, without end like EpochBatches: images of similar aspect ratio
+    together, each batch letterboxed onto the smallest canvas that holds it (no padding beyond
+    the stride, as YOLOv5's rectangular training).
+
+    The batches are fixed, as in YOLOv5; unlike YOLOv5, their order is shuffled every epoch
+    (the same on every rank, from the seed and the epoch). When the images do not split evenly
+    over the ranks, the first few are repeated, so every rank takes the same number of steps.
+    """
+
+    def __init__(self, sizes: np.ndarray, imgsz: int, stride: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        order = np.arange(len(sizes))
+        order = np.concatenate([order, order[: -len(order) % world_size]])
+        self.batches = aspect_batches(sizes, imgsz, stride, batch_size, rank, world_size, pad=0.0, order=order)
+        self.seed = seed
+        self.start_epoch = 0
+
+    def start_at(self, epoch: int) -> None:
+        """The epoch the next iterator starts with (a resumed run starts past 0)."""
+        self.start_epoch = epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, CanvasKey]]]:
+        for epoch in itertools.count(self.start_epoch):
+            for batch in np.random.default_rng([self.seed % 2**32, epoch]).permutation(len(self.batches)):
+                yield [(epoch, key) for key in self.batches[batch]]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def build_dataloader(
     dataset: YoloDataset,
     batch_size: int,
@@ -135,7 +178,8 @@ def build_dataloader(
     world_size: int = 1,
     pin_memory: bool = False,
     shard: bool = False,
-) -> tuple[DataLoader, EpochBatches | ValidationBatches]:
+    rect: bool = False,
+) -> tuple[DataLoader, EpochBatches | RectBatches | ValidationBatches]:
     """A loader over this rank's share of the dataset, and what orders it.
 
     Without `shard` (training) the loader never ends: it goes through `EpochBatches` (a
@@ -145,13 +189,16 @@ def build_dataloader(
     dataset's shared settings, changes of augmentation hyperparameters.
 
     shard=True (validation) gives each rank a disjoint, unshuffled share with no repeats, once
-    per iterator, in batches of similar aspect ratio (`ValidationBatches`).
+    per iterator, in batches of similar aspect ratio (`ValidationBatches`). rect=True (training)
+    batches by aspect ratio too, without end (`RectBatches`).
     """
     if shard and shuffle:
         raise ValueError("a sharded loader is for validation and cannot shuffle")
-    order: EpochBatches | ValidationBatches
+    order: EpochBatches | RectBatches | ValidationBatches
     if shard:
         order = ValidationBatches(dataset.shapes, dataset.imgsz, dataset.stride, batch_size, rank, world_size)
+    elif rect:
+        order = RectBatches(dataset.shapes, dataset.imgsz, dataset.stride, batch_size, seed, rank, world_size)
     else:
         order = EpochBatches(DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                                 seed=seed), batch_size)
