@@ -166,7 +166,8 @@ def train_command(options: dict[str, Any]) -> None:
 @click.option("--save-period", default=-1, type=int, help="also save weights/epoch{N}.pt every N epochs (< 1: off)")
 @click.option("--noautoanchor", is_flag=True, help="disable AutoAnchor")
 @click.option("--save-json", is_flag=True, help="write COCO-format predictions.json")
-@click.option("--noplots", is_flag=True, help="save no plot files (results.png, train_batch*.jpg, val_batch*.jpg)")
+@click.option("--noplots", is_flag=True,
+              help="save no pictures (results.png, labels.jpg, batches, curves, confusion matrix)")
 @click.option("--sync-bn", is_flag=True, help="SyncBatchNorm in DDP (worth it at ≤8 images per GPU)")
 @click.option("--evolve", "evolve", is_flag=False, flag_value=300, default=None, type=click.IntRange(min=1),
               help="run as an evolution worker; optional total generations (default 300)")

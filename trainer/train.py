@@ -113,6 +113,15 @@ def label_sizes(dataset: Any, imgsz: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(sizes) if sizes else np.zeros((0, 2))).float()
 
 
+def save_labels_plot(path: Path, dataset: Any, model: DetectionModel, imgsz: int, names: list[str]) -> None:
+    """labels.jpg: the training labels, and their sizes against the anchors the model trains with."""
+    detect = model.detect
+    anchors_px = (detect.anchors.cpu() * detect.stride.cpu().view(-1, 1, 1)).view(-1, 2).numpy()
+    labels = [labels for labels in dataset.labels if len(labels)]
+    plot_labels(path, np.concatenate(labels) if labels else np.zeros((0, 5)), label_sizes(dataset, imgsz).numpy(),
+                anchors_px, names)
+
+
 def amp_dtype_for(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None  # fp32 on CPU: autocast there is slow and changes the numbers
@@ -266,11 +275,7 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
             anchors = model.detect.anchors.cpu()
         model.detect.anchors.copy_(dist.broadcast_object(anchors, ctx).to(ctx.device))
     if plots and resume_state is None:
-        detect = model.detect
-        anchors_px = (detect.anchors.cpu() * detect.stride.cpu().view(-1, 1, 1)).view(-1, 2).numpy()
-        labels = [labels for labels in prepared.train_set.labels if len(labels)]
-        plot_labels(save_dir / "labels.jpg", np.concatenate(labels) if labels else np.zeros((0, 5)),
-                    label_sizes(prepared.train_set, cfg.imgsz).numpy(), anchors_px, names)
+        save_labels_plot(save_dir / "labels.jpg", prepared.train_set, model, cfg.imgsz, names)
 
     batches_per_epoch = len(prepared.train_loader)
     parts = build_training_parts(cfg, ctx, model, batches_per_epoch)

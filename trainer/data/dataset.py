@@ -4,9 +4,9 @@ Hyperparameter evolution trains many generations with different augmentation set
 process. Rebuilding datasets and loaders for each would re-cache images and restart workers,
 so the augmentation hyperparameters live in a small shared-memory tensor that `set_hyp`
 updates and that persistent DataLoader workers read on every sample. The epoch comes with each
-training key, `(epoch, index)`, so workers may prefetch into the next epoch. A validation key
-names the canvas its image is letterboxed onto (`CanvasKey`), which the loader chooses per
-batch.
+training key, `(epoch, index)`, so workers may prefetch into the next epoch. A validation key,
+and a --rect training key's index, name the canvas the image is letterboxed onto (`CanvasKey`),
+which the loader chooses per batch.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class YoloDataset(Dataset):
         scale = boxes.new_tensor([width, height, width, height])
         return torch.cat([boxes[:, :1], box_convert(boxes[:, 1:], "xyxy", "cxcywh") / scale], dim=1)
 
-    def __getitem__(self, key: int | tuple[int, int] | CanvasKey) -> Item:
+    def __getitem__(self, key: int | tuple[int, int] | tuple[int, CanvasKey] | CanvasKey) -> Item:
         if not self.augment:
             return self._validation_item(key if isinstance(key, CanvasKey) else
                                          CanvasKey(key, self.imgsz, self.imgsz))
