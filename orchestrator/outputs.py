@@ -18,8 +18,7 @@ from rich.table import Table
 
 from orchestrator.journal import RESULT_COLUMNS, Population
 from trainer.config import Hyp
-from trainer.files import write_atomic
-from trainer.plots import save_figure
+from trainer.files import save_figure, write_atomic
 
 HYP_EVOLVE_NAME = "hyp_evolve.yaml"
 EVOLVE_PLOT_NAME = "evolve.png"

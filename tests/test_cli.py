@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +22,14 @@ from trainer.errors import UserError
 
 COMMANDS = ("start", "ddp", "status", "attach", "logs", "stop", "kill-all", "results", "compose")
 MISSING_ENGINE = "unix:///nonexistent/docker.sock"
+
+
+def test_the_command_line_starts_without_torch():
+    """`evolvectl status`, `attach`, `stop`... answer in a moment: torch (seconds to import) loads
+    only when a command trains or checks a training."""
+    code = "import sys, orchestrator.cli; assert 'torch' not in sys.modules, 'orchestrator.cli imports torch'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def invoke(*arguments: str) -> Result:

@@ -1,17 +1,21 @@
-"""Reading YAML configs with user-facing errors, and replacing output files atomically."""
+"""Reading YAML configs with user-facing errors, and replacing output files (figures too) atomically."""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
 from trainer.errors import UserError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def read_yaml(path: Path, what: str) -> Any:
@@ -48,3 +52,12 @@ def atomic_output(path: Path) -> Iterator[IO[bytes]]:
 def write_atomic(path: Path, data: bytes) -> None:
     with atomic_output(path) as handle:
         handle.write(data)
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    """Write a matplotlib figure in the format of the path's suffix (png, jpg), atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # only where figures are drawn
+
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_figure(buffer, format=path.suffix.lstrip("."))
+    write_atomic(path, buffer.getvalue())

@@ -17,7 +17,6 @@ matplotlib's object API, which needs no display. Every file is replaced atomical
 from __future__ import annotations
 
 import csv
-import io
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -25,7 +24,6 @@ from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
@@ -34,7 +32,7 @@ from torchvision.transforms.v2.functional import resize
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from trainer.engine import image_labels
-from trainer.files import write_atomic
+from trainer.files import save_figure, write_atomic
 from trainer.metrics import CONFIDENCE_GRID, RECALL_POINTS
 
 PLOTTED_BATCHES = 3  # train_batch0-2 and val_batch0-2, as YOLOv5 writes
@@ -47,13 +45,6 @@ RESULTS_PANELS = (
 )
 LEGEND_MAX_CLASSES = 20  # more classes: curves without a legend entry each
 PALETTE = [tuple(int(255 * channel) for channel in colormaps["tab20"](i)[:3]) for i in range(20)]
-
-
-def save_figure(figure: Figure, path: Path) -> None:
-    """Write `figure` in the format of the path's suffix (png, jpg)."""
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_figure(buffer, format=path.suffix.lstrip("."))
-    write_atomic(path, buffer.getvalue())
 
 
 def plot_results(csv_path: Path, png_path: Path) -> None:
