@@ -46,7 +46,7 @@ class PreparedData:
     train_set: Any
     val_set: Any
     train_loader: Any  # endless: take len(train_loader) batches per epoch from one iterator per run
-    train_batches: Any  # its EpochBatches: start_at(epoch) before making that iterator
+    train_batches: Any  # its EndlessBatches: start_at(epoch) before making that iterator
     val_loader: Any
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -13,6 +14,8 @@ from trainer.config import Hyp
 from trainer.data.data_config import DataConfig
 from trainer.data.dataset import CanvasKey, YoloDataset, collate
 from trainer.data.labels import load_samples
+
+Key = TypeVar("Key")  # what names a training sample within an epoch: an index, or a CanvasKey
 
 
 def build_datasets(
@@ -106,39 +109,51 @@ class ValidationBatches(Sampler[list[CanvasKey]]):
         return len(self.batches)
 
 
-class EpochBatches(Sampler[list[tuple[int, int]]]):
-    """Training batches of (epoch, index) keys, epoch after epoch from `start_epoch`, without end.
+class EndlessBatches(Sampler[list[tuple[int, Key]]]):
+    """Training batches of (epoch, key) pairs, epoch after epoch from `start_epoch`, without end.
 
     One loader iterator then serves a whole run and its workers prefetch into the next epoch,
     where a new iterator per epoch would leave the GPU waiting while every worker assembles its
-    first batch again (seconds per epoch at 640 px). The epoch travels with each index, so a
-    sample prefetched early still gets its own epoch's augmentation. Each epoch is shuffled by
-    the DistributedSampler with `set_epoch`, split into batches, the last one possibly short.
-    `len()` is the batches per epoch; take that many per epoch from the iterator.
+    first batch again (seconds per epoch at 640 px). The epoch travels with each key, so a
+    sample prefetched early still gets its own epoch's augmentation. `len()` is the batches per
+    epoch; take that many per epoch from the iterator. Subclasses say what one epoch's batches are.
     """
 
-    def __init__(self, sampler: DistributedSampler, batch_size: int) -> None:
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.start_epoch = 0
+    start_epoch = 0
 
     def start_at(self, epoch: int) -> None:
         """The epoch the next iterator starts with (a resumed run starts past 0)."""
         self.start_epoch = epoch
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def epoch_batches(self, epoch: int) -> Iterator[list[Key]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[tuple[int, Key]]]:
         for epoch in itertools.count(self.start_epoch):
-            self.sampler.set_epoch(epoch)
-            indices = list(self.sampler)
-            for start in range(0, len(indices), self.batch_size):
-                yield [(epoch, index) for index in indices[start : start + self.batch_size]]
+            for batch in self.epoch_batches(epoch):
+                yield [(epoch, key) for key in batch]
+
+
+class EpochBatches(EndlessBatches[int]):
+    """Each epoch shuffled by the DistributedSampler with `set_epoch` and split into batches of
+    image indices, the last one possibly short."""
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+
+    def epoch_batches(self, epoch: int) -> Iterator[list[int]]:
+        self.sampler.set_epoch(epoch)
+        indices = list(self.sampler)
+        for start in range(0, len(indices), self.batch_size):
+            yield indices[start : start + self.batch_size]
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
 
-class RectBatches(Sampler[list[tuple[int, CanvasKey]]]):
-    """--rect training batches, without end like EpochBatches: images of similar aspect ratio
+class RectBatches(EndlessBatches[CanvasKey]):
+    """--rect training batches: images of similar aspect ratio
     together, each batch letterboxed onto the smallest canvas that holds it (no padding beyond
     the stride, as YOLOv5's rectangular training).
 
@@ -153,16 +168,10 @@ class RectBatches(Sampler[list[tuple[int, CanvasKey]]]):
         order = np.concatenate([order, order[: -len(order) % world_size]])
         self.batches = aspect_batches(sizes, imgsz, stride, batch_size, rank, world_size, pad=0.0, order=order)
         self.seed = seed
-        self.start_epoch = 0
 
-    def start_at(self, epoch: int) -> None:
-        """The epoch the next iterator starts with (a resumed run starts past 0)."""
-        self.start_epoch = epoch
-
-    def __iter__(self) -> Iterator[list[tuple[int, CanvasKey]]]:
-        for epoch in itertools.count(self.start_epoch):
-            for batch in np.random.default_rng([self.seed % 2**32, epoch]).permutation(len(self.batches)):
-                yield [(epoch, key) for key in self.batches[batch]]
+    def epoch_batches(self, epoch: int) -> Iterator[list[CanvasKey]]:
+        for batch in np.random.default_rng([self.seed % 2**32, epoch]).permutation(len(self.batches)):
+            yield self.batches[batch]
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -179,7 +188,7 @@ def build_dataloader(
     pin_memory: bool = False,
     shard: bool = False,
     rect: bool = False,
-) -> tuple[DataLoader, EpochBatches | RectBatches | ValidationBatches]:
+) -> tuple[DataLoader, EndlessBatches | ValidationBatches]:
     """A loader over this rank's share of the dataset, and what orders it.
 
     Without `shard` (training) the loader never ends: it goes through `EpochBatches` (a
@@ -194,7 +203,7 @@ def build_dataloader(
     """
     if shard and shuffle:
         raise ValueError("a sharded loader is for validation and cannot shuffle")
-    order: EpochBatches | RectBatches | ValidationBatches
+    order: EndlessBatches | ValidationBatches
     if shard:
         order = ValidationBatches(dataset.shapes, dataset.imgsz, dataset.stride, batch_size, rank, world_size)
     elif rect:
