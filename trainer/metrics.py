@@ -275,6 +275,9 @@ class DetectionMetrics:
         }
 
 
+CONFUSION_CONF, CONFUSION_IOU = 0.25, 0.45  # YOLOv5's thresholds for its confusion matrix
+
+
 class ConfusionMatrix:
     """Counts of (predicted class, true class) pairs over a data set, YOLOv5's confusion matrix.
 
@@ -284,7 +287,7 @@ class ConfusionMatrix:
     (background row); a detection left without a label as a false alarm (background column).
     """
 
-    def __init__(self, nc: int, conf: float = 0.25, iou: float = 0.45) -> None:
+    def __init__(self, nc: int, conf: float = CONFUSION_CONF, iou: float = CONFUSION_IOU) -> None:
         self.nc, self.conf, self.iou = nc, conf, iou
         self.matrix = np.zeros((nc + 1, nc + 1), dtype=np.int64)
 

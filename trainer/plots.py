@@ -33,7 +33,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from trainer.engine import image_labels
 from trainer.files import save_figure, write_atomic
-from trainer.metrics import CONFIDENCE_GRID, RECALL_POINTS
+from trainer.metrics import CONFIDENCE_GRID, CONFUSION_CONF, CONFUSION_IOU, RECALL_POINTS
 
 PLOTTED_BATCHES = 3  # train_batch0-2 and val_batch0-2, as YOLOv5 writes
 MAX_GRID_IMAGES = 16
@@ -44,6 +44,7 @@ RESULTS_PANELS = (
     "val/box_loss", "val/obj_loss", "val/cls_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
 )
 LEGEND_MAX_CLASSES = 20  # more classes: curves without a legend entry each
+MAX_NAMED_CLASSES = 30  # more classes: axes without class names, whose labels would overlap
 PALETTE = [tuple(int(255 * channel) for channel in colormaps["tab20"](i)[:3]) for i in range(20)]
 
 
@@ -71,7 +72,7 @@ def plot_labels(path: Path, labels: np.ndarray, sizes: np.ndarray, anchors: np.n
     axes = figure.add_subplot(2, 2, 1)
     axes.bar(range(len(counts)), counts, color=[np.array(PALETTE[c % len(PALETTE)]) / 255 for c in range(len(counts))])
     axes.set(title="instances per class", ylabel="instances")
-    if len(names) <= 30:
+    if len(names) <= MAX_NAMED_CLASSES:
         axes.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
     for index, (x, y, title) in enumerate(((1, 2, "box centres (x, y)"), (3, 4, "box sizes (width, height)"))):
         axes = figure.add_subplot(2, 2, index + 2)
@@ -84,6 +85,10 @@ def plot_labels(path: Path, labels: np.ndarray, sizes: np.ndarray, anchors: np.n
     axes.set(xscale="log", yscale="log", xlabel="width (px)", ylabel="height (px)", title="sizes at the training size")
     axes.legend(loc="upper left")
     save_figure(figure, path)
+
+
+def class_name(names: Sequence[str], class_id: int) -> str:
+    return names[class_id] if 0 <= class_id < len(names) else str(class_id)
 
 
 def batch_grid(images: Tensor, boxes: Sequence[Tensor], names: Sequence[str]) -> Tensor:
@@ -103,7 +108,7 @@ def batch_grid(images: Tensor, boxes: Sequence[Tensor], names: Sequence[str]) ->
         detections = rows.shape[1] == 6
         classes = (rows[:, 5] if detections else rows[:, 0]).long().tolist()
         corners = (rows[:, :4] if detections else rows[:, 1:5]) * scale
-        texts = [names[c] if 0 <= c < len(names) else str(c) for c in classes]
+        texts = [class_name(names, c) for c in classes]
         if detections:
             texts = [f"{text} {score:.2f}" for text, score in zip(texts, rows[:, 4].tolist())]
         image = resize(image, size, antialias=True) if scale < 1 else image
@@ -192,13 +197,14 @@ def plot_confusion_matrix(path: Path, matrix: np.ndarray, names: Sequence[str]) 
     axes = figure.add_subplot()
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     figure.colorbar(image, ax=axes, shrink=0.8)
-    if nc < 30:  # beyond that, names and numbers would overlap
-        ticks = [*(names[c] if c < len(names) else str(c) for c in range(nc)), "background"]
+    if nc <= MAX_NAMED_CLASSES:
+        ticks = [*(class_name(names, c) for c in range(nc)), "background"]
         axes.set_xticks(range(nc + 1), ticks, rotation=90, fontsize=8)
         axes.set_yticks(range(nc + 1), ticks, fontsize=8)
         for (row, column), share in np.ndenumerate(shares):
             if share >= 0.005:
                 axes.text(column, row, f"{share:.2f}", ha="center", va="center", fontsize=7,
                           color="white" if share > 0.5 else "black")
-    axes.set(xlabel="True", ylabel="Predicted", title="Confusion matrix (confidence > 0.25, IoU > 0.45)")
+    axes.set(xlabel="True", ylabel="Predicted",
+             title=f"Confusion matrix (confidence > {CONFUSION_CONF}, IoU > {CONFUSION_IOU})")
     save_figure(figure, path)
