@@ -261,8 +261,8 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
 
     prepared = prepared or prepare_data(cfg, ctx)
     prepared.train_set.set_hyp(cfg.hyp)
-    nc = 1 if cfg.single_cls else prepared.data.nc
-    names = ["item"] if cfg.single_cls else prepared.data.names
+    names = prepared.data.class_names(cfg.single_cls)
+    nc = len(names)
     model = build_model(cfg, nc, ctx.device)
 
     if not cfg.noautoanchor and resume_state is None:

@@ -41,7 +41,8 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
     ctx = dist.init_distributed(options["device"])
     weights = load_weights(options["weights"])
     data = load_data_config(options["data"])
-    nc = 1 if options["single_cls"] else data.nc
+    names = data.class_names(options["single_cls"])
+    nc = len(names)
     model_name = options["cfg"] or weights.model_name()
     model = DetectionModel(model_name, nc=nc)
     own = model.state_dict()
@@ -60,7 +61,6 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
                           stride=int(model.stride.max()))
     loader = build_dataloader(dataset, options["batch_size"], options["workers"], False, 0, shard=True)[0]
     loss_fn = DetectionLoss.from_model(model, hyp, imgsz=options["imgsz"])
-    names = ["item"] if options["single_cls"] else data.names
     save_dir = next_run_dir(options["project"], options["name"], options["exist_ok"])
     save_dir.mkdir(parents=True, exist_ok=True)
     metrics = evaluate(model, loader, loss_fn, nc, ctx, amp_dtype_for(ctx.device), options["conf_thres"],

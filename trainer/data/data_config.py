@@ -29,6 +29,10 @@ class DataConfig:
     names: list[str]
     test: list[Path] = field(default_factory=list)  # optional, for `python -m trainer.val --task test`
 
+    def class_names(self, single_cls: bool) -> list[str]:
+        """The names a model trained on this data predicts; one class, `item`, with --single-cls."""
+        return ["item"] if single_cls else self.names
+
 
 def datasets_dir() -> Path:
     """Where generated datasets live: $EVOLVECTL_DATASETS, else ./datasets."""
