@@ -17,7 +17,7 @@ from trainer.loss import DetectionLoss
 from trainer.model import DetectionModel, load_model_spec
 from trainer.optim import Warmup, build_optimizer
 from trainer.progress import EpochProgress
-from trainer.train import amp_dtype_for, seed_everything
+from trainer.train import amp_dtype_for, freeze_layers, seed_everything
 
 SIZE = 64
 
@@ -83,12 +83,18 @@ def test_non_finite_loss_stops_training_naming_the_iteration(batches: int, bad: 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_steps_match_eager_steps() -> None:
+@pytest.mark.parametrize("frozen", [(), (0, 1)], ids=["all-trained", "freeze"])
+def test_cuda_graph_steps_match_eager_steps(frozen: tuple[int, ...]) -> None:
     """Same losses at every step and the same weights, BatchNorm statistics and gradients-free
-    state after an epoch with accumulation and a short last batch (which runs eagerly)."""
+    state after an epoch with accumulation and a short last batch (which runs eagerly). Layers
+    frozen as --freeze does keep their weights under graphs too: no decay, no momentum."""
     ctx = DistContext(device=torch.device("cuda", 0))
     seed_everything(0, deterministic=True)
     eager_model = tiny_model(ctx.device)
+    if frozen:
+        freeze_layers(eager_model, frozen)
+    start = {name: value.clone() for name, value in eager_model.named_parameters() if not value.requires_grad}
+    assert bool(start) == bool(frozen)
     graphed_model = copy.deepcopy(eager_model)
     batches = random_batches([16] * 9 + [8])
     eager_losses = train(eager_model, eager_model, batches, ctx)
@@ -102,6 +108,8 @@ def test_cuda_graph_steps_match_eager_steps() -> None:
     graphed_state = graphed_model.state_dict()
     for name, value in eager_model.state_dict().items():
         torch.testing.assert_close(graphed_state[name], value, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
+    for name, value in start.items():
+        assert torch.equal(graphed_state[name], value), f"frozen {name} changed"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -49,7 +49,7 @@ class GraphedModel(nn.Module):
       memory;
     - never set gradients to None (`zero_grad(set_to_none=False)`): a None gradient would adopt
       the graph's own gradient buffer, which the next replay overwrites. Capture gives every
-      parameter a zero gradient to start from;
+      trainable parameter a zero gradient to start from;
     - autocast, if any, with `cache_enabled=False`, as graph capture requires.
 
     Capture runs the model a few times on a side stream to warm up. Those runs would move
@@ -78,7 +78,9 @@ class GraphedModel(nn.Module):
         self.train()
         buffers = [buffer.detach().clone() for buffer in self.module.buffers()]
         for parameter in self.module.parameters():
-            if parameter.grad is None:
+            # Frozen parameters (--freeze) keep no gradient: with one, even a zero one, the
+            # optimiser would apply weight decay and momentum to them.
+            if parameter.requires_grad and parameter.grad is None:
                 parameter.grad = torch.zeros_like(parameter)
         # Parameters' gradient accumulators are made during capture, on its side stream, and the
         # graphs keep them; autograd then orders that stream after ours on every backward, which
