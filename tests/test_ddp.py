@@ -99,10 +99,12 @@ def test_ddp_training_writes_from_rank_zero_only_and_resumes(tiny_data, tmp_path
     odd = torchrun(3, *args, cwd=tmp_path)
     assert odd.returncode != 0 and "must divide evenly" in odd.stderr
 
-    # Resume under DDP: mark the finished run's checkpoint as written after epoch 1 of 2.
+    # Resume under DDP: mark the finished run's checkpoint as written after epoch 1 of 2, with a
+    # best fitness that epoch 2 cannot beat, so the run ends by validating best.pt across both ranks.
     state = torch.load(tmp_path / "runs" / "ddp" / "weights" / "last.pt", weights_only=True)
     state["epoch"] = 0
     state["scheduler"]["last_epoch"] = 1
+    state["best_fitness"], state["best_epoch"] = 2.0, 0
     torch.save(state, tmp_path / "interrupted.pt")
     resumed_dir = tmp_path / "runs" / "ddp" / "weights"
     (resumed_dir / "last.pt").unlink()
@@ -111,6 +113,7 @@ def test_ddp_training_writes_from_rank_zero_only_and_resumes(tiny_data, tmp_path
                       "--workers", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming from epoch 2 of 2" in result.stderr
+    assert f"Validating {resumed_dir / 'best.pt'} (epoch 1)" in result.stderr
     assert len((tmp_path / "runs" / "ddp" / "results.csv").read_text().splitlines()) == 4
 
 

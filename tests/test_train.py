@@ -31,8 +31,8 @@ def test_resume_after_interruption_ends_with_the_same_weights(tiny_data, tmp_pat
     straight = run_trainer(*common, "--name", "straight", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    # SIGTERM during epoch 1: the trainer finishes the epoch, saves last.pt and exits cleanly.
-    process = subprocess.Popen([sys.executable, "-m", "trainer", *common, "--name", "cut"], cwd=tmp_path,
+    # SIGTERM during epoch 1: the trainer finishes the epoch, saves last.pt (--nosave too) and exits cleanly.
+    process = subprocess.Popen([sys.executable, "-m", "trainer", *common, "--name", "cut", "--nosave"], cwd=tmp_path,
                                stderr=subprocess.PIPE, text=True)
     seen = []
     for line in process.stderr:
@@ -89,6 +89,31 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
     images = tiny_data.parent / "data" / "images"
     assert [len(list((images / f"{split}-cache" / "64").glob("*.npy"))) for split in ("train", "val")] == [32, 16]
     assert sorted(p.name for p in (tmp_path / "exp2").iterdir()) == ["hyp.yaml", "opt.yaml", "results.csv", "weights"]
+
+
+def test_a_run_stopped_by_patience_reports_its_best_epoch_as_yolov5_does(tiny_data, tmp_path, monkeypatch, caplog):
+    """Epoch 2 scores worse than epoch 1 and --patience 1 stops the run. As YOLOv5 ends, best.pt
+    (epoch 1) is validated once more: the report, its pictures and predictions.json are epoch 1's."""
+    from trainer import train
+    from trainer.config import TrainConfig
+    from trainer.dist import DistContext
+
+    scores = iter([0.9, 0.1])  # fitness of epochs 1 and 2
+    monkeypatch.setattr(train, "fitness", lambda *metrics: next(scores))
+    cfg = TrainConfig(data=str(tiny_data), imgsz=64, batch_size=8, workers=0, device="cpu", seed=3, epochs=5,
+                      patience=1, save_json=True, noautoanchor=True)
+    with caplog.at_level("INFO", logger="trainer"):
+        result = train.run(cfg, DistContext(), tmp_path / "exp")
+    run = tmp_path / "exp"
+    assert result.epochs_run == 2 and "Stopping early: no improvement in 1 epochs (best epoch 1)" in caplog.text
+    assert f"Validating {run / 'weights' / 'best.pt'} (epoch 1)" in caplog.text
+    rows = [[cell.strip() for cell in line.split(",")] for line in (run / "results.csv").read_text().splitlines()]
+    column = rows[0].index("val/box_loss")
+    assert rows[1][column] != rows[2][column]  # the two epochs' weights score apart
+    assert result.metrics["box_loss"] == pytest.approx(float(rows[1][column]), rel=1e-4)
+    assert {"val_batch0_labels.jpg", "val_batch0_pred.jpg", "predictions.json", "PR_curve.png"} <= {
+        path.name for path in run.iterdir()}
+    assert [torch.load(run / "weights" / name, weights_only=True)["epoch"] for name in ("best.pt", "last.pt")] == [0, 1]
 
 
 @pytest.mark.slow

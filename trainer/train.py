@@ -16,7 +16,7 @@ import yaml
 
 from trainer import dist
 from trainer.autoanchor import check_anchors
-from trainer.checkpoint import load_weights, save_checkpoint
+from trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from trainer.coco import write_predictions_json
 from trainer.config import TrainConfig
 from trainer.data import DataConfig, build_dataloader, build_datasets, load_data_config
@@ -52,7 +52,8 @@ class PreparedData:
 
 @dataclass
 class TrainResult:
-    """Final validation of the run (the EMA model after the last epoch) and where it was saved."""
+    """The run's final validation and where it was saved. A run with a folder ends as YOLOv5's
+    does, on best.pt's EMA weights; an evolution generation on its last epoch's."""
 
     metrics: dict[str, float]
     best_fitness: float
@@ -127,6 +128,13 @@ def amp_dtype_for(device: torch.device) -> torch.dtype | None:
         return None  # fp32 on CPU: autocast there is slow and changes the numbers
     # bf16 needs no gradient scaler, and it trained no worse than YOLOv5's fp16 (bench/README.md).
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def best_weights(path: Path, ctx: DistContext) -> dict[str, torch.Tensor] | None:
+    """The EMA weights in best.pt, read by rank 0 and sent to every rank; None where the run kept
+    no best.pt (--nosave keeps only the epoch it ends on)."""
+    weights = load_checkpoint(path)["ema"]["module"] if ctx.is_main and path.is_file() else None
+    return dist.broadcast_object(weights, ctx)
 
 
 def build_model(cfg: TrainConfig, nc: int, device: torch.device) -> DetectionModel:
@@ -298,7 +306,7 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
         capture_graphs(parts, cfg.batch_size // ctx.world_size, cfg.imgsz, ctx.device,
                        steps=(cfg.epochs - start_epoch) * batches_per_epoch)
     metrics: dict[str, Any] = {}
-    epoch = start_epoch - 1
+    epoch, final_epoch, interrupted = start_epoch - 1, False, False
     # One iterator for the whole run: the loader's workers prefetch across epoch boundaries
     # (and through validation) instead of starting every epoch from empty.
     prepared.train_batches.start_at(start_epoch)
@@ -325,11 +333,14 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
         if ctx.is_main and validated:
             LOGGER.info("%20s P %.3f  R %.3f  mAP50 %.3f  mAP50-95 %.3f", "all", metrics.get("precision", 0.0),
                         metrics.get("recall", 0.0), metrics.get("map50", 0.0), metrics.get("map", 0.0))
+        # Decided on every rank alike before anything is saved: the epoch a run ends on is saved even with --nosave.
+        no_progress = dist.broadcast_object(validated and 0 < cfg.patience <= epoch - best_epoch, ctx)
+        interrupted = dist.broadcast_object(stop is not None and stop.is_set() and not final_epoch, ctx)
         if writes:
             append_results(save_dir / "results.csv", [epoch, *train_losses.values(),
                                                       *(float(metrics.get(k, 0.0)) for k in RESULT_KEYS),
                                                       *learning_rates])
-            if not cfg.nosave or final_epoch:
+            if not cfg.nosave or final_epoch or no_progress or interrupted:
                 state = {**parts.state_dict(), "epoch": epoch, "best_fitness": best_fitness, "best_epoch": best_epoch,
                          "config": cfg.as_dict(), "model_yaml": model.yaml, "names": prepared.data.names}
                 save_checkpoint(state, save_dir / "weights" / "last.pt")
@@ -337,19 +348,28 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
                     save_checkpoint(state, save_dir / "weights" / "best.pt")
                 if cfg.save_period > 0 and epoch % cfg.save_period == 0:  # YOLOv5's: epoch0.pt, epochN.pt, ...
                     save_checkpoint(state, save_dir / "weights" / f"epoch{epoch}.pt")
-            if cfg.save_json and final_epoch and "records" in metrics:
-                write_predictions_json(metrics["records"], save_dir / "predictions.json")
-        no_progress = validated and 0 < cfg.patience <= epoch - best_epoch
-        interrupted = stop is not None and stop.is_set() and not final_epoch
-        if dist.broadcast_object(no_progress, ctx):
+        if no_progress:
             LOGGER.info("Stopping early: no improvement in %d epochs (best epoch %d)", cfg.patience, best_epoch + 1)
             break
-        if dist.broadcast_object(interrupted, ctx):
+        if interrupted:
             LOGGER.info("Stopped after epoch %d of %d; continue with --resume %s", epoch + 1, cfg.epochs,
                         save_dir / "weights" / "last.pt" if save_dir else "")
             break
-    metrics.pop("records", None)
-    if writes and nc > 1 and "class_ids" in metrics:  # the last validation, class by class, as YOLOv5 ends
+    if save_dir is not None and not interrupted and best_epoch != epoch:
+        # A later epoch did worse, or --patience stopped the run: the report is best.pt's, as YOLOv5
+        # ends. Under --nosave there may be no best.pt; a run stopped early then reports its last epoch.
+        best = save_dir / "weights" / "best.pt"
+        weights = best_weights(best, ctx)
+        if weights is not None:
+            LOGGER.info("Validating %s (epoch %d)", best, best_epoch + 1)
+            ema.module.load_state_dict(weights)
+        if weights is not None or not final_epoch:  # the final epoch's own validation drew and collected
+            metrics = evaluate(ema.module, prepared.val_loader, loss_fn, nc, ctx, parts.amp_dtype,
+                               collect_json=cfg.save_json, on_batch=ValidationPlots(save_dir, names) if plots else None)
+    records = metrics.pop("records", None)
+    if writes and records is not None:
+        write_predictions_json(records, save_dir / "predictions.json")
+    if writes and nc > 1 and "class_ids" in metrics:  # the final validation, class by class, as YOLOv5 ends
         for line in class_table(metrics, names):
             LOGGER.info("%s", line)
     if plots and epoch >= start_epoch:
