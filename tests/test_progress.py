@@ -54,3 +54,5 @@ def test_class_table_has_all_then_each_labelled_class_as_yolov5_prints_it() -> N
     assert lines[2].split()[3:] == ["1", "1", "1", "1"]
     assert lines[3].split()[3:] == ["0", "0", "0", "0"]
     assert len({len(line) for line in lines}) == 1  # fixed-width columns
+    single = class_table(metrics.compute(), ["item"])
+    assert [line.split()[0] for line in single] == ["Class", "all"]  # no class rows for one class, as in YOLOv5

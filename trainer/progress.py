@@ -112,14 +112,15 @@ def append_results(path: Path, values: Sequence[float]) -> None:
 
 
 def class_table(metrics: dict[str, Any], names: Sequence[str]) -> list[str]:
-    """YOLOv5's validation table: all classes, then one row per labelled class."""
+    """YOLOv5's validation table: all classes, then one row per labelled class where there are
+    several classes."""
     row = "%22s%11s%11s%11s%11s%11s%11s"
     lines = [row % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")]
     number = "%22s%11i%11i%11.3g%11.3g%11.3g%11.3g"
     images, instances = metrics["images"], int(metrics["targets_per_class"].sum())
     lines.append(number % ("all", images, instances, metrics["precision"], metrics["recall"], metrics["map50"],
                            metrics["map"]))
-    for i, class_id in enumerate(metrics["class_ids"]):
+    for i, class_id in enumerate(metrics["class_ids"] if len(names) > 1 else ()):
         lines.append(number % (names[class_id], images, metrics["targets_per_class"][i],
                                metrics["precision_per_class"][i], metrics["recall_per_class"][i],
                                metrics["ap50_per_class"][i], metrics["ap_per_class"][i]))

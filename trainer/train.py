@@ -369,7 +369,7 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
     records = metrics.pop("records", None)
     if writes and records is not None:
         write_predictions_json(records, save_dir / "predictions.json")
-    if writes and nc > 1 and "class_ids" in metrics:  # the final validation, class by class, as YOLOv5 ends
+    if writes and "class_ids" in metrics:  # the final validation, class by class, as YOLOv5 ends
         for line in class_table(metrics, names):
             LOGGER.info("%s", line)
     if plots and epoch >= start_epoch:

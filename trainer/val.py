@@ -66,8 +66,7 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
     metrics = evaluate(model, loader, loss_fn, nc, ctx, amp_dtype_for(ctx.device), options["conf_thres"],
                        options["iou_thres"], collect_json=options["save_json"],
                        on_batch=ValidationPlots(save_dir, names))
-    lines = class_table(metrics, names)
-    for line in lines if nc > 1 else lines[:2]:
+    for line in class_table(metrics, names):
         LOGGER.info("%s", line)
     plot_validation(save_dir, metrics, names)
     if options["save_json"]:
