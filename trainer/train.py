@@ -16,7 +16,7 @@ import yaml
 
 from trainer import dist
 from trainer.autoanchor import check_anchors
-from trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from trainer.checkpoint import load_weights, save_checkpoint
 from trainer.coco import write_predictions_json
 from trainer.config import TrainConfig
 from trainer.data import DataConfig, build_dataloader, build_datasets, load_data_config
@@ -133,8 +133,20 @@ def amp_dtype_for(device: torch.device) -> torch.dtype | None:
 def best_weights(path: Path, ctx: DistContext) -> dict[str, torch.Tensor] | None:
     """The EMA weights in best.pt, read by rank 0 and sent to every rank; None where the run kept
     no best.pt (--nosave keeps only the epoch it ends on)."""
-    weights = load_checkpoint(path)["ema"]["module"] if ctx.is_main and path.is_file() else None
+    weights = load_weights(path).state if ctx.is_main and path.is_file() else None
     return dist.broadcast_object(weights, ctx)
+
+
+def report_validation(save_dir: Path, metrics: dict[str, Any], names: list[str], plots: bool) -> None:
+    """What a final validation leaves, as YOLOv5's train.py and val.py end: the class table in the
+    log, predictions.json where they were collected (--save-json), and the curves."""
+    records = metrics.pop("records", None)
+    if records is not None:
+        write_predictions_json(records, save_dir / "predictions.json")
+    for line in class_table(metrics, names):
+        LOGGER.info("%s", line)
+    if plots:
+        plot_validation(save_dir, metrics, names)
 
 
 def build_model(cfg: TrainConfig, nc: int, device: torch.device) -> DetectionModel:
@@ -366,15 +378,10 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
         if weights is not None or not final_epoch:  # the final epoch's own validation drew and collected
             metrics = evaluate(ema.module, prepared.val_loader, loss_fn, nc, ctx, parts.amp_dtype,
                                collect_json=cfg.save_json, on_batch=ValidationPlots(save_dir, names) if plots else None)
-    records = metrics.pop("records", None)
-    if writes and records is not None:
-        write_predictions_json(records, save_dir / "predictions.json")
-    if writes and "class_ids" in metrics:  # the final validation, class by class, as YOLOv5 ends
-        for line in class_table(metrics, names):
-            LOGGER.info("%s", line)
+    if writes and metrics:  # none when a signal ended the run before its first validation
+        report_validation(save_dir, metrics, names, plots)
+    metrics.pop("records", None)
     if plots and epoch >= start_epoch:
         plot_results(save_dir / "results.csv", save_dir / "results.png")
-    if plots and "curves" in metrics:
-        plot_validation(save_dir, metrics, names)
     return TrainResult(metrics=metrics, best_fitness=best_fitness, epochs_run=epoch + 1 - start_epoch,
                        save_dir=save_dir)

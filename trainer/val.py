@@ -17,7 +17,6 @@ import torch
 
 from trainer import __version__, dist
 from trainer.checkpoint import load_weights
-from trainer.coco import write_predictions_json
 from trainer.config import Hyp
 from trainer.data.data_config import load_data_config
 from trainer.data.dataset import YoloDataset
@@ -27,9 +26,8 @@ from trainer.engine import evaluate
 from trainer.errors import UserError
 from trainer.loss import DetectionLoss
 from trainer.model.yolo import DetectionModel
-from trainer.plots import ValidationPlots, plot_validation
-from trainer.progress import class_table
-from trainer.train import amp_dtype_for, next_run_dir
+from trainer.plots import ValidationPlots
+from trainer.train import amp_dtype_for, next_run_dir, report_validation
 
 LOGGER = logging.getLogger("trainer")
 
@@ -66,11 +64,7 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
     metrics = evaluate(model, loader, loss_fn, nc, ctx, amp_dtype_for(ctx.device), options["conf_thres"],
                        options["iou_thres"], collect_json=options["save_json"],
                        on_batch=ValidationPlots(save_dir, names))
-    for line in class_table(metrics, names):
-        LOGGER.info("%s", line)
-    plot_validation(save_dir, metrics, names)
-    if options["save_json"]:
-        write_predictions_json(metrics.pop("records"), save_dir / "predictions.json")
+    report_validation(save_dir, metrics, names, plots=True)
     LOGGER.info("Results saved to %s", save_dir)
     return metrics
 
