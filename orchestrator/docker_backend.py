@@ -53,8 +53,8 @@ from trainer.errors import UserError
 
 PROJECT_ROOT = Path(orchestrator.__file__).resolve().parent.parent
 STATUS_LOG_LINES = 40
-# Run inside a DDP container by `stop`: SIGTERM to the ranks themselves (see orchestrator.ranks).
-SIGNAL_RANKS = ("python", "-m", "orchestrator.ranks", "--signal", "TERM")
+# Run inside a DDP container by `stop`: SIGTERM to the ranks themselves (see trainer.ranks).
+SIGNAL_RANKS = ("python", "-m", "trainer.ranks", "--signal", "TERM")
 
 Write = Callable[[str], None]
 

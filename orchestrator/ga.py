@@ -15,8 +15,6 @@ from typing import Literal
 
 import numpy as np
 
-# Result columns are (precision, recall, mAP@0.5, mAP@0.5:0.95, box, obj, cls losses).
-FITNESS_WEIGHTS = np.array([0.0, 0.0, 0.1, 0.9, 0.0, 0.0, 0.0])
 TOP_PARENTS = 5
 MUTATION_PROBABILITY = 0.8
 MUTATION_SIGMA = 0.2
@@ -24,13 +22,6 @@ FACTOR_LIMITS = (0.3, 3.0)
 REDRAW_ATTEMPTS = 100
 
 ParentMethod = Literal["single", "weighted"]
-
-
-def fitness(results: np.ndarray) -> np.ndarray:
-    """0.1·mAP@0.5 + 0.9·mAP@0.5:0.95 per row of the 7 result columns (NaN stays NaN)."""
-    results = np.asarray(results, dtype=float).reshape(-1, len(FITNESS_WEIGHTS))
-    # A plain weighted sum, not a matrix product: 0·NaN must still poison the row.
-    return (results[:, 2] * FITNESS_WEIGHTS[2]) + (results[:, 3] * FITNESS_WEIGHTS[3])
 
 
 def child_generator(seed: int, worker_id: str, claim: int) -> np.random.Generator:

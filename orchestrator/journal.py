@@ -39,20 +39,11 @@ import numpy as np
 import yaml
 from filelock import FileLock, SoftFileLock, Timeout
 
-from orchestrator.ga import fitness
 from trainer.config import Hyp
 from trainer.errors import UserError
 from trainer.files import write_atomic
+from trainer.results import RESULT_COLUMNS, fitness
 
-RESULT_COLUMNS = (
-    "metrics/precision",
-    "metrics/recall",
-    "metrics/mAP_0.5",
-    "metrics/mAP_0.5:0.95",
-    "val/box_loss",
-    "val/obj_loss",
-    "val/cls_loss",
-)
 CSV_NAME = "evolve.csv"
 META_NAME = "evolve_meta.jsonl"
 STATE_NAME = "claims.json"

@@ -25,7 +25,7 @@ import orchestrator
 from orchestrator.container_spec import DDP_KEY, DEFAULT_MAX_RESTARTS
 from orchestrator.ddp import CHECKPOINT, DdpPlan, job_command, job_environment, resuming
 from orchestrator.launch import WORKERS_DIR, LaunchPlan, WorkerSlot
-from orchestrator.ranks import descendants, process_table, signal_ranks
+from trainer.ranks import descendants, process_table, signal_ranks
 from orchestrator.run_inputs import stage_local
 from orchestrator.status import ACTIVE_STATES, WorkerState
 from orchestrator.supervisor import write_state

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from orchestrator import cli, local, ranks
+from orchestrator import cli, local
+from trainer import ranks
 from orchestrator.container_spec import DDP_KEY
 from orchestrator.ddp import RESUME_SCRIPT, DdpPlan, Rendezvous, ddp_spec, trained_epochs
 from orchestrator.launch import DDP_MODE, LaunchRecord, TrainerOptions, existing_run_dir, parse_worker_key

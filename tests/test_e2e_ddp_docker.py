@@ -60,7 +60,7 @@ def test_a_ddp_training_in_one_cpu_container(
 
     # Both ranks run, as children of torchrun, where `evolvectl stop` would find them.
     wait_for(lambda: "Epoch" in container.logs().decode(), 90, "training to start")
-    found = container.exec_run(["python", "-m", "orchestrator.ranks", "--signal", "0"])
+    found = container.exec_run(["python", "-m", "trainer.ranks", "--signal", "0"])
     assert found.exit_code == 0 and len(found.output.split()) == 2, found.output
 
     wait_for(lambda: docker_client.containers.get(container.id).status == "exited", 120, "the training to end")

@@ -93,7 +93,7 @@ def launch_ddp(devices: list[str], options: dict[str, Any]) -> int:
                "-m", "trainer", *sys.argv[1:]]
     LOGGER.info("Starting DDP: %d process(es) on this node, %d node(s), rendezvous %s:%d",
                 nproc, options["nnodes"], options["master_addr"], port)
-    from orchestrator.ranks import signal_ranks
+    from trainer.ranks import signal_ranks
 
     process = subprocess.Popen(command)
     # SIGTERM goes to the ranks themselves: each finishes its epoch, rank 0 saves, all exit.

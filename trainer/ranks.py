@@ -10,7 +10,7 @@ exit 0, and torchrun with them.
 For the same reason killing a local job must reach every process of its tree: torchrun
 starts each rank in a session of its own, out of reach of a signal to the supervisor's group.
 
-`python -m orchestrator.ranks` does the stop inside a container, where pid 1 is the root.
+`python -m trainer.ranks` does the stop inside a container, where pid 1 is the root.
 Without /proc (macOS) nothing is found, and callers fall back to signalling the root.
 """
 
@@ -105,7 +105,7 @@ def signal_ranks(root: int, signal_number: int, proc: Path = PROC) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.ranks", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m trainer.ranks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=int, default=1, help="the process whose tree holds the job")
     parser.add_argument("--signal", default="TERM", help="signal name; 0 only lists the ranks")
