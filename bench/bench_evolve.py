@@ -1,7 +1,7 @@
 """A real evolution worker, in this process: memory and overhead over many generations.
 
-Runs `orchestrator.worker.run_worker` with the trainer's own objective
-(`trainer.evolve.make_objective`), as `python -m trainer --evolve` does, on a tiny
+Runs `orchestrator.evolution.loop.run_worker` with the trainer's own objective
+(`orchestrator.evolution.objective.TrainerObjective`), as every evolution worker does, on a tiny
 configuration (yolov5n, 96 px, one epoch, a small synthetic dataset). `prepare_data`
 (label checks, the RAM image cache, the loaders) runs once, before the first generation,
 and its time is reported apart. Each generation records the wall time of the objective, the
@@ -39,15 +39,13 @@ import click
 import torch
 import yaml
 from bench.bench_train import machine_settings
-from orchestrator.search_space import SearchSpace
-from orchestrator.worker import GenerationContext, GenerationResult, Objective, run_worker
-from trainer import dist
-from trainer.cli import build_config
-from trainer.config import Hyp
+from orchestrator.evolution.search_space import SearchSpace
+from orchestrator.evolution.loop import GenerationContext, Objective, run_worker
+from trainer.config import Hyp, TrainConfig
 from trainer.data import load_data_config
-from trainer.evolve import make_objective
+from trainer.results import ValidationResult
+from orchestrator.evolution.objective import TrainerObjective
 from trainer.paths import resolve_config
-from trainer.train import prepare_data
 
 MEGABYTE = 2**20
 
@@ -86,7 +84,7 @@ class GenerationLog:
     records: list[dict[str, Any]] = field(default_factory=list)
     last_end: float | None = None
 
-    def __call__(self, hyp: Hyp, context: GenerationContext) -> GenerationResult:
+    def __call__(self, hyp: Hyp, context: GenerationContext) -> ValidationResult:
         start = time.perf_counter()
         overhead = None if self.last_end is None else start - self.last_end
         try:
@@ -165,18 +163,18 @@ def main() -> None:
     args = parse_arguments()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = dist.init_distributed(args.device)
     with tempfile.TemporaryDirectory() as folder:
         data = args.data or str(write_tiny_data(Path(folder), args.train_images, args.val_images, args.imgsz))
         started = time.perf_counter()
         load_data_config(data)  # generates the synthetic images, which is not what prepare_data costs
         generation_seconds = time.perf_counter() - started
-        options = {**vars(args), "data": data, "epochs": 1, "hyp": "hyp.scratch-low"}
-        cfg = build_config(options)
+        cfg = TrainConfig(data=data, cfg=args.cfg, epochs=1, imgsz=args.imgsz, batch_size=args.batch_size,
+                          device=args.device, workers=args.workers, cache=args.cache)
         started = time.perf_counter()
-        prepared = prepare_data(cfg, ctx)
+        objective = TrainerObjective.prepare(cfg)
         prepare_seconds = time.perf_counter() - started
-        log = GenerationLog(make_objective(cfg, ctx, prepared), ctx.device)
+        ctx, prepared = objective.ctx, objective.prepared
+        log = GenerationLog(objective, ctx.device)
         summary = run_worker(Path(folder) / "run", cfg.hyp, SearchSpace.load(), args.generations, log, "bench",
                              cfg.seed, gpu=str(ctx.device), plot_interval=None)
     print(json.dumps({

@@ -25,11 +25,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator import outputs
-from orchestrator.journal import format_header, format_rows, read_evolve_csv, run_columns
-from orchestrator.search_space import SearchSpace
-from orchestrator.worker import GenerationContext, GenerationResult, run_worker
+from orchestrator.evolution import artifacts
+from orchestrator.evolution.journal import (
+    format_header,
+    format_rows,
+    read_evolve_csv,
+    run_columns,
+)
+from orchestrator.evolution.loop import GenerationContext, run_worker
+from orchestrator.evolution.search_space import SearchSpace
 from trainer.config import Hyp
+from trainer.results import ValidationResult
 
 
 def write_random_evolve_csv(path: Path, rows: int, hyp_keys: tuple[str, ...], seed: int = 0) -> None:
@@ -52,11 +58,11 @@ def main() -> None:
         write_random_evolve_csv(seed_csv, args.rows, hyp_keys)
         started, ended = [], []
 
-        def instant(hyp: Hyp, context: GenerationContext) -> GenerationResult:
+        def instant(hyp: Hyp, context: GenerationContext) -> ValidationResult:
             started.append(time.perf_counter())
             score = float(np.exp(-(((hyp.lr0 - 0.02) / 0.02) ** 2)))
             ended.append(time.perf_counter())
-            return GenerationResult(score, score, score, score * 0.6, 0.1, 0.1, 0.1)
+            return ValidationResult(score, score, score, score * 0.6, 0.1, 0.1, 0.1)
 
         run_dir = Path(folder) / "run"
         import_start = time.perf_counter()
@@ -72,7 +78,7 @@ def main() -> None:
         population = read_evolve_csv(run_dir / "evolve.csv")
         read_seconds = time.perf_counter() - read_start
         plot_start = time.perf_counter()
-        outputs.write_plots(run_dir, population, SearchSpace.load().evolved_keys(hyp_keys))
+        artifacts.write_plots(run_dir, population, SearchSpace.load().evolved_keys(hyp_keys))
         plot_seconds = time.perf_counter() - plot_start
 
     print(

@@ -38,7 +38,7 @@ import click
 import torch
 
 from bench.bench_train import machine_settings, write_yolov5_data
-from orchestrator.status import read_results
+from orchestrator.runs.status import read_results
 from trainer.data import load_data_config
 from trainer.metrics import fitness
 

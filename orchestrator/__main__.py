@@ -1,5 +1,5 @@
 """`python -m orchestrator`: the evolvectl command line."""
 
-from orchestrator.cli import main
+from orchestrator.cli.commands import main
 
 main(prog_name="evolvectl")

@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
-import docker
 import docker.errors
 import pytest
 from click.testing import CliRunner, Result
 
-from orchestrator.cli import main
-from orchestrator.containers import build_image, connect
+import docker
+from orchestrator.backends.docker.engine import build_image, connect
+from orchestrator.cli.commands import main
 from trainer.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent

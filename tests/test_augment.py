@@ -14,8 +14,8 @@ from torchvision.io import encode_png, write_file
 from trainer.config import Hyp
 from trainer.data.augment import (
     FILL,
-    Augmentation,
     GREY_WEIGHTS,
+    Augmentation,
     MultiScale,
     apply_colour_matrix,
     augment_colour,

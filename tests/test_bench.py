@@ -23,7 +23,7 @@ from bench.bench_ddp import process_counts
 from bench.bench_evolve import child_pids, resident_megabytes, summarise
 from bench.bench_train import TimedBatches
 from bench.compare_yolov5 import compare, parse_seeds, summarise_run
-from orchestrator.status import read_results
+from orchestrator.runs.status import read_results
 
 
 class EndlessLoader:

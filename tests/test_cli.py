@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import write_data_yaml
 
-from orchestrator import cli
-from orchestrator.journal import format_header, run_columns
-from orchestrator.launch import LaunchPlan, TrainerOptions, parse_worker_key
-from orchestrator.run_inputs import stage_local
-from orchestrator.status import WorkerState
+from orchestrator.cli import commands as cli
+from orchestrator.evolution.journal import format_header, run_columns
+from orchestrator.runs.inputs import stage_local
+from orchestrator.runs.plan import LaunchPlan, TrainerOptions, parse_worker_key
+from orchestrator.runs.status import WorkerState
 from trainer.checkpoint import save_checkpoint
 from trainer.config import Hyp
 from trainer.errors import UserError

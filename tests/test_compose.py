@@ -9,11 +9,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from orchestrator.cli import main
-from orchestrator.compose import compose_document, project_name
-from orchestrator.docker_backend import worker_specs
-from orchestrator.launch import LaunchPlan, TrainerOptions, worker_slots
-from orchestrator.run_inputs import StagedInputs, container_data_yaml
+from orchestrator.backends.docker.backend import worker_specs
+from orchestrator.backends.docker.compose import compose_document, project_name
+from orchestrator.cli.commands import main
+from orchestrator.runs.inputs import StagedInputs, container_data_yaml
+from orchestrator.runs.plan import LaunchPlan, TrainerOptions, worker_slots
 from trainer.checkpoint import save_checkpoint
 from trainer.errors import UserError
 

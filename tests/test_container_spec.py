@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.container_spec import WorkerSpec, worker_spec
-from orchestrator.gpus import parse_gpu_spec
+from orchestrator.backends.docker.spec import WorkerSpec, worker_spec
+from orchestrator.runs.plan import parse_gpu_spec
 from trainer.errors import UserError
 
 

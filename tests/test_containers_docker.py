@@ -8,12 +8,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import docker
 import docker.errors
 import pytest
 
-from orchestrator.container_spec import WorkerSpec, worker_spec
-from orchestrator.containers import (
+import docker
+from orchestrator.backends.docker.engine import (
     build_image,
     connect,
     kill_all,
@@ -23,7 +22,8 @@ from orchestrator.containers import (
     stream_logs,
     wait_worker,
 )
-from orchestrator.gpus import visible_gpus
+from orchestrator.backends.docker.gpus import visible_gpus
+from orchestrator.backends.docker.spec import WorkerSpec, worker_spec
 from trainer.errors import UserError
 
 SLEEP = ("sleep", "300")

@@ -21,7 +21,12 @@ from trainer.data.data_config import load_data_config
 from trainer.data.dataset import CanvasKey, YoloDataset, collate
 from trainer.data.labels import Sample, label_path, load_samples
 from trainer.data.loader import (
-    EpochBatches, RectBatches, ValidationBatches, build_dataloader, build_datasets, canvas_shape,
+    EpochBatches,
+    RectBatches,
+    ValidationBatches,
+    build_dataloader,
+    build_datasets,
+    canvas_shape,
 )
 from trainer.errors import UserError
 

@@ -13,13 +13,21 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from orchestrator import cli, local
+from orchestrator.backends.docker.spec import ddp_spec
+from orchestrator.backends.local import backend as local
+from orchestrator.cli import commands as cli
+from orchestrator.cli.render import render_status
+from orchestrator.runs.ddp import RESUME_SCRIPT, DdpPlan, Rendezvous, trained_epochs
+from orchestrator.runs.inputs import StagedInputs
+from orchestrator.runs.names import DDP_KEY
+from orchestrator.runs.plan import TrainerOptions, parse_worker_key
+from orchestrator.runs.record import DDP_MODE, LaunchRecord, existing_run_dir
+from orchestrator.runs.status import (
+    WorkerState,
+    budget_reached,
+    collect_training_status,
+)
 from trainer import ranks
-from orchestrator.container_spec import DDP_KEY
-from orchestrator.ddp import RESUME_SCRIPT, DdpPlan, Rendezvous, ddp_spec, trained_epochs
-from orchestrator.launch import DDP_MODE, LaunchRecord, TrainerOptions, existing_run_dir, parse_worker_key
-from orchestrator.run_inputs import StagedInputs
-from orchestrator.status import WorkerState, budget_reached, collect_training_status, render_status
 from trainer.errors import UserError
 from trainer.progress import RESULTS_COLUMNS, append_results
 
@@ -326,7 +334,7 @@ def test_process_table_reads_odd_command_names(tmp_path: Path) -> None:
     (["/venv/bin/torchrun", "--nproc_per_node=2", "train.py"], True),
     (["python3", "/usr/local/bin/torchrun", "train.py"], True),
     # The local supervisor carries the job's command line for its child: it is no agent itself.
-    (["python", "-m", "orchestrator.supervisor", "--", "sh", "-c", "exec", "x", "python", "-m",
+    (["python", "-m", "orchestrator.backends.local.supervisor", "--", "sh", "-c", "exec", "x", "python", "-m",
       "torch.distributed.run"], False),
     (["python", "-c", "code", "-m", "torch.distributed.run"], False),
     (["python", "-m", "trainer", "--device", "0,1"], False),
@@ -346,7 +354,7 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
 
 @pytest.mark.slow
 def test_a_local_job_stops_after_its_epoch_and_resumes(tiny_data: Path, tmp_path: Path) -> None:
-    from orchestrator.status import epochs_done, read_results
+    from orchestrator.runs.status import epochs_done, read_results
 
     project = tmp_path / "runs"
     run_dir = project / "job"

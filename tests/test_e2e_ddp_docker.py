@@ -11,14 +11,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import docker
 import pytest
 from click.testing import CliRunner
-
 from conftest import cli, wait_for, write_data_yaml
-from orchestrator.cli import main
-from orchestrator.containers import kill_all, list_workers
-from orchestrator.status import read_results
+
+import docker
+from orchestrator.backends.docker.engine import kill_all, list_workers
+from orchestrator.cli.commands import main
+from orchestrator.runs.status import read_results
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

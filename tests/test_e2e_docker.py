@@ -16,15 +16,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import docker
 import docker.errors
 import pytest
 from click.testing import CliRunner
-
 from conftest import cli, wait_for, write_data_yaml
-from orchestrator.cli import main
-from orchestrator.containers import kill_all, list_workers
-from orchestrator.journal import Journal
+
+import docker
+from orchestrator.backends.docker.engine import kill_all, list_workers
+from orchestrator.cli.commands import main
+from orchestrator.evolution.journal import Journal
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -190,7 +190,7 @@ def test_gpus_on_an_engine_without_nvidia_runtime(
 
 def test_a_failed_image_build_names_its_step(docker_client: docker.DockerClient, base_image: str,
                                              tmp_path: Path) -> None:
-    from orchestrator.docker_backend import DockerBackend
+    from orchestrator.backends.docker.backend import DockerBackend
     from trainer.errors import UserError
 
     (tmp_path / "docker").mkdir()

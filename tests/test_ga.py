@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.ga import child_generator, is_taken, mutate, propose_child, round_genes, select_parent
+from orchestrator.evolution.ga import (
+    child_generator,
+    is_taken,
+    mutate,
+    propose_child,
+    round_genes,
+    select_parent,
+)
 from trainer.results import fitness
 
 KEYS = 6

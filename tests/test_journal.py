@@ -15,10 +15,17 @@ import pytest
 import yaml
 from rich.console import Console
 
-from orchestrator import outputs
-from orchestrator.journal import RESULT_COLUMNS, Journal, Population, parse_evolve_csv, run_columns
+from orchestrator.cli.render import summary_table
+from orchestrator.evolution import artifacts
+from orchestrator.evolution.journal import (
+    Journal,
+    Population,
+    parse_evolve_csv,
+    run_columns,
+)
 from trainer.config import Hyp
 from trainer.errors import UserError
+from trainer.results import RESULT_COLUMNS
 
 KEYS = run_columns(Hyp())
 BASE = np.array([Hyp().as_dict()[key] for key in KEYS])
@@ -217,7 +224,7 @@ def _small_population() -> Population:
 
 
 def test_hyp_evolve_yaml_holds_the_best_row_under_a_yolov5_style_header(tmp_path: Path) -> None:
-    assert outputs.write_hyp_evolve(tmp_path, _small_population())
+    assert artifacts.write_hyp_evolve(tmp_path, _small_population())
     text = (tmp_path / "hyp_evolve.yaml").read_text()
     lines = text.splitlines()
     assert lines[0].startswith("# evolvectl")
@@ -226,20 +233,20 @@ def test_hyp_evolve_yaml_holds_the_best_row_under_a_yolov5_style_header(tmp_path
     best = yaml.safe_load(text)
     assert list(best) == list(KEYS) and best["lr0"] == 0.02
     assert Hyp.from_dict(best).lr0 == 0.02
-    assert not outputs.write_hyp_evolve(
+    assert not artifacts.write_hyp_evolve(
         tmp_path / "none", Population(KEYS, _small_population().results[2:], BASE[None])
     )
 
 
 def test_plots_are_written_as_png(tmp_path: Path) -> None:
-    assert outputs.write_plots(tmp_path, _small_population(), ["lr0", "mosaic", "hsv_h"])
+    assert artifacts.write_plots(tmp_path, _small_population(), ["lr0", "mosaic", "hsv_h"])
     for name in ("evolve.png", "fitness.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
 
 
 def test_summary_table_lists_the_best_rows_and_their_changes_from_base() -> None:
-    table = outputs.summary_table(_small_population(), Hyp(), top=5)
+    table = summary_table(_small_population(), Hyp(), top=5)
     assert table.row_count == 2  # the NaN row is not ranked
     console = Console(file=io.StringIO(), width=200)
     console.print(table)

@@ -17,19 +17,20 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import wait_for, write_data_yaml
 
-from orchestrator import local
-from orchestrator.cli import main
-from orchestrator.journal import Journal
-from orchestrator.launch import LaunchPlan, TrainerOptions, WorkerSlot
-from orchestrator.local import LocalBackend, process_alive
-from orchestrator.status import collect_status
+from orchestrator.backends.local import backend as local
+from orchestrator.backends.local.backend import LocalBackend, process_alive
+from orchestrator.cli.commands import main
+from orchestrator.evolution.journal import Journal
+from orchestrator.runs.plan import LaunchPlan, TrainerOptions, WorkerSlot
+from orchestrator.runs.status import collect_status
 from trainer.errors import UserError
 
 FAKE_WORKER = '''
 import argparse, math, os, sys, time
 from pathlib import Path
-from orchestrator.search_space import SearchSpace
-from orchestrator.worker import GenerationResult, run_worker
+from orchestrator.evolution.search_space import SearchSpace
+from orchestrator.evolution.loop import run_worker
+from trainer.results import ValidationResult
 from trainer.config import Hyp
 
 parser = argparse.ArgumentParser()
@@ -48,7 +49,7 @@ def objective(hyp, context):
     print("    1/1          0G    0.1    0.2    0.3    4    64 1/1", flush=True)
     time.sleep(float(os.environ.get("FAKE_DELAY", "0.2")))
     score = math.exp(-((hyp.lr0 - 0.02) / 0.02) ** 2)
-    return GenerationResult(score, score, score, 0.5 * score, 1 - score, 1 - score, 0.1)
+    return ValidationResult(score, score, score, 0.5 * score, 1 - score, 1 - score, 0.1)
 
 run_worker(run_dir, Hyp(), SearchSpace.load(), int(options.generations), objective, options.worker_id, seed=0,
            lease_ttl=10.0, plot_interval=None)
@@ -59,7 +60,7 @@ def fake_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     """The stand-in trainer, used by every LocalBackend (the CLI's too); its workers are killed afterwards."""
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE_WORKER)
-    monkeypatch.setattr(local, "TRAINER_COMMAND", (sys.executable, str(script)))
+    monkeypatch.setattr(local, "WORKER_COMMAND", (sys.executable, str(script)))
     monkeypatch.chdir(tmp_path)
     yield script
     LocalBackend(tmp_path / "runs").remove_all(None)
@@ -174,7 +175,7 @@ def test_a_stop_during_the_restart_pause_starts_no_new_worker(tmp_path: Path) ->
     """`stop` may land while a failed worker waits to be restarted: that is the end, not a restart."""
     starts, state = tmp_path / "starts", tmp_path / "state.json"
     command = ["sh", "-c", f"echo started >> {starts}; exit 3"]
-    supervisor = subprocess.Popen([sys.executable, "-m", "orchestrator.supervisor", "--state", str(state),
+    supervisor = subprocess.Popen([sys.executable, "-m", "orchestrator.backends.local.supervisor", "--state", str(state),
                                    "--max-restarts", "5", "--", *command])
     try:
         wait_for(lambda: state.exists() and '"restarting"' in state.read_text())
@@ -218,7 +219,7 @@ def test_a_failed_spawn_leaves_nothing_started(
     spawned: list[subprocess.Popen] = []
 
     def second_fails(command: list[str], **kwargs: object) -> subprocess.Popen:
-        if "orchestrator.supervisor" not in command:
+        if "orchestrator.backends.local.supervisor" not in command:
             return real_popen(command, **kwargs)  # anything else (library internals) runs as usual
         if spawned:
             raise OSError(24, "Too many open files")

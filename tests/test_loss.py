@@ -4,11 +4,15 @@ import math
 
 import pytest
 import torch
-
-from trainer.config import Hyp
 from torchvision.ops import box_convert, complete_box_iou_loss
 
-from trainer.loss import DetectionLoss, LevelTargets, complete_iou_loss, scale_loss_gains
+from trainer.config import Hyp
+from trainer.loss import (
+    DetectionLoss,
+    LevelTargets,
+    complete_iou_loss,
+    scale_loss_gains,
+)
 from trainer.model import DetectionModel, load_model_spec
 
 GRID = 8  # one 8x8 level: normalised coordinate c sits at grid coordinate 8c

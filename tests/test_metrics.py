@@ -20,7 +20,13 @@ from trainer.coco import (
     write_ground_truth_json,
     write_predictions_json,
 )
-from trainer.metrics import ConfusionMatrix, DetectionMetrics, ap_per_class, fitness, match_predictions
+from trainer.metrics import (
+    ConfusionMatrix,
+    DetectionMetrics,
+    ap_per_class,
+    fitness,
+    match_predictions,
+)
 
 WIDTH, HEIGHT = 640, 480
 LABELLED_CLASSES = 3

@@ -9,8 +9,16 @@ from PIL import Image
 
 from trainer.metrics import ConfusionMatrix, DetectionMetrics
 from trainer.plots import (
-    MAX_GRID_IMAGES, MAX_GRID_SIDE, PALETTE, ValidationPlots, batch_grid, confident, plot_results,
-    plot_labels, plot_training_batches, plot_validation,
+    MAX_GRID_IMAGES,
+    MAX_GRID_SIDE,
+    PALETTE,
+    ValidationPlots,
+    batch_grid,
+    confident,
+    plot_labels,
+    plot_results,
+    plot_training_batches,
+    plot_validation,
 )
 from trainer.progress import RESULTS_COLUMNS, append_results
 

@@ -9,7 +9,13 @@ from torch import nn
 from trainer.config import TrainConfig
 from trainer.dist import DistContext
 from trainer.model.yolo import DetectionModel
-from trainer.optim import NOMINAL_BATCH, Warmup, build_optimizer, lr_lambda, scaled_weight_decay
+from trainer.optim import (
+    NOMINAL_BATCH,
+    Warmup,
+    build_optimizer,
+    lr_lambda,
+    scaled_weight_decay,
+)
 from trainer.train import build_training_parts
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.search_space import Gene, SearchSpace
+from orchestrator.evolution.search_space import Gene, SearchSpace
 from trainer.config import Hyp
 from trainer.errors import UserError
 

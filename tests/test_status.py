@@ -9,10 +9,18 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from orchestrator.journal import Journal
-from orchestrator.leases import Offer, WorkerIdentity, load_state, save_state, start_lease
-from orchestrator.search_space import SearchSpace
-from orchestrator.status import (
+from orchestrator.cli.render import format_duration, render_status
+from orchestrator.evolution.journal import Journal
+from orchestrator.evolution.leases import (
+    Offer,
+    WorkerIdentity,
+    load_state,
+    save_state,
+    start_lease,
+)
+from orchestrator.evolution.loop import GenerationContext, run_worker
+from orchestrator.evolution.search_space import SearchSpace
+from orchestrator.runs.status import (
     RunProgress,
     StatusReport,
     WorkerRow,
@@ -21,11 +29,9 @@ from orchestrator.status import (
     collect_status,
     current_epoch,
     estimate_eta,
-    format_duration,
-    render_status,
 )
-from orchestrator.worker import GenerationContext, GenerationResult, run_worker
 from trainer.config import Hyp
+from trainer.results import ValidationResult
 
 TRAINER_LOG = """\
 Generation 4 (attempt 1, mutation): training 3 epochs
@@ -106,9 +112,9 @@ def test_render_status_when_done_stopping_or_not_started() -> None:
     assert "waiting for the first worker to prepare /runs/r1" in waiting
 
 
-def smooth(hyp: Hyp, context: GenerationContext) -> GenerationResult:
+def smooth(hyp: Hyp, context: GenerationContext) -> ValidationResult:
     score = math.exp(-(((hyp.lr0 - 0.02) / 0.02) ** 2))
-    return GenerationResult(score, score, score, 0.5 * score, 1 - score, 1 - score, 0.1)
+    return ValidationResult(score, score, score, 0.5 * score, 1 - score, 1 - score, 0.1)
 
 
 def test_collect_status_joins_the_journal_with_the_workers(tmp_path: Path) -> None:

@@ -11,7 +11,12 @@ import torch
 from torchvision.io import decode_image
 
 from trainer.data.labels import load_samples
-from trainer.data.synthetic import SHAPES, _shape_mask, ensure_synthetic, generate_synthetic
+from trainer.data.synthetic import (
+    SHAPES,
+    _shape_mask,
+    ensure_synthetic,
+    generate_synthetic,
+)
 from trainer.errors import UserError
 
 

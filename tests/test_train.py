@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import run_trainer
 
 TINY = ["--imgsz", "64", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--seed", "3"]
@@ -121,6 +120,7 @@ def test_fine_tuning_from_a_yolov5_checkpoint_takes_its_model_and_weights(tiny_d
     """`--weights yolov5s.pt --freeze 10` as YOLOv5 users run it: no --cfg, COCO's 80 classes onto 6,
     the backbone frozen."""
     from test_weights import yolov5_style_checkpoint
+
     from trainer.model.yolo import DetectionModel
 
     source = DetectionModel("yolov5s", nc=80)

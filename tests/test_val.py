@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from conftest import run_trainer
+
 from trainer.checkpoint import save_checkpoint
 from trainer.errors import UserError
 from trainer.model.yolo import DetectionModel

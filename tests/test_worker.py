@@ -16,12 +16,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.journal import RESULT_COLUMNS, Journal, run_columns
-from orchestrator.leases import RunState, WorkerIdentity, expire_leases, offer_slot, reclaim_lease, start_lease
-from orchestrator.search_space import SearchSpace
-from orchestrator.worker import GenerationContext, GenerationFailed, GenerationResult, run_worker
+from orchestrator.evolution.journal import Journal, run_columns
+from orchestrator.evolution.leases import (
+    RunState,
+    WorkerIdentity,
+    expire_leases,
+    offer_slot,
+    reclaim_lease,
+    start_lease,
+)
+from orchestrator.evolution.loop import (
+    GenerationContext,
+    GenerationFailed,
+    run_worker,
+)
+from orchestrator.evolution.search_space import SearchSpace
 from trainer.config import Hyp
 from trainer.errors import UserError
+from trainer.results import RESULT_COLUMNS, ValidationResult
 
 SPACE = SearchSpace.load()
 KEYS = run_columns(Hyp())
@@ -29,11 +41,11 @@ BASE = np.array([Hyp().as_dict()[key] for key in KEYS])
 FORK = multiprocessing.get_context("fork")
 
 
-def smooth_objective(hyp: Hyp, context: GenerationContext, delay: float = 0.0) -> GenerationResult:
+def smooth_objective(hyp: Hyp, context: GenerationContext, delay: float = 0.0) -> ValidationResult:
     """A cheap stand-in for training: a smooth bump around lr0=0.02, momentum=0.9."""
     time.sleep(delay)
     score = math.exp(-(((hyp.lr0 - 0.02) / 0.02) ** 2) - ((hyp.momentum - 0.9) / 0.1) ** 2)
-    return GenerationResult(score, score, score, 0.6 * score, 1 - score, 1 - score, 0.1)
+    return ValidationResult(score, score, score, 0.6 * score, 1 - score, 1 - score, 0.1)
 
 
 def _evolve(run_dir: Path, generations: int, objective: Callable = smooth_objective, **options: object):
@@ -94,12 +106,12 @@ def test_one_worker_trains_the_base_first_then_exactly_the_budget(tmp_path: Path
 def test_failures_are_recorded_not_rows_never_parents_and_retried(tmp_path: Path) -> None:
     first_tries = iter(["ok", "raise", "nan", "crash"])
 
-    def flaky(hyp: Hyp, context: GenerationContext) -> GenerationResult:
+    def flaky(hyp: Hyp, context: GenerationContext) -> ValidationResult:
         outcome = next(first_tries, "ok") if context.attempt == 1 else "ok"
         if outcome == "raise":
             raise GenerationFailed("loss is NaN at epoch 2", kind="diverged")
         if outcome == "nan":
-            return GenerationResult(math.nan, 0, 0, 0, 0, 0, 0)
+            return ValidationResult(math.nan, 0, 0, 0, 0, 0, 0)
         if outcome == "crash":
             raise RuntimeError("CUDA error: an illegal memory access")
         return smooth_objective(hyp, context)
@@ -119,7 +131,7 @@ def test_failures_are_recorded_not_rows_never_parents_and_retried(tmp_path: Path
 
 
 def test_a_slot_failing_every_attempt_is_given_up_and_counts_toward_the_budget(tmp_path: Path) -> None:
-    def always_oom(hyp: Hyp, context: GenerationContext) -> GenerationResult:
+    def always_oom(hyp: Hyp, context: GenerationContext) -> ValidationResult:
         raise GenerationFailed("CUDA out of memory", kind="oom")
 
     summary = _evolve(tmp_path / "run", 2, always_oom, max_attempts=3)
@@ -144,7 +156,7 @@ def test_heartbeat_keeps_a_long_generation_alive_while_another_worker_waits(tmp_
     ttl = 1.0
     seen_expiries: list[float] = []
 
-    def slow(hyp: Hyp, context: GenerationContext) -> GenerationResult:
+    def slow(hyp: Hyp, context: GenerationContext) -> ValidationResult:
         time.sleep(2.5 * ttl)
         seen_expiries.append(_state(context.run_dir)["leases"][str(context.claim)]["expires"] - time.time())
         return smooth_objective(hyp, context)
@@ -164,7 +176,7 @@ def test_heartbeat_keeps_a_long_generation_alive_while_another_worker_waits(tmp_
 def test_stop_event_and_stop_file_end_the_worker_after_its_generation(tmp_path: Path) -> None:
     stop = threading.Event()
 
-    def stop_during(hyp: Hyp, context: GenerationContext) -> GenerationResult:
+    def stop_during(hyp: Hyp, context: GenerationContext) -> ValidationResult:
         stop.set()
         return smooth_objective(hyp, context)
 

@@ -188,7 +188,7 @@ def main(**options: Any) -> None:
     """Train a YOLO-family detector (YOLOv5's recipe), or run as a hyperparameter-evolution worker."""
     logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stderr)
     if options["evolve"] is not None or options["generations"] is not None:
-        from trainer.evolve import evolve_command
+        from orchestrator.evolution.command import evolve_command
         evolve_command(options)
         return
     devices = dist.parse_devices(options["device"])

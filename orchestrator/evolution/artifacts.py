@@ -1,8 +1,6 @@
-"""Files and views derived from evolve.csv: always recomputed, never edited by hand.
+"""The files an evolution derives from its journal: hyp_evolve.yaml, evolve.png and fitness.png.
 
-`hyp_evolve.yaml` is cheap and rewritten after every generation; the plots take about a
-second at 10,000 rows, so workers render them outside the lock and at most every so
-often. Every file is replaced atomically, so a reader never sees half of one.
+Each is recomputed from evolve.csv and replaced atomically, never edited.
 """
 
 from __future__ import annotations
@@ -14,15 +12,20 @@ from pathlib import Path
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
-from rich.table import Table
 
-from orchestrator.journal import RESULT_COLUMNS, Population
-from trainer.config import Hyp
+from orchestrator.evolution.journal import Population
 from trainer.files import save_figure, write_atomic
+from trainer.results import RESULT_COLUMNS
 
 HYP_EVOLVE_NAME = "hyp_evolve.yaml"
+
+
 EVOLVE_PLOT_NAME = "evolve.png"
+
+
 FITNESS_PLOT_NAME = "fitness.png"
+
+
 TITLE = "# evolvectl hyperparameter evolution results"
 
 
@@ -90,47 +93,3 @@ def write_plots(run_dir: Path, population: Population, keys: Sequence[str]) -> b
     plot_evolution(run_dir / EVOLVE_PLOT_NAME, population, keys)
     plot_fitness(run_dir / FITNESS_PLOT_NAME, population)
     return True
-
-
-def summary_table(population: Population, base_hyp: Hyp, top: int = 5) -> Table:
-    """The `top` fittest rows with the hyperparameters that differ from the base hyp."""
-    fitness = population.fitness
-    ranked = [int(row) for row in np.argsort(-np.where(np.isfinite(fitness), fitness, -np.inf), kind="stable")]
-    ranked = [row for row in ranked if np.isfinite(fitness[row])][:top]
-    base = base_hyp.as_dict(include_unset=True)
-    table = Table(title=f"Top {len(ranked)} of {len(population)} generations")
-    for name in ("rank", "generation", "fitness", "mAP@0.5", "mAP@0.5:0.95"):
-        table.add_column(name, justify="right")
-    table.add_column("changed from base")
-    for rank, row in enumerate(ranked, start=1):
-        table.add_row(
-            str(rank),
-            str(row),
-            f"{fitness[row]:.4f}",
-            f"{population.results[row, 2]:.4f}",
-            f"{population.results[row, 3]:.4f}",
-            _largest_changes(population.hyp_at(row), base),
-        )
-    return table
-
-
-def _largest_changes(hyp: dict[str, float], base: dict[str, float | None], shown: int = 4) -> str:
-    """The few keys that moved most from the base, relative to their base value (all are in hyp_evolve.yaml)."""
-    changed = {
-        key: value for key, value in hyp.items()
-        if base.get(key) is None or not math.isclose(value, base[key], rel_tol=1e-4, abs_tol=1e-9)
-    }
-    if not changed:
-        return "(base hyp)"
-
-    def relative(key: str) -> float:
-        reference = base.get(key)
-        return math.inf if not reference else abs(changed[key] - reference) / abs(reference)
-
-    ordered = sorted(changed, key=relative, reverse=True)
-    text = ", ".join(f"{key} {_number(base.get(key))} → {_number(changed[key])}" for key in ordered[:shown])
-    return text + (f" (+{len(ordered) - shown} more)" if len(ordered) > shown else "")
-
-
-def _number(value: float | None) -> str:
-    return "unset" if value is None else f"{value:.5g}"

@@ -19,11 +19,21 @@ from docker.models.containers import Container
 
 import docker
 import orchestrator
-from orchestrator.container_spec import (
-    DDP_KEY,
+from orchestrator.backends.base import DEFAULT_MAX_RESTARTS, DEFAULT_SHM_SIZE
+from orchestrator.backends.docker.engine import (
+    ALIVE_STATES,
+    DOCKERFILE,
+    build_image,
+    engine_errors,
+    kill_all,
+    list_workers,
+    log_tail,
+    start_worker,
+    stream_logs,
+)
+from orchestrator.backends.docker.gpus import visible_gpus
+from orchestrator.backends.docker.spec import (
     DDP_ROLE,
-    DEFAULT_MAX_RESTARTS,
-    DEFAULT_SHM_SIZE,
     GPU_LABEL,
     ROLE_LABEL,
     SLOT_LABEL,
@@ -31,24 +41,19 @@ from orchestrator.container_spec import (
     Mount,
     WorkerSpec,
     dataset_mount,
+    ddp_spec,
     worker_spec,
 )
-from orchestrator.containers import (
-    ALIVE_STATES,
-    DOCKERFILE,
-    build_image,
-    engine_errors,
-    kill_all,
-    list_workers,
-    stream_logs,
-    log_tail,
-    start_worker,
+from orchestrator.runs.ddp import DdpPlan
+from orchestrator.runs.inputs import (
+    StagedInputs,
+    container_run_dir,
+    stage_for_containers,
 )
-from orchestrator.ddp import DdpPlan, ddp_spec
-from orchestrator.gpus import visible_gpus
-from orchestrator.launch import LaunchPlan, WorkerSlot, is_ddp_run
-from orchestrator.run_inputs import StagedInputs, container_run_dir, stage_for_containers
-from orchestrator.status import WorkerState
+from orchestrator.runs.names import DDP_KEY
+from orchestrator.runs.plan import LaunchPlan, WorkerSlot
+from orchestrator.runs.record import is_ddp_run
+from orchestrator.runs.status import WorkerState
 from trainer.errors import UserError
 
 PROJECT_ROOT = Path(orchestrator.__file__).resolve().parent.parent

@@ -12,16 +12,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from orchestrator.container_spec import DEFAULT_MAX_RESTARTS, DEFAULT_SHM_SIZE
-from orchestrator.launch import LaunchPlan, LaunchRecord
-from orchestrator.status import WorkerState
+from orchestrator.runs.plan import LaunchPlan
+from orchestrator.runs.record import LaunchRecord
+from orchestrator.runs.status import WorkerState
 from trainer.errors import UserError
 
 if TYPE_CHECKING:
-    from orchestrator.ddp import DdpPlan
+    from orchestrator.runs.ddp import DdpPlan
 
 Write = Callable[[str], None]
 DEFAULT_IMAGE = "evolvectl:latest"
+# Dataloader workers share batches through /dev/shm; Docker's 64 MB default kills them.
+DEFAULT_SHM_SIZE = "8g"
+# A crashed worker comes back on its own a few times; its lost generation is retried by the
+# journal's leases, so a restart resumes the evolution instead of starting over.
+DEFAULT_MAX_RESTARTS = 3
 CHOICES = ("auto", "docker", "local")
 
 
@@ -69,14 +74,14 @@ class WorkerSettings:
 
 def open_backend(choice: str, project: Path, settings: WorkerSettings, say: Write) -> Backend:
     """The backend named by `choice`; `auto` falls back to local processes when no engine answers."""
-    from orchestrator.local import LocalBackend
+    from orchestrator.backends.local.backend import LocalBackend
 
     if choice not in CHOICES:
         raise UserError(f"--backend {choice!r}: choose one of {', '.join(CHOICES)}")
     if choice == "local":
         return LocalBackend(project, max_restarts=settings.max_restarts)
-    from orchestrator.containers import connect
-    from orchestrator.docker_backend import DockerBackend
+    from orchestrator.backends.docker.backend import DockerBackend
+    from orchestrator.backends.docker.engine import connect
 
     try:
         client = connect()

@@ -10,11 +10,17 @@ from rich.console import Console
 from rich.live import Live
 from rich.status import Status
 
-from orchestrator import outputs
-from orchestrator.journal import Journal
-from orchestrator.launch import LaunchRecord
-from orchestrator.search_space import SearchSpace
-from orchestrator.status import StatusReport, all_exited, render_progress, render_status, render_workers
+from orchestrator.cli.render import (
+    render_progress,
+    render_status,
+    render_workers,
+    summary_table,
+)
+from orchestrator.evolution import artifacts
+from orchestrator.evolution.journal import Journal
+from orchestrator.evolution.search_space import SearchSpace
+from orchestrator.runs.record import LaunchRecord
+from orchestrator.runs.status import StatusReport, all_exited
 from trainer.config import Hyp
 from trainer.paths import resolve_config
 
@@ -79,15 +85,15 @@ def print_results(console: Console, run: str, run_dir: Path, top: int = 5) -> No
     base_hyp = Hyp.from_yaml(resolve_config((record.hyp if record else None) or DEFAULT_HYP, "hyps"))
     space_file = record.search_space if record else None
     space = SearchSpace.load(resolve_config(space_file, "evolve") if space_file else None)
-    console.print(outputs.summary_table(population, base_hyp, top))
+    console.print(summary_table(population, base_hyp, top))
     try:
-        outputs.write_hyp_evolve(run_dir, population)
-        drawn = outputs.write_plots(run_dir, population, space.evolved_keys(population.hyp_keys))
+        artifacts.write_hyp_evolve(run_dir, population)
+        drawn = artifacts.write_plots(run_dir, population, space.evolved_keys(population.hyp_keys))
     except OSError as error:  # a run folder written by other users' containers can be read-only to us
         console.print(f"cannot write to {run_dir}: {error.strerror}", style="yellow")
         drawn = False
-    best = run_dir / outputs.HYP_EVOLVE_NAME
+    best = run_dir / artifacts.HYP_EVOLVE_NAME
     if best.is_file():
         console.print(f"best hyperparameters: {best}")
     if drawn:
-        console.print(f"plots: {run_dir / outputs.EVOLVE_PLOT_NAME}, {run_dir / outputs.FITNESS_PLOT_NAME}")
+        console.print(f"plots: {run_dir / artifacts.EVOLVE_PLOT_NAME}, {run_dir / artifacts.FITNESS_PLOT_NAME}")

@@ -1,6 +1,6 @@
 """The local backend: workers as detached processes on this host, for hosts without Docker.
 
-Each worker is `python -m orchestrator.supervisor -- python -m trainer --evolve ...`,
+Each worker is `python -m orchestrator.backends.local.supervisor -- python -m orchestrator.evolution ...`,
 started in its own session (so it outlives the command that started it, and one signal to
 its process group reaches the trainer and its dataloader processes). Its files live in the
 run folder: `workers/<key>.json` (state: pid, restarts, exit code) and `workers/<key>.log`
@@ -22,23 +22,32 @@ from pathlib import Path
 from typing import Any
 
 import orchestrator
-from orchestrator.container_spec import DDP_KEY, DEFAULT_MAX_RESTARTS
-from orchestrator.ddp import CHECKPOINT, DdpPlan, job_command, job_environment, resuming
-from orchestrator.launch import WORKERS_DIR, LaunchPlan, WorkerSlot
-from trainer.ranks import descendants, process_table, signal_ranks
-from orchestrator.run_inputs import stage_local
-from orchestrator.status import ACTIVE_STATES, WorkerState
-from orchestrator.supervisor import write_state
+from orchestrator.backends.base import DEFAULT_MAX_RESTARTS
+from orchestrator.backends.local.supervisor import write_state
+from orchestrator.runs.ddp import (
+    CHECKPOINT,
+    DdpPlan,
+    job_command,
+    job_environment,
+    resuming,
+)
+from orchestrator.runs.inputs import stage_local
+from orchestrator.runs.names import DDP_KEY
+from orchestrator.runs.plan import LaunchPlan, WorkerSlot
+from orchestrator.runs.status import ACTIVE_STATES, WorkerState
 from trainer.errors import UserError
+from trainer.ranks import descendants, process_table, signal_ranks
 
-TRAINER_COMMAND = (sys.executable, "-m", "trainer")
-SUPERVISOR_MODULE = "orchestrator.supervisor"
+WORKER_COMMAND = (sys.executable, "-m", "orchestrator.evolution")
+SUPERVISOR_MODULE = "orchestrator.backends.local.supervisor"
 # Exit status reported for a killed worker: what a shell and Docker report after SIGKILL.
 KILLED_EXIT_CODE = 137
 TAIL_BYTES = 8192
 FOLLOW_POLL_S = 0.25
 # SIGKILL is delivered asynchronously; kill waits this long for the process to be gone.
 KILL_WAIT_S = 2.0
+# Under a run folder: one state file and one log per local worker.
+WORKERS_DIR = "workers"
 
 Write = Callable[[str], None]
 
@@ -76,18 +85,18 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 class LocalBackend:
-    """Workers as supervised local processes running `trainer_command` (default: this Python's trainer)."""
+    """Workers as supervised local processes running `worker_command` (default: this Python's evolution worker)."""
 
     name = "local"
 
     def __init__(
         self,
         project: Path,
-        trainer_command: Sequence[str] | None = None,
+        worker_command: Sequence[str] | None = None,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
     ) -> None:
         self.project = project
-        self.trainer_command = tuple(trainer_command or TRAINER_COMMAND)
+        self.worker_command = tuple(worker_command or WORKER_COMMAND)
         self.max_restarts = max_restarts
 
     def prepare(self, say: Write) -> None:
@@ -120,7 +129,7 @@ class LocalBackend:
 
     def _spawn(self, plan: LaunchPlan, slot: WorkerSlot, arguments: list[str], workers_dir: Path) -> int:
         device = "cpu" if slot.gpu is None else str(slot.gpu)
-        worker = [*self.trainer_command, "--evolve", *arguments, "--project", str(plan.project.absolute()),
+        worker = [*self.worker_command, "--evolve", *arguments, "--project", str(plan.project.absolute()),
                   "--name", plan.run, "--worker-id", slot.worker_id(plan.run), "--device", device]
         return self._supervise(slot.key, worker, workers_dir, _worker_environment(slot, plan))
 

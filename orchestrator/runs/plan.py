@@ -8,29 +8,24 @@ the trainer's own outputs (results.csv, weights/) instead of a journal.
 
 Workers are named by a key: `gpu3` for the worker on GPU 3, `cpu0`, `cpu1`, ... for CPU
 workers, `ddp` for the one worker of a DDP training. `attach 3` is short for `attach gpu3`.
+`--gpus` is parsed here too: `0-3`, `0,2,5` or `all`.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from orchestrator.container_spec import DDP_KEY, check_run_name, worker_name
-from trainer.files import write_atomic
+from orchestrator.runs.names import DDP_KEY, check_run_name, worker_name
 from trainer.errors import UserError
 
 DEFAULT_PROJECT = Path("runs/evolve")
+
+
 DDP_PROJECT = Path("runs/train")  # where YOLOv5 users look for a training's results
-EVOLVE_MODE = "evolve"
-DDP_MODE = "ddp"
-LAUNCH_NAME = "launch.json"
-WORKERS_DIR = "workers"
-BACKENDS = ("docker", "local")
+
 
 _KEY_PATTERN = re.compile(r"(?:(gpu)?(\d+)|(cpu)(\d+)|(ddp))")
 
@@ -135,70 +130,40 @@ def run_directory(project: Path, run: str) -> Path:
     return (project / check_run_name(run)).absolute()
 
 
-@dataclass(frozen=True)
-class LaunchRecord:
-    """`launch.json`: how a run was last started, read by status, stop, results and friends."""
+def parse_gpu_spec(spec: str, available: list[int] | None) -> list[int]:
+    """GPU indices from `all`, `3`, `0-7`, `0,2,5` or a mix such as `0-2,5`, in ascending order.
 
-    run: str
-    backend: str
-    workers: tuple[str, ...]
-    generations: int
-    hyp: str | None  # host path or bundled name of the base hyp, for the results table
-    search_space: str | None
-    image: str | None = None
-    started: float = field(default_factory=time.time)
-    mode: str = EVOLVE_MODE  # or DDP_MODE: one training, whose progress is its results.csv
-    start_epoch: int = 0  # DDP: epochs already trained when started (a resumed run), for the ETA
-
-    def save(self, run_dir: Path) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / LAUNCH_NAME, (json.dumps(asdict(self), indent=1) + "\n").encode())
-
-    @classmethod
-    def load(cls, run_dir: Path) -> LaunchRecord | None:
-        try:
-            values: dict[str, Any] = json.loads((run_dir / LAUNCH_NAME).read_text())
-        except FileNotFoundError:
-            return None
-        except ValueError as error:
-            raise UserError(f"{run_dir / LAUNCH_NAME} is not valid JSON ({error}); delete it and start again") from None
-        values["workers"] = tuple(values.get("workers", ()))
-        return cls(**values)
-
-
-def searched_projects(project: Path) -> tuple[Path, ...]:
-    """The default --project stands for both homes of runs: evolutions and DDP trainings."""
-    return (DEFAULT_PROJECT, DDP_PROJECT) if project == DEFAULT_PROJECT else (project,)
-
-
-def latest_run(projects: Sequence[Path], run: str | None = None) -> Path | None:
-    """The folder of the most recently started run (named `run`, if given) under any of `projects`."""
-    pattern = f"{check_run_name(run)}/{LAUNCH_NAME}" if run else f"*/{LAUNCH_NAME}"
-    launched = [path for project in projects for path in project.glob(pattern)]
-    if not launched:
-        return None
-    return max(launched, key=lambda path: path.stat().st_mtime).parent.absolute()
-
-
-def existing_run_dir(project: Path, run: str | None) -> tuple[str, Path]:
-    """The run's name and folder for commands that read a run: it must exist.
-
-    Under the default --project a name may exist as an evolution and as a DDP training: the
-    one started last is meant (each command's output names the folder it read).
+    `available` is what the engine can see; None means unknown, so any index is accepted
+    and only `all` is refused.
     """
-    projects = searched_projects(project)
-    found = latest_run(projects, run)
-    if found is not None:
-        return found.name, found
-    if run is None:
-        places = " or ".join(f"{place}/" for place in projects)
-        raise UserError(f"no runs under {places}: start one with `evolvectl start`, or pass --project/--name")
-    run_dir = run_directory(project, run)
-    if not run_dir.is_dir():
-        raise UserError(f"run '{run}' not found: no folder {run_dir} (see --project, --name)")
-    return run, run_dir
+    text = spec.strip()
+    if text.lower() == "all":
+        if available is None:
+            raise UserError("--gpus all: the engine's GPUs are unknown; list them instead, e.g. --gpus 0-3")
+        if not available:
+            raise UserError("--gpus all: the engine sees no GPUs; run CPU workers with --cpu-workers N")
+        return sorted(available)
+    chosen: list[int] = []
+    for part in text.split(","):
+        for gpu in _parse_part(part.strip(), spec):
+            if gpu in chosen:
+                raise UserError(f"--gpus '{spec}': GPU {gpu} is listed twice")
+            chosen.append(gpu)
+    if available is not None:
+        missing = [gpu for gpu in chosen if gpu not in available]
+        if missing:
+            seen = ", ".join(map(str, sorted(available))) or "none"
+            raise UserError(f"--gpus '{spec}': no GPU {', '.join(map(str, missing))}; the engine sees: {seen}")
+    return sorted(chosen)
 
 
-def is_ddp_run(run_dir: Path) -> bool:
-    record = LaunchRecord.load(run_dir)
-    return record is not None and record.mode == DDP_MODE
+def _parse_part(part: str, spec: str) -> range:
+    """One comma-separated piece: `5` or `0-7`."""
+    first, dash, last = part.partition("-")
+    bounds = [first, last] if dash else [first]
+    if not all(bound.strip().isdigit() for bound in bounds):
+        raise UserError(f"--gpus '{spec}': '{part}' is not a GPU index or range; use e.g. 0-3, 0,2,5 or all")
+    low, high = int(first), int(last if dash else first)
+    if high < low:
+        raise UserError(f"--gpus '{spec}': range '{part}' runs backwards; write {high}-{low}")
+    return range(low, high + 1)

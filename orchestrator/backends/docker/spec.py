@@ -1,4 +1,4 @@
-"""What one worker container looks like, as plain data: built without an engine, run by `containers`.
+"""What one worker container looks like, as plain data: built without an engine, run by `engine`.
 
 Inside every container the layout is fixed, whatever the host looks like:
 - `/runs` is the run volume (read-write): every worker of a run writes to `/runs/evolve/<run>`.
@@ -6,44 +6,65 @@ Inside every container the layout is fixed, whatever the host looks like:
   `/workspace`, a YOLOv5-style data YAML that says `path: ../datasets/<name>` finds it.
 - The one GPU a worker gets is its device 0, because the engine exposes only that GPU
   (and a DDP job's n GPUs are its devices 0 to n-1).
+
+Evolution workers run the evolution entry point (`python -m orchestrator.evolution`); a DDP
+job runs the trainer through a one-line shell wrapper that resumes from its own last.pt.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import docker.types
 
-from trainer.errors import UserError
+from orchestrator.backends.base import DEFAULT_MAX_RESTARTS, DEFAULT_SHM_SIZE
+from orchestrator.runs.ddp import (
+    CHECKPOINT,
+    DdpPlan,
+    job_command,
+    job_environment,
+    resuming,
+)
+from orchestrator.runs.inputs import (
+    RUNS_DIR,
+    StagedInputs,
+    container_dataset_path,
+    container_run_dir,
+)
+from orchestrator.runs.names import PROJECT, check_run_name, ddp_name, worker_name
+from orchestrator.runs.plan import TrainerOptions
 
-PROJECT = "evolvectl"
 PROJECT_LABEL = "org.evolvectl.project"
+
+
 RUN_LABEL = "org.evolvectl.run"
+
+
 GPU_LABEL = "org.evolvectl.gpu"
+
+
 SLOT_LABEL = "org.evolvectl.slot"
+
+
 ROLE_LABEL = "org.evolvectl.role"
+
+
 EVOLVE_ROLE = "evolve-worker"
+
+
 # One DDP training job (`evolvectl ddp`): one worker per host, whatever its GPU count.
 DDP_ROLE = "ddp"
-DDP_KEY = "ddp"
 
-RUNS_DIR = "/runs"
-DATASETS_DIR = "/datasets"
+
 WORKDIR = "/workspace"
+
+
 WORKER_USER = "1000:1000"
-
-# Dataloader workers share batches through /dev/shm; Docker's 64 MB default kills them.
-DEFAULT_SHM_SIZE = "8g"
-# A crashed worker comes back on its own a few times; its lost generation is retried by the
-# journal's leases, so a restart resumes the evolution instead of starting over.
-DEFAULT_MAX_RESTARTS = 3
-
-# Docker's own rule for container names, which embed the run name.
-_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Evolution workers run the evolution entry point; the image's own entrypoint is the trainer.
+EVOLUTION_ENTRYPOINT = ("python", "-m", "orchestrator.evolution")
 
 
 @dataclass(frozen=True)
@@ -109,27 +130,6 @@ class WorkerSpec:
         return kwargs
 
 
-def check_run_name(run: str) -> str:
-    """A run name becomes part of container names, so it must follow Docker's naming rule."""
-    if not _NAME_PATTERN.fullmatch(run):
-        raise UserError(
-            f"run name '{run}' cannot name a container: use letters, digits, '_', '.' and '-', "
-            "starting with a letter or digit"
-        )
-    return run
-
-
-def worker_name(run: str, gpu: int | None, slot: int) -> str:
-    """`evolvectl-<run>-gpu<k>` for the worker on GPU k, `evolvectl-<run>-cpu<slot>` otherwise."""
-    device = f"gpu{gpu}" if gpu is not None else f"cpu{slot}"
-    return f"{PROJECT}-{check_run_name(run)}-{device}"
-
-
-def ddp_name(run: str) -> str:
-    """`evolvectl-<run>-ddp`: the one container of a DDP training on this host."""
-    return f"{PROJECT}-{check_run_name(run)}-{DDP_KEY}"
-
-
 def run_labels(run: str | None = None) -> dict[str, str]:
     """Labels every container of the project (and of one run, if given) carries."""
     labels = {PROJECT_LABEL: PROJECT}
@@ -149,11 +149,6 @@ def run_mount(run_volume: Path | str) -> Mount:
 def dataset_mount(dataset_dir: Path) -> Mount:
     """The dataset folder, read-only, at /datasets/<folder name>."""
     return Mount(str(dataset_dir.absolute()), container_dataset_path(dataset_dir), "bind", read_only=True)
-
-
-def container_dataset_path(dataset_dir: Path) -> str:
-    """Where a worker sees the host's `dataset_dir`."""
-    return f"{DATASETS_DIR}/{dataset_dir.absolute().name}"
 
 
 def worker_spec(
@@ -201,4 +196,53 @@ def worker_spec(
         labels=labels,
         shm_size=shm_size,
         max_restarts=max_restarts,
+        entrypoint=EVOLUTION_ENTRYPOINT,
     )
+
+
+def container_training_dir(run: str) -> str:
+    """Where the job's container sees the run folder, and writes its outputs."""
+    return f"{RUNS_DIR}/train/{check_run_name(run)}"
+
+
+def ddp_spec(
+    plan: DdpPlan,
+    staged: StagedInputs,
+    image: str,
+    user: str = WORKER_USER,
+    shm_size: str = DEFAULT_SHM_SIZE,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
+) -> WorkerSpec:
+    """The container of a DDP job: all its GPUs in one device request, the run folder read-write."""
+    inside = container_training_dir(plan.run)
+    options = _rebased(staged.options, container_run_dir(plan.run), inside)
+    devices = ",".join(str(index) for index in range(len(plan.gpus))) if plan.gpus else "cpu"
+    run_folder = Mount(str(plan.run_dir), inside, "bind", read_only=False)
+    mounts = (run_folder, dataset_mount(staged.dataset_dir)) if staged.dataset_dir else (run_folder,)
+    labels = {**run_labels(plan.run), ROLE_LABEL: DDP_ROLE, GPU_LABEL: ",".join(map(str, plan.gpus)) or "cpu"}
+    return WorkerSpec(
+        image=image,
+        name=ddp_name(plan.run),
+        command=tuple(job_command(plan, options, f"{RUNS_DIR}/train", devices, "python")),
+        environment=_job_environment(plan, user),
+        mounts=mounts,
+        gpu_ids=plan.gpus or None,
+        labels=labels,
+        shm_size=shm_size,
+        max_restarts=max_restarts,
+        user=user,
+        entrypoint=resuming(f"{inside}/{CHECKPOINT}"),
+        network_mode="host" if plan.rendezvous.multi_node else None,
+    )
+
+
+def _rebased(options: TrainerOptions, old: str, new: str) -> TrainerOptions:
+    """Staging names files under the evolution's mount point; a training's folder is mounted elsewhere."""
+    paths = {name: new + value[len(old):] for name in ("data", "cfg", "hyp")
+             if isinstance(value := getattr(options, name), str) and value.startswith(old + "/")}
+    return replace(options, **paths)
+
+
+def _job_environment(plan: DdpPlan, user: str) -> dict[str, str]:
+    """The job's environment, with a writable HOME for a foreign uid (the image's belongs to uid 1000)."""
+    return {**job_environment(plan), **({"HOME": "/tmp"} if user != WORKER_USER else {})}

@@ -1,57 +1,20 @@
-"""Which GPUs to use: parsing `--gpus` and asking the engine what it can hand out."""
+"""Which GPUs the Docker engine can hand out to containers."""
 
 from __future__ import annotations
 
-import docker
 import docker.errors
 import docker.types
 import requests
 
-from orchestrator.container_spec import PROJECT, PROJECT_LABEL, ROLE_LABEL
-from trainer.errors import UserError
+import docker
+from orchestrator.backends.docker.spec import PROJECT_LABEL, ROLE_LABEL
+from orchestrator.runs.names import PROJECT
 
 NVIDIA_RUNTIME = "nvidia"
+
+
 # What Docker answers when no installed driver (NVIDIA Container Toolkit) serves `--gpus`.
 NO_GPU_DRIVER = "could not select device driver"
-
-
-def parse_gpu_spec(spec: str, available: list[int] | None) -> list[int]:
-    """GPU indices from `all`, `3`, `0-7`, `0,2,5` or a mix such as `0-2,5`, in ascending order.
-
-    `available` is what the engine can see; None means unknown, so any index is accepted
-    and only `all` is refused.
-    """
-    text = spec.strip()
-    if text.lower() == "all":
-        if available is None:
-            raise UserError("--gpus all: the engine's GPUs are unknown; list them instead, e.g. --gpus 0-3")
-        if not available:
-            raise UserError("--gpus all: the engine sees no GPUs; run CPU workers with --cpu-workers N")
-        return sorted(available)
-    chosen: list[int] = []
-    for part in text.split(","):
-        for gpu in _parse_part(part.strip(), spec):
-            if gpu in chosen:
-                raise UserError(f"--gpus '{spec}': GPU {gpu} is listed twice")
-            chosen.append(gpu)
-    if available is not None:
-        missing = [gpu for gpu in chosen if gpu not in available]
-        if missing:
-            seen = ", ".join(map(str, sorted(available))) or "none"
-            raise UserError(f"--gpus '{spec}': no GPU {', '.join(map(str, missing))}; the engine sees: {seen}")
-    return sorted(chosen)
-
-
-def _parse_part(part: str, spec: str) -> range:
-    """One comma-separated piece: `5` or `0-7`."""
-    first, dash, last = part.partition("-")
-    bounds = [first, last] if dash else [first]
-    if not all(bound.strip().isdigit() for bound in bounds):
-        raise UserError(f"--gpus '{spec}': '{part}' is not a GPU index or range; use e.g. 0-3, 0,2,5 or all")
-    low, high = int(first), int(last if dash else first)
-    if high < low:
-        raise UserError(f"--gpus '{spec}': range '{part}' runs backwards; write {high}-{low}")
-    return range(low, high + 1)
 
 
 def visible_gpus(client: docker.DockerClient, probe_image: str | None = None) -> list[int] | None:

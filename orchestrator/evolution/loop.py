@@ -6,7 +6,7 @@ sees it); train it with the lock released while a heartbeat keeps the lease aliv
 the lock again, append the result (or record the failure) and rewrite hyp_evolve.yaml.
 
 The trainer plugs in as an `Objective`: a callable taking the child `Hyp` and a
-`GenerationContext`, returning a `GenerationResult`, or raising `GenerationFailed` (or
+`GenerationContext`, returning a `ValidationResult`, or raising `GenerationFailed` (or
 any exception) when the generation diverges, runs out of memory or crashes.
 """
 
@@ -19,16 +19,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from orchestrator import outputs
-from orchestrator.ga import ParentMethod, child_generator, propose_child
-from orchestrator.journal import Journal
-from orchestrator.leases import (
+from orchestrator.evolution import artifacts
+from orchestrator.evolution.ga import ParentMethod, child_generator, propose_child
+from orchestrator.evolution.journal import Journal
+from orchestrator.evolution.leases import (
     Heartbeat,
     Lease,
     RunState,
@@ -43,9 +43,10 @@ from orchestrator.leases import (
     save_state,
     start_lease,
 )
-from orchestrator.search_space import SearchSpace
+from orchestrator.evolution.search_space import SearchSpace
 from trainer.config import Hyp
 from trainer.errors import TrainingDiverged
+from trainer.results import ValidationResult
 
 logger = logging.getLogger(__name__)
 
@@ -75,23 +76,7 @@ class GenerationContext:
     source: str  # base, population:<file>, mutation, retry of claim N
 
 
-@dataclass(frozen=True)
-class GenerationResult:
-    """The seven values of an evolve.csv row, in its column order."""
-
-    precision: float
-    recall: float
-    map50: float
-    map: float
-    box_loss: float
-    obj_loss: float
-    cls_loss: float
-
-    def values(self) -> np.ndarray:
-        return np.array(astuple(self), dtype=float)
-
-
-Objective = Callable[[Hyp, GenerationContext], GenerationResult]
+Objective = Callable[[Hyp, GenerationContext], ValidationResult]
 
 
 @dataclass(frozen=True)
@@ -271,9 +256,9 @@ def _evaluate(
         kind = "oom" if type(error).__name__ == "OutOfMemoryError" else "crash"
         logger.exception("claim %d: generation failed", context.claim)
         return None, (kind, f"{type(error).__name__}: {error}")
-    if not isinstance(result, GenerationResult):
-        return None, ("crash", f"objective returned {type(result).__name__}, not a GenerationResult")
-    values = result.values()
+    if not isinstance(result, ValidationResult):
+        return None, ("crash", f"objective returned {type(result).__name__}, not a ValidationResult")
+    values = np.array(result.values())
     if not np.all(np.isfinite(values)):
         return None, ("diverged", f"non-finite result: {', '.join(f'{value:g}' for value in values)}")
     return values, None
@@ -303,14 +288,14 @@ def _finish(plan: _Plan, lease: Lease, values: np.ndarray | None, failure: tuple
         child = np.array([lease.hyp[key] for key in plan.hyp_keys])
         row = journal.append_rows(values, child)
         journal.append_record(lease_record(lease, "ok", now, row=row, seed=plan.seed))  # its hyp is the row
-        outputs.write_hyp_evolve(journal.run_dir, journal.read_population(plan.hyp_keys))
+        artifacts.write_hyp_evolve(journal.run_dir, journal.read_population(plan.hyp_keys))
     return "ok"
 
 
 def _write_plots(plan: _Plan) -> None:
     """Render plots from a lock-free read: they may lag a row behind, never tear."""
     try:
-        outputs.write_plots(plan.journal.run_dir, plan.journal.read_population(plan.hyp_keys), plan.evolved_keys)
+        artifacts.write_plots(plan.journal.run_dir, plan.journal.read_population(plan.hyp_keys), plan.evolved_keys)
     except Exception as error:  # a plot must never stop an evolution
         logger.warning("could not write plots: %s", error)
 
@@ -331,7 +316,6 @@ def _stop_on_sigterm(stop: threading.Event) -> Iterator[None]:
 __all__ = [
     "GenerationContext",
     "GenerationFailed",
-    "GenerationResult",
     "Objective",
     "WorkerSummary",
     "run_worker",

@@ -1,11 +1,11 @@
-"""`evolvectl ddp`: one DDP training over the chosen GPUs, as one container or one local process.
+"""`evolvectl ddp` as a plan: one DDP training over the chosen GPUs, whatever runs it.
 
-The job on a host is a single worker, keyed `ddp`: the container `evolvectl-<run>-ddp`,
-which holds all of the chosen GPUs (inside it they are devices 0 to n-1), or a supervised
-local process. Its command is the trainer with `--device 0,1,...`, which starts torchrun
-itself on a free port; with `--cpu-procs N` it is torchrun with N processes on CPU (the
-trainer alone would start one). The trainer writes into the run folder, `<project>/<run>`
-(default `runs/train/<run>`): results.csv, opt.yaml, weights/last.pt and best.pt.
+The job on a host is a single worker, keyed `ddp`: a container holding all of the chosen GPUs
+(inside it they are devices 0 to n-1), or a supervised local process. Its command is the
+trainer with `--device 0,1,...`, which starts torchrun itself on a free port; with
+`--cpu-procs N` it is torchrun with N processes on CPU (the trainer alone would start one).
+The trainer writes into the run folder, `<project>/<run>` (default `runs/train/<run>`):
+results.csv, opt.yaml, weights/last.pt and best.pt.
 
 A job that starts again (Docker's on-failure restart, the local supervisor's, or
 `evolvectl ddp` run again) continues from its own weights/last.pt: the command goes through
@@ -19,35 +19,26 @@ host's network, so that the rendezvous port and the NCCL connections reach acros
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.container_spec import (
-    DDP_ROLE,
-    DEFAULT_MAX_RESTARTS,
-    DEFAULT_SHM_SIZE,
-    GPU_LABEL,
-    ROLE_LABEL,
-    RUNS_DIR,
-    WORKER_USER,
-    Mount,
-    WorkerSpec,
-    check_run_name,
-    dataset_mount,
-    ddp_name,
-    run_labels,
-)
-from orchestrator.launch import TrainerOptions, run_directory
-from orchestrator.run_inputs import StagedInputs, container_run_dir
-from orchestrator.status import epochs_done, planned_epochs, read_results
+from orchestrator.runs.names import check_run_name
+from orchestrator.runs.plan import TrainerOptions, run_directory
+from orchestrator.runs.status import epochs_done, planned_epochs, read_results
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 # torchrun's own default; the trainer uses it too when several hosts are given no port.
 MULTI_NODE_PORT = 29500
+
+
 # `$0` is the checkpoint, `$@` the job's command: resume when a previous attempt saved one.
 RESUME_SCRIPT = 'if [ -f "$0" ]; then exec "$@" --resume "$0"; fi; exec "$@"'
+
+
 CHECKPOINT = "weights/last.pt"
 
 
@@ -148,56 +139,10 @@ def resuming(checkpoint: str) -> tuple[str, ...]:
     return ("sh", "-c", RESUME_SCRIPT, checkpoint)
 
 
-def container_training_dir(run: str) -> str:
-    """Where the job's container sees the run folder, and writes its outputs."""
-    return f"{RUNS_DIR}/train/{check_run_name(run)}"
-
-
-def ddp_spec(
-    plan: DdpPlan,
-    staged: StagedInputs,
-    image: str,
-    user: str = WORKER_USER,
-    shm_size: str = DEFAULT_SHM_SIZE,
-    max_restarts: int = DEFAULT_MAX_RESTARTS,
-) -> WorkerSpec:
-    """The container of a DDP job: all its GPUs in one device request, the run folder read-write."""
-    inside = container_training_dir(plan.run)
-    options = _rebased(staged.options, container_run_dir(plan.run), inside)
-    devices = ",".join(str(index) for index in range(len(plan.gpus))) if plan.gpus else "cpu"
-    run_folder = Mount(str(plan.run_dir), inside, "bind", read_only=False)
-    mounts = (run_folder, dataset_mount(staged.dataset_dir)) if staged.dataset_dir else (run_folder,)
-    labels = {**run_labels(plan.run), ROLE_LABEL: DDP_ROLE, GPU_LABEL: ",".join(map(str, plan.gpus)) or "cpu"}
-    return WorkerSpec(
-        image=image,
-        name=ddp_name(plan.run),
-        command=tuple(job_command(plan, options, f"{RUNS_DIR}/train", devices, "python")),
-        environment=job_environment(plan, user),
-        mounts=mounts,
-        gpu_ids=plan.gpus or None,
-        labels=labels,
-        shm_size=shm_size,
-        max_restarts=max_restarts,
-        user=user,
-        entrypoint=resuming(f"{inside}/{CHECKPOINT}"),
-        network_mode="host" if plan.rendezvous.multi_node else None,
-    )
-
-
-def _rebased(options: TrainerOptions, old: str, new: str) -> TrainerOptions:
-    """Staging names files under the evolution's mount point; a training's folder is mounted elsewhere."""
-    paths = {name: new + value[len(old):] for name in ("data", "cfg", "hyp")
-             if isinstance(value := getattr(options, name), str) and value.startswith(old + "/")}
-    return replace(options, **paths)
-
-
-def job_environment(plan: DdpPlan, user: str | None = None) -> dict[str, str]:
-    """Provenance, CPU threads shared among CPU processes, and a writable HOME for a foreign uid."""
-    environment = {"EVOLVECTL_GPUS": ",".join(map(str, plan.gpus))} if plan.gpus else {
+def job_environment(plan: DdpPlan) -> dict[str, str]:
+    """Provenance, and CPU threads shared among CPU processes."""
+    return {"EVOLVECTL_GPUS": ",".join(map(str, plan.gpus))} if plan.gpus else {
         "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // plan.cpu_procs))}
-    if user is not None and user != WORKER_USER:
-        environment["HOME"] = "/tmp"  # the image's HOME belongs to uid 1000
-    return environment
 
 
 def trained_epochs(run: str, run_dir: Path) -> int:

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from orchestrator.container_spec import WorkerSpec
-from orchestrator.containers import DOCKERFILE
+from orchestrator.backends.docker.engine import DOCKERFILE
+from orchestrator.backends.docker.spec import WorkerSpec
 
 HEADER = """\
 # Written by `evolvectl compose` for run {run}: one service per worker.

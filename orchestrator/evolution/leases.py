@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
-from orchestrator.journal import (
+from orchestrator.evolution.journal import (
     Journal,
     PopulationSeed,
     check_hyp_keys,
@@ -42,7 +42,7 @@ from orchestrator.journal import (
     load_population_seed,
     run_columns,
 )
-from orchestrator.search_space import SearchSpace
+from orchestrator.evolution.search_space import SearchSpace
 from trainer.config import Hyp
 from trainer.errors import UserError
 

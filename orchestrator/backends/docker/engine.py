@@ -13,13 +13,14 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-import docker
 import docker.errors
 import requests
 from docker.models.containers import Container
 
-from orchestrator.container_spec import PROJECT, PROJECT_LABEL, WorkerSpec, run_labels
-from orchestrator.gpus import NO_GPU_DRIVER
+import docker
+from orchestrator.backends.docker.gpus import NO_GPU_DRIVER
+from orchestrator.backends.docker.spec import PROJECT_LABEL, WorkerSpec, run_labels
+from orchestrator.runs.names import PROJECT
 from trainer.errors import UserError
 
 DOCKERFILE = "docker/Dockerfile"

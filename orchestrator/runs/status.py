@@ -1,9 +1,9 @@
-"""`evolvectl status`: what every worker is doing and how far the run is, as data, then as a table.
+"""What every worker of a run is doing and how far the run is, collected as data.
 
 Collecting reads the run folder's journal (budget, leases, rows, provenance timings) and
-what the backend says about its workers; rendering is a pure function of the dataclasses.
-A DDP training has no journal: its progress is the trainer's results.csv (one row per
-epoch) against the epochs in its opt.yaml.
+what the backend says about its workers; `orchestrator.cli.render` draws it. A DDP training
+has no journal: its progress is the trainer's results.csv (one row per epoch) against the
+epochs in its opt.yaml.
 """
 
 from __future__ import annotations
@@ -16,24 +16,32 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from rich.console import Group, RenderableType
-from rich.table import Table
-from rich.text import Text
 
-from orchestrator.container_spec import DDP_KEY
-from orchestrator.journal import Journal
-from orchestrator.leases import load_state
+from orchestrator.evolution.journal import Journal
+from orchestrator.evolution.leases import load_state
 
 # States in which a worker is (or is about to be) training.
 ACTIVE_STATES = ("running", "restarting", "starting")
+
+
 # How many recent generations the ETA averages over: recent ones reflect the current load.
 ETA_WINDOW = 20
+
+
 # The trainer's plain (non-terminal) progress line starts with "<epoch>/<epochs>  <memory>G".
 _EPOCH_LINE = re.compile(r"^\s*(\d+)/(\d+)\s+[\d.]+G\s", re.MULTILINE)
+
+
 # What the trainer writes into a training's folder: one row per epoch, and the options it runs with.
 RESULTS_NAME = "results.csv"
+
+
 OPTIONS_NAME = "opt.yaml"
+
+
 MAP50_COLUMN = "metrics/mAP_0.5"
+
+
 MAP_COLUMN = "metrics/mAP_0.5:0.95"
 
 
@@ -224,106 +232,6 @@ def collect_training_status(run: str, run_dir: Path, backend: str, workers: Sequ
         for worker in workers
     )
     return StatusReport(backend, progress, worker_rows)
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
-
-
-def _fitness(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _state_text(row: WorkerRow) -> Text:
-    style = {"running": "green", "restarting": "yellow", "starting": "yellow"}.get(row.state, "")
-    label = row.state
-    if row.exit_code is not None and row.state not in ACTIVE_STATES:
-        label = f"{row.state} ({row.exit_code})"
-        style = "dim" if row.exit_code == 0 else "red"
-    return Text(label, style=style)
-
-
-def render_workers(rows: Sequence[WorkerRow]) -> Table:
-    table = Table(box=None, header_style="bold")
-    if rows and all(row.key == DDP_KEY for row in rows):
-        return _render_training_workers(table, rows)
-    for name, justify in (("worker", "left"), ("state", "left"), ("restarts", "right"), ("gen", "right"),
-                          ("epoch", "right"), ("results", "right"), ("last fitness", "right"),
-                          ("best fitness", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for row in rows:
-        table.add_row(
-            row.key,
-            _state_text(row),
-            str(row.restarts),
-            "-" if row.generation is None else str(row.generation),
-            row.epoch or "-",
-            str(row.results),
-            _fitness(row.last_fitness),
-            _fitness(row.best_fitness),
-        )
-    return table
-
-
-def _render_training_workers(table: Table, rows: Sequence[WorkerRow]) -> Table:
-    """A DDP job's worker: no generations or fitness, just its state and the epoch it trains."""
-    for name, justify in (("worker", "left"), ("state", "left"), ("restarts", "right"), ("epoch", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for row in rows:
-        table.add_row(row.key, _state_text(row), str(row.restarts), row.epoch or "-")
-    return table
-
-
-def render_training_progress(progress: TrainingProgress) -> Text:
-    """One line: epochs done / planned, the last and best mAP, and the ETA."""
-    if progress.epochs is None:
-        return Text(f"run {progress.run}: waiting for the training to start in {progress.run_dir}")
-    parts = [f"{progress.done}/{progress.epochs} epochs ({min(progress.done / progress.epochs, 1.0):.0%})"]
-    if progress.map is not None:
-        parts.append(f"mAP50 {progress.map50 or 0.0:.4f} · mAP50-95 {progress.map:.4f}")
-        parts.append(f"best mAP50-95 {progress.best_map:.4f} (epoch {progress.best_epoch})")
-    parts.append("training finished" if progress.done >= progress.epochs
-                 else f"ETA {format_duration(progress.eta_seconds)}")
-    return Text(f"run {progress.run}: ", style="bold") + Text(" · ".join(parts))
-
-
-def render_progress(progress: RunProgress | TrainingProgress) -> Text:
-    """One line: done / budget, failures, best fitness and the ETA."""
-    if isinstance(progress, TrainingProgress):
-        return render_training_progress(progress)
-    if progress.generations is None:
-        return Text(f"run {progress.run}: waiting for the first worker to prepare {progress.run_dir}")
-    share = min(progress.done / progress.generations, 1.0)
-    parts = [
-        f"{progress.done}/{progress.generations} generations ({share:.0%})",
-        f"{progress.in_flight} in flight",
-        f"{progress.failed_attempts} failed attempt{'s' if progress.failed_attempts != 1 else ''}",
-    ]
-    if progress.best_fitness is not None:
-        parts.append(f"best fitness {progress.best_fitness:.4f} (generation {progress.best_generation})")
-    if progress.done >= progress.generations:
-        parts.append("budget reached")
-    else:
-        parts.append(f"ETA {format_duration(progress.eta_seconds)}")
-    text = Text(f"run {progress.run}: ", style="bold") + Text(" · ".join(parts))
-    if progress.stop_requested and progress.done < progress.generations:
-        text += Text("\nstop requested: workers exit after their current generation", style="yellow")
-    return text
-
-
-def render_status(report: StatusReport) -> RenderableType:
-    """The whole status view: the progress line, then one row per worker."""
-    header = Text(f"{report.backend} workers of {report.progress.run_dir}", style="dim")
-    if not report.workers:
-        return Group(render_progress(report.progress), header, Text("no workers", style="yellow"))
-    return Group(render_progress(report.progress), header, render_workers(report.workers))
 
 
 def budget_reached(report: StatusReport) -> bool:

@@ -11,10 +11,19 @@ from typing import Any
 
 import click
 
-from orchestrator.backends import CHOICES, DEFAULT_IMAGE, WorkerSettings
-from orchestrator.container_spec import DEFAULT_MAX_RESTARTS, DEFAULT_SHM_SIZE
-from orchestrator.gpus import parse_gpu_spec
-from orchestrator.launch import DDP_PROJECT, DEFAULT_PROJECT, TrainerOptions
+from orchestrator.backends.base import (
+    CHOICES,
+    DEFAULT_IMAGE,
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_SHM_SIZE,
+    WorkerSettings,
+)
+from orchestrator.runs.plan import (
+    DDP_PROJECT,
+    DEFAULT_PROJECT,
+    TrainerOptions,
+    parse_gpu_spec,
+)
 
 DEFAULT_RUN = "exp"
 

@@ -16,26 +16,14 @@ import click
 from rich.console import Console
 
 from orchestrator import __version__
-from orchestrator.backends import CHOICES, Backend, WorkerSettings, backend_for_run, open_backend
-from orchestrator.container_spec import DDP_KEY, check_run_name
-from orchestrator.ddp import CHECKPOINT, DdpPlan, Rendezvous, check_batch_size, check_devices, trained_epochs
-from orchestrator.gpus import parse_gpu_spec
-from orchestrator.journal import Journal, JournalLockTimeout
-from orchestrator.launch import (
-    DDP_MODE,
-    DDP_PROJECT,
-    DEFAULT_PROJECT,
-    LaunchPlan,
-    LaunchRecord,
-    TrainerOptions,
-    existing_run_dir,
-    is_ddp_run,
-    parse_worker_key,
-    run_directory,
-    searched_projects,
-    worker_slots,
+from orchestrator.backends.base import (
+    CHOICES,
+    Backend,
+    WorkerSettings,
+    backend_for_run,
+    open_backend,
 )
-from orchestrator.options import (
+from orchestrator.cli.options import (
     DEFAULT_RUN,
     backend_option,
     ddp_options,
@@ -45,15 +33,41 @@ from orchestrator.options import (
     settings_from,
     trainer_options,
 )
-from orchestrator.status import (
+from orchestrator.cli.render import render_progress, render_status
+from orchestrator.cli.views import follow_run, print_results, show_build_progress
+from orchestrator.evolution.journal import Journal, JournalLockTimeout
+from orchestrator.runs.ddp import (
+    CHECKPOINT,
+    DdpPlan,
+    Rendezvous,
+    check_batch_size,
+    check_devices,
+    trained_epochs,
+)
+from orchestrator.runs.names import DDP_KEY, check_run_name
+from orchestrator.runs.plan import (
+    DDP_PROJECT,
+    DEFAULT_PROJECT,
+    LaunchPlan,
+    TrainerOptions,
+    parse_gpu_spec,
+    parse_worker_key,
+    run_directory,
+    worker_slots,
+)
+from orchestrator.runs.record import (
+    DDP_MODE,
+    LaunchRecord,
+    existing_run_dir,
+    is_ddp_run,
+    searched_projects,
+)
+from orchestrator.runs.status import (
     ACTIVE_STATES,
     StatusReport,
     collect_status,
     collect_training_status,
-    render_progress,
-    render_status,
 )
-from orchestrator.views import follow_run, print_results, show_build_progress
 from trainer.errors import UserError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
@@ -164,7 +178,9 @@ def ddp(project: Path, name: str | None, backend: str, build: bool, wait: bool, 
     run = check_run_name(name or DEFAULT_RUN)
     rendezvous = Rendezvous(values["nnodes"], values["node_rank"], values["master_addr"], values["master_port"])
     _check_ddp_request(values["gpus"], values["cpu_procs"], values["batch_size"], rendezvous.nnodes)
-    from trainer.cli import check_training_arguments  # imports torch: only once a run is asked for
+    from trainer.cli import (
+        check_training_arguments,  # imports torch: only once a run is asked for
+    )
 
     check_training_arguments(ddp_trainer_options(values).training_arguments())
     console, notices = _console(), _console(stderr=True)
@@ -195,7 +211,7 @@ def ddp(project: Path, name: str | None, backend: str, build: bool, wait: bool, 
 def _check_evolution_flags(options: TrainerOptions, generations: int, run_dir: Path) -> None:
     """What every worker would refuse (a flag the trainer does not know, a hyp value out of range,
     a search space or population that does not fit the run), as one error before any starts."""
-    from trainer.evolve import check_evolution_arguments  # imports torch: only once a run is asked for
+    from orchestrator.evolution.command import check_evolution_arguments
 
     check_evolution_arguments(options.arguments(generations), run_dir)
 
@@ -335,8 +351,8 @@ def kill_all(run: str | None, project: Path, backend: str) -> None:
 
 
 def _remove_containers(run: str | None, required: bool) -> list[str]:
-    from orchestrator.containers import connect
-    from orchestrator.containers import kill_all as remove_containers
+    from orchestrator.backends.docker.engine import connect
+    from orchestrator.backends.docker.engine import kill_all as remove_containers
 
     try:
         client = connect()
@@ -370,10 +386,17 @@ def results(project: Path, name: str | None, top: int) -> None:
               help="compose file to write (default: compose.<run>.yaml)")
 def compose(project: Path, name: str | None, output: Path | None, **values: Any) -> None:
     """Write a Docker Compose file with one service per worker, each reserving only its own GPU."""
-    from orchestrator.compose import compose_document, write_compose_file
-    from orchestrator.containers import DOCKERFILE
-    from orchestrator.docker_backend import PROJECT_ROOT, host_user, worker_specs
-    from orchestrator.run_inputs import stage_for_containers
+    from orchestrator.backends.docker.backend import (
+        PROJECT_ROOT,
+        host_user,
+        worker_specs,
+    )
+    from orchestrator.backends.docker.compose import (
+        compose_document,
+        write_compose_file,
+    )
+    from orchestrator.backends.docker.engine import DOCKERFILE
+    from orchestrator.runs.inputs import stage_for_containers
 
     run = check_run_name(name or DEFAULT_RUN)
     gpus = parse_gpu_spec(values["gpus"], None) if values["gpus"] else []

@@ -1,4 +1,4 @@
-"""`python -m orchestrator.supervisor`: one local worker, restarted after a failure like Docker's on-failure.
+"""`python -m orchestrator.backends.local.supervisor`: one local worker, restarted after a failure like Docker's on-failure.
 
 The local backend starts this detached, in its own session, with the worker's command after
 `--`. It records the worker's state in a JSON file (pid, restarts, exit code) that status,
@@ -63,7 +63,7 @@ def supervise(command: list[str], state_path: Path, max_restarts: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.supervisor", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.backends.local.supervisor", description=__doc__)
     parser.add_argument("--state", type=Path, required=True, help="the worker's state file (JSON)")
     parser.add_argument("--max-restarts", type=int, default=3)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the worker's command")

@@ -16,12 +16,14 @@ from typing import Any
 
 import yaml
 
-from orchestrator.container_spec import RUNS_DIR, container_dataset_path
-from orchestrator.launch import TrainerOptions
+from orchestrator.runs.plan import TrainerOptions
 from trainer.errors import UserError
 from trainer.files import atomic_output
 from trainer.paths import resolve_config
 
+# Inside every container the run volume is /runs and the dataset folder /datasets/<name>.
+RUNS_DIR = "/runs"
+DATASETS_DIR = "/datasets"
 CONTAINER_DATA_NAME = "data.yaml"
 INPUTS_DIR = "inputs"
 SPLITS = ("train", "val", "test")
@@ -37,6 +39,11 @@ class StagedInputs:
     dataset_dir: Path | None
 
 
+def container_dataset_path(dataset_dir: Path) -> str:
+    """Where a worker sees the host's `dataset_dir`."""
+    return f"{DATASETS_DIR}/{dataset_dir.absolute().name}"
+
+
 def container_run_dir(run: str) -> str:
     """Where every container sees the run folder (the trainer writes to <project>/<name> = this)."""
     return f"{RUNS_DIR}/evolve/{run}"
@@ -44,7 +51,9 @@ def container_run_dir(run: str) -> str:
 
 def resolve_dataset(data: str) -> tuple[Path, Path]:
     """The data YAML and the dataset root on the host; generates a synthetic dataset if missing."""
-    from trainer.data.data_config import load_data_config  # imports torch: only when starting a run
+    from trainer.data.data_config import (
+        load_data_config,  # imports torch: only when starting a run
+    )
 
     config = load_data_config(data)
     return resolve_config(data, "data").absolute(), config.root.absolute()

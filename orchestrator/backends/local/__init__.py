@@ -1,0 +1,1 @@
+"""The local backend: workers as supervised processes on this host."""

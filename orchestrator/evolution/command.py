@@ -1,0 +1,136 @@
+"""`python -m orchestrator.evolution`: this process becomes one worker of a shared evolution.
+
+It takes every training flag of `python -m trainer` (the trainer declares them, once) and the
+evolution's own: `--evolve [N]` or `--generations N`, `--evolve-population`, `--search-space`,
+`--worker-id` and `--lease-ttl`. `python -m trainer --evolve ...` hands its arguments here
+unchanged, so YOLOv5's habit keeps working. Worker containers run this module directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from orchestrator import __version__
+from orchestrator.evolution.journal import Journal
+from orchestrator.evolution.leases import check_run_inputs
+from orchestrator.evolution.search_space import SearchSpace
+from trainer.cli import build_config, parse_arguments, training_options
+from trainer.config import TrainConfig
+from trainer.errors import UserError
+from trainer.paths import resolve_config
+
+LOGGER = logging.getLogger("trainer")
+PROG = "python -m orchestrator.evolution"
+DEFAULT_GENERATIONS = 300
+# An evolution's runs live here unless --project names another folder.
+EVOLVE_PROJECT = "runs/evolve"
+
+
+def population_sources(spec: str | None) -> list[Path]:
+    """`--evolve-population`: hyp YAMLs and/or evolve.csv files, or a folder holding them."""
+    if not spec:
+        return []
+    sources: list[Path] = []
+    for part in spec.split(","):
+        path = Path(part.strip())
+        if path.is_dir():
+            sources.extend(sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".csv")))
+        elif path.is_file():
+            sources.append(path)
+        else:
+            raise UserError(f"--evolve-population {part.strip()!r} not found: "
+                            "give hyp YAMLs, an evolve.csv or a folder")
+    return sources
+
+
+@dataclass(frozen=True)
+class EvolutionInputs:
+    """A worker's inputs, read from its flags and checked."""
+
+    cfg: TrainConfig
+    space: SearchSpace
+    generations: int
+    population: list[Path]
+    worker_id: str | None
+    lease_ttl: float
+
+
+def evolution_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The evolution's own flags, next to the trainer's."""
+    options = [
+        click.option("--evolve", "evolve", is_flag=False, flag_value=DEFAULT_GENERATIONS, default=None,
+                     type=click.IntRange(min=1), help="total generations of the evolution (YOLOv5's spelling)"),
+        click.option("--generations", default=None, type=click.IntRange(min=1),
+                     help=f"total generations of the evolution, over all workers (default {DEFAULT_GENERATIONS})"),
+        click.option("--evolve-population", default=None,
+                     help="seed the evolution from hyp YAMLs (folder) or an evolve.csv"),
+        click.option("--search-space", default=None, help="evolution search space YAML overriding the bundled one"),
+        click.option("--worker-id", default=None, help="this worker's name in the journal (default: host-pid)"),
+        click.option("--lease-ttl", default=60.0, type=click.FloatRange(min=1.0),
+                     help="seconds without a heartbeat before a worker's generation is handed out again"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+EVOLUTION_KEYS = ("evolve", "generations", "evolve_population", "search_space", "worker_id", "lease_ttl")
+
+
+def evolution_inputs(options: Mapping[str, Any]) -> EvolutionInputs:
+    training = {key: value for key, value in options.items() if key not in EVOLUTION_KEYS}
+    if training["resume"]:
+        raise UserError("--evolve runs one process per GPU: drop --resume (evolutions resume by themselves)")
+    override = options["search_space"]
+    return EvolutionInputs(cfg=build_config(training),
+                           space=SearchSpace.load(resolve_config(override, "evolve") if override else None),
+                           generations=options["generations"] or options["evolve"] or DEFAULT_GENERATIONS,
+                           population=population_sources(options["evolve_population"]),
+                           worker_id=options["worker_id"], lease_ttl=options["lease_ttl"])
+
+
+def check_evolution_arguments(arguments: Sequence[str], run_dir: Path) -> None:
+    """What every worker started with these flags would refuse when it joins the run in
+    `run_dir`, found first by the launcher: one error, before any worker starts. Only reads."""
+    inputs = evolution_inputs(parse_arguments(arguments, command=main, prog=PROG))
+    check_run_inputs(Journal(run_dir), inputs.cfg.hyp, inputs.space, inputs.generations, inputs.population)
+
+
+def evolve(inputs: EvolutionInputs) -> None:
+    """Join the run in <project>/<name> and train generations until its budget is met."""
+    from orchestrator.evolution.loop import run_worker
+    from orchestrator.evolution.objective import TrainerObjective  # imports torch: only in a worker
+
+    cfg = inputs.cfg
+    project = EVOLVE_PROJECT if cfg.project == TrainConfig.project else cfg.project
+    run_dir = Path(project) / cfg.name
+    objective = TrainerObjective.prepare(cfg)
+    summary = run_worker(run_dir, cfg.hyp, inputs.space, inputs.generations, objective,
+                         inputs.worker_id or f"{socket.gethostname()}-{os.getpid()}", cfg.seed,
+                         gpu=os.environ.get("EVOLVECTL_GPU") or objective.device,
+                         population=inputs.population, lease_ttl=inputs.lease_ttl)
+    LOGGER.info("Worker %s: %s (%d results, %d failed); results in %s", summary.worker_id, summary.exit_reason,
+                summary.ok, summary.failed, run_dir)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@training_options
+@evolution_options
+@click.version_option(__version__, prog_name="evolvectl evolution worker")
+def main(**options: Any) -> None:
+    """Run as one worker of a hyperparameter evolution shared through <project>/<name>/evolve.csv.
+
+    Every worker of a run trains children of what all of them found so far, until the run's
+    total of generations is reached. Training flags are those of `python -m trainer`.
+    """
+    logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stderr)
+    evolve(evolution_inputs(options))
