@@ -19,6 +19,10 @@ from click.testing import CliRunner, Result
 import docker
 from orchestrator.backends.docker.engine import build_image, connect
 from orchestrator.cli.commands import main
+from orchestrator.runs.ddp import DdpPlan
+from orchestrator.runs.names import DDP_KEY
+from orchestrator.runs.plan import LaunchPlan
+from orchestrator.runs.status import WorkerState
 from trainer.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,6 +117,49 @@ def run_trainer(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str]
     """`python -m trainer ARGS` as a user runs it; output captured for assertions."""
     return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# --- CLI helpers --------------------------------------------------------------------------
+
+def invoke(*arguments: str) -> Result:
+    """`evolvectl ARGUMENTS` in-process; an exception is kept in the result for the test to check."""
+    return CliRunner().invoke(main, list(arguments))
+
+
+def assert_one_line_error(result: Result, starts_with: str) -> None:
+    """A user mistake: a non-zero exit and one line, `Error: ...`, never a traceback."""
+    assert result.exit_code != 0
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"Error: {starts_with}"), result.output
+
+
+class FakeBackend:
+    """Records the plans `start` and `ddp` ask it to run; sees the GPUs it is told to."""
+
+    name = "docker"
+
+    def __init__(self, gpus: list[int] | None) -> None:
+        self.gpus = gpus
+        self.plans: list[LaunchPlan | DdpPlan] = []
+
+    def prepare(self, say: object) -> None:
+        pass
+
+    def visible_gpus(self) -> list[int] | None:
+        return self.gpus
+
+    def start(self, plan: LaunchPlan, say: object) -> list[str]:
+        self.plans.append(plan)
+        return [slot.key for slot in plan.slots]
+
+    def start_ddp(self, plan: DdpPlan, say: object) -> list[str]:
+        self.plans.append(plan)
+        return [DDP_KEY]
+
+    def workers(self, run: str, run_dir: Path) -> list[WorkerState]:
+        return []
 
 
 # --- CLI helpers for end-to-end tests ------------------------------------------------------

@@ -8,14 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-from conftest import write_data_yaml
+from click.testing import CliRunner
+from conftest import FakeBackend, assert_one_line_error, invoke, write_data_yaml
 
 from orchestrator.cli import commands as cli
 from orchestrator.evolution.journal import format_header, run_columns
 from orchestrator.runs.inputs import stage_local
-from orchestrator.runs.plan import LaunchPlan, TrainerOptions, parse_worker_key
-from orchestrator.runs.status import WorkerState
+from orchestrator.runs.plan import TrainerOptions, parse_worker_key
 from trainer.checkpoint import save_checkpoint
 from trainer.config import Hyp
 from trainer.errors import UserError
@@ -30,41 +29,6 @@ def test_the_command_line_starts_without_torch():
     code = "import sys, orchestrator.cli; assert 'torch' not in sys.modules, 'orchestrator.cli imports torch'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-def invoke(*arguments: str) -> Result:
-    return CliRunner().invoke(cli.main, list(arguments))
-
-
-def assert_one_line_error(result: Result, starts_with: str) -> None:
-    assert result.exit_code != 0
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    assert result.output.count("\n") == 1, result.output
-    assert result.output.startswith(f"Error: {starts_with}"), result.output
-
-
-class FakeBackend:
-    """Records what `start` asked for; sees the GPUs it is told to."""
-
-    name = "docker"
-
-    def __init__(self, gpus: list[int] | None) -> None:
-        self.gpus = gpus
-        self.plans: list[LaunchPlan] = []
-
-    def prepare(self, say: object) -> None:
-        pass
-
-    def visible_gpus(self) -> list[int] | None:
-        return self.gpus
-
-    def start(self, plan: LaunchPlan, say: object) -> list[str]:
-        self.plans.append(plan)
-        return [slot.key for slot in plan.slots]
-
-    def workers(self, run: str, run_dir: Path) -> list[WorkerState]:
-        return []
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from conftest import FakeBackend, assert_one_line_error, invoke
 
 from orchestrator.backends.docker.spec import ddp_spec
 from orchestrator.backends.local import backend as local
@@ -130,33 +130,6 @@ def test_the_wrapper_resumes_only_from_an_existing_checkpoint(tmp_path: Path, ex
 
 
 # --- checks before anything starts ----------------------------------------------------------
-
-class FakeBackend:
-    name = "docker"
-
-    def __init__(self, gpus: list[int]) -> None:
-        self.gpus = gpus
-        self.plans: list[DdpPlan] = []
-
-    def prepare(self, say: object) -> None:
-        pass
-
-    def visible_gpus(self) -> list[int]:
-        return self.gpus
-
-    def start_ddp(self, plan: DdpPlan, say: Callable[[str], None]) -> list[str]:
-        self.plans.append(plan)
-        return [DDP_KEY]
-
-
-def invoke(*arguments: str) -> Result:
-    return CliRunner().invoke(cli.main, list(arguments))
-
-
-def assert_one_line_error(result: Result, text: str) -> None:
-    assert result.exit_code != 0 and "Traceback" not in result.output
-    assert result.output.count("\n") == 1 and result.output.startswith(f"Error: {text}"), result.output
-
 
 @pytest.fixture
 def opened(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[FakeBackend]:

@@ -9,6 +9,7 @@ means runs/evolve and runs/train) and use the backend it was started with.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,29 +138,19 @@ def start(project: Path, name: str | None, backend: str, build: bool, wait: bool
     if values["gpus"] is None and values["cpu_workers"] == 0:
         raise UserError("no workers asked for: pass --gpus (e.g. 0-3 or all) or --cpu-workers N")
     _check_evolution_flags(trainer_options(values), values["generations"], run_directory(project, run))
-    console, notices = _console(), _console(stderr=True)
-    workers = open_backend(backend, project, settings_from(values, build), lambda text: notices.print(text))
-    with console.status(f"preparing {workers.name} workers") as spinner:
-        workers.prepare(show_build_progress(console, spinner))
-        gpus = choose_gpus(values["gpus"], workers)
-    plan = LaunchPlan(run, project, tuple(worker_slots(gpus, values["cpu_workers"])), values["generations"],
+    launch = _Launch.open(project, run, backend, build, values, "{backend} workers")
+    plan = LaunchPlan(run, project, tuple(worker_slots(launch.gpus, values["cpu_workers"])), values["generations"],
                       trainer_options(values))
     Journal(plan.run_dir).clear_stop()  # a previous `stop` must not make the new workers exit
-    started = workers.start(plan, lambda text: console.print(text, style="dim"))
-    LaunchRecord(run, workers.name, tuple(slot.key for slot in plan.slots), plan.generations,
-                 _host_file(values["hyp"]), _host_file(values["search_space"]),
-                 values["image"] if workers.name == "docker" else None).save(plan.run_dir)
+    started = launch.workers.start(plan, launch.say)
+    launch.record(plan.run_dir, tuple(slot.key for slot in plan.slots), plan.generations, values["search_space"])
     left = len(plan.slots) - len(started)
-    console.print(f"run [bold]{run}[/]: started {len(started)} {workers.name} worker(s)"
-                  + (f", {left} already running" if left else "") + f"; results in {plan.run_dir}")
-    if not wait:
-        where = _where(run, project, DEFAULT_PROJECT)
-        for what, command in (("watch", "status --watch"), ("attach", f"attach {plan.slots[0].key}"), ("stop", "stop")):
-            console.print(f"  {what:<7} evolvectl {command} {where}")
-        return
-    report = follow_run(console, lambda: _report(workers, run, plan.run_dir), until_exited=True)
-    print_results(console, run, plan.run_dir)
-    _fail_on_bad_exits(report, run)
+    launch.console.print(f"run [bold]{run}[/]: started {len(started)} {launch.workers.name} worker(s)"
+                         + (f", {left} already running" if left else "") + f"; results in {plan.run_dir}")
+    report = launch.follow(plan.run_dir, plan.slots[0].key, DEFAULT_PROJECT, wait)
+    if report is not None:
+        print_results(launch.console, run, plan.run_dir)
+        _fail_on_bad_exits(report, run)
 
 
 @main.command(context_settings=CONTEXT)
@@ -178,40 +169,68 @@ def ddp(project: Path, name: str | None, backend: str, build: bool, wait: bool, 
     run = check_run_name(name or DEFAULT_RUN)
     rendezvous = Rendezvous(values["nnodes"], values["node_rank"], values["master_addr"], values["master_port"])
     _check_ddp_request(values["gpus"], values["cpu_procs"], values["batch_size"], rendezvous.nnodes)
-    from trainer.cli import (
-        check_training_arguments,  # imports torch: only once a run is asked for
-    )
+    from trainer.cli import check_training_arguments  # imports torch: only once a run is asked for
 
     check_training_arguments(ddp_trainer_options(values).training_arguments())
-    console, notices = _console(), _console(stderr=True)
-    workers = open_backend(backend, project, settings_from(values, build), lambda text: notices.print(text))
-    with console.status(f"preparing the {workers.name} training") as spinner:
-        workers.prepare(show_build_progress(console, spinner))
-        gpus = choose_gpus(values["gpus"], workers)
-    plan = DdpPlan(run, project, tuple(gpus), values["cpu_procs"], ddp_trainer_options(values), rendezvous)
+    launch = _Launch.open(project, run, backend, build, values, "the {backend} training")
+    plan = DdpPlan(run, project, tuple(launch.gpus), values["cpu_procs"], ddp_trainer_options(values), rendezvous)
     done = trained_epochs(run, plan.run_dir)
-    started = workers.start_ddp(plan, lambda text: console.print(text, style="dim"))
+    started = launch.workers.start_ddp(plan, launch.say)
     if started:
-        LaunchRecord(run, workers.name, (DDP_KEY,), 0, _host_file(values["hyp"]), None,
-                     values["image"] if workers.name == "docker" else None, mode=DDP_MODE,
-                     start_epoch=done).save(plan.run_dir)
+        launch.record(plan.run_dir, (DDP_KEY,), 0, None, mode=DDP_MODE, start_epoch=done)
     resumed = f", resuming after epoch {done} from {plan.run_dir / CHECKPOINT}" if started and done else ""
-    console.print(f"run [bold]{run}[/]: DDP training {'started' if started else 'already running'} "
-                  f"({plan.processes * rendezvous.nnodes} processes){resumed}; results in {plan.run_dir}")
-    if not wait:
-        where = _where(run, project, DDP_PROJECT)
-        for what, command in (("watch", "status --watch"), ("attach", f"attach {DDP_KEY}"), ("stop", "stop")):
-            console.print(f"  {what:<7} evolvectl {command} {where}")
-        return
-    report = follow_run(console, lambda: _report(workers, run, plan.run_dir), until_exited=True)
-    console.print(f"results: {plan.run_dir / 'results.csv'}, weights: {plan.run_dir / 'weights'}")
-    _fail_on_bad_exits(report, run)
+    launch.console.print(f"run [bold]{run}[/]: DDP training {'started' if started else 'already running'} "
+                         f"({plan.processes * rendezvous.nnodes} processes){resumed}; results in {plan.run_dir}")
+    report = launch.follow(plan.run_dir, DDP_KEY, DDP_PROJECT, wait)
+    if report is not None:
+        launch.console.print(f"results: {plan.run_dir / 'results.csv'}, weights: {plan.run_dir / 'weights'}")
+        _fail_on_bad_exits(report, run)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """What `start` and `ddp` share: the backend made ready, the GPUs it hands out, and the
+    steps after the workers start (recording the launch, then following or printing hints)."""
+
+    run: str
+    project: Path
+    values: dict[str, Any]
+    workers: Backend
+    gpus: list[int]
+    console: Console
+
+    @classmethod
+    def open(cls, project: Path, run: str, backend: str, build: bool, values: dict[str, Any], what: str) -> _Launch:
+        console, notices = _console(), _console(stderr=True)
+        workers = open_backend(backend, project, settings_from(values, build), lambda text: notices.print(text))
+        with console.status(f"preparing {what.format(backend=workers.name)}") as spinner:
+            workers.prepare(show_build_progress(console, spinner))
+            gpus = choose_gpus(values["gpus"], workers)
+        return cls(run, project, values, workers, gpus, console)
+
+    def say(self, text: str) -> None:
+        self.console.print(text, style="dim")
+
+    def record(self, run_dir: Path, keys: tuple[str, ...], generations: int, search_space: str | None,
+               **ddp: Any) -> None:
+        image = self.values["image"] if self.workers.name == "docker" else None
+        LaunchRecord(self.run, self.workers.name, keys, generations, _host_file(self.values["hyp"]),
+                     _host_file(search_space), image, **ddp).save(run_dir)
+
+    def follow(self, run_dir: Path, first_key: str, default_project: Path, wait: bool) -> StatusReport | None:
+        """With --wait, the live view until every worker exits (its last report); else the next commands."""
+        if wait:
+            return follow_run(self.console, lambda: _report(self.workers, self.run, run_dir), until_exited=True)
+        where = _where(self.run, self.project, default_project)
+        for what, command in (("watch", "status --watch"), ("attach", f"attach {first_key}"), ("stop", "stop")):
+            self.console.print(f"  {what:<7} evolvectl {command} {where}")
+        return None
 
 
 def _check_evolution_flags(options: TrainerOptions, generations: int, run_dir: Path) -> None:
     """What every worker would refuse (a flag the trainer does not know, a hyp value out of range,
     a search space or population that does not fit the run), as one error before any starts."""
-    from orchestrator.evolution.command import check_evolution_arguments
+    from orchestrator.evolution.command import check_evolution_arguments  # imports torch: only for a run
 
     check_evolution_arguments(options.arguments(generations), run_dir)
 
@@ -230,6 +249,7 @@ def _fail_on_bad_exits(report: StatusReport, run: str) -> None:
         worker = failed[0]
         raise UserError(f"worker {worker.key} exited with code {worker.exit_code}: "
                         f"see `evolvectl logs {worker.key} --name {run}`")
+
 
 
 @main.command(context_settings=CONTEXT)

@@ -47,15 +47,10 @@ class MemorySize(click.ParamType):
     name = "SIZE"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from docker.errors import DockerException
-        from docker.utils import parse_bytes
+        from orchestrator.backends.docker.spec import memory_bytes
 
         text = str(value).strip()
-        try:
-            size = parse_bytes(text)
-        except DockerException:
-            size = 0
-        if size <= 0:
+        if memory_bytes(text) <= 0:
             self.fail(f"{value!r} is not a size: give a number with b, k, m or g, e.g. 8g", param, ctx)
         return text
 

@@ -13,6 +13,7 @@ any exception) when the generation diverges, runs out of memory or crashes.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import signal
 import threading
@@ -114,9 +115,11 @@ class _Plan:
         return min(self.lease_ttl / 4, 5.0)
 
 
-# What _claim answers when it grants no lease.
-_WAIT = "wait"
-_BUDGET_REACHED = "budget reached"
+class NoLease(enum.Enum):
+    """Why a claim granted no lease."""
+
+    WAIT = "every open slot is in flight elsewhere"
+    BUDGET_REACHED = "budget reached"
 
 
 def run_worker(
@@ -146,18 +149,8 @@ def run_worker(
     """
     journal = Journal(run_dir, soft_lock=soft_lock)
     hyp_keys = prepare_run(journal, base_hyp, space, generations, population)
-    plan = _Plan(
-        journal=journal,
-        base_hyp=base_hyp,
-        hyp_keys=hyp_keys,
-        bounds=space.bounds(hyp_keys),
-        evolved_keys=tuple(space.evolved_keys(hyp_keys)),
-        identity=WorkerIdentity(worker_id, gpu),
-        seed=seed,
-        method=method,
-        lease_ttl=lease_ttl,
-        max_attempts=max_attempts,
-    )
+    plan = _Plan(journal, base_hyp, hyp_keys, space.bounds(hyp_keys), tuple(space.evolved_keys(hyp_keys)),
+                 WorkerIdentity(worker_id, gpu), seed, method, lease_ttl, max_attempts)
     stop = stop or threading.Event()
     counts: Counter[str] = Counter()
     claims: list[int] = []
@@ -165,12 +158,11 @@ def run_worker(
     with _stop_on_sigterm(stop):
         while not (stop.is_set() or journal.stop_requested()):
             lease = _claim(plan)
-            if lease == _BUDGET_REACHED:
+            if lease is NoLease.BUDGET_REACHED:
                 break
-            if lease == _WAIT:  # every open slot is in flight elsewhere: wait for one to end or expire
+            if lease is NoLease.WAIT:  # wait for a slot in flight elsewhere to end or expire
                 stop.wait(plan.poll_interval)
                 continue
-            assert isinstance(lease, Lease)
             claims.append(lease.claim)
             counts[_run_generation(plan, lease, objective)] += 1
             if plot_interval is not None and time.monotonic() - last_plot >= plot_interval:
@@ -178,12 +170,12 @@ def run_worker(
                 last_plot = time.monotonic()
     if plot_interval is not None:
         _write_plots(plan)
-    exit_reason = "stop requested" if stop.is_set() or journal.stop_requested() else _BUDGET_REACHED
+    exit_reason = "stop requested" if stop.is_set() or journal.stop_requested() else NoLease.BUDGET_REACHED.value
     logger.info("worker %s: %s after %d claims (%s)", worker_id, exit_reason, len(claims), dict(counts))
     return WorkerSummary(worker_id, counts["ok"], counts["failed"], counts["stale"], tuple(claims), exit_reason)
 
 
-def _claim(plan: _Plan) -> Lease | str:
+def _claim(plan: _Plan) -> Lease | NoLease:
     """Under the lock: expire dead leases, take a slot, draw its child, record the lease."""
     journal = plan.journal
     with journal.locked():
@@ -205,7 +197,7 @@ def _claim(plan: _Plan) -> Lease | str:
         for record in expired:  # after the state: a death in between must not expire a lease twice
             journal.append_record(record)
     if lease is None:
-        return _BUDGET_REACHED if state.remaining(rows) <= 0 else _WAIT
+        return NoLease.BUDGET_REACHED if state.remaining(rows) <= 0 else NoLease.WAIT
     logger.info("claim %d (attempt %d, %s): training", lease.claim, lease.attempt, lease.source)
     return lease
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import docker.types
+import docker.utils
+from docker.errors import DockerException
 
 from orchestrator.backends.base import DEFAULT_MAX_RESTARTS, DEFAULT_SHM_SIZE
 from orchestrator.runs.ddp import (
@@ -65,6 +67,15 @@ WORKDIR = "/workspace"
 WORKER_USER = "1000:1000"
 # Evolution workers run the evolution entry point; the image's own entrypoint is the trainer.
 EVOLUTION_ENTRYPOINT = ("python", "-m", "orchestrator.evolution")
+
+
+def memory_bytes(text: str) -> int:
+    """A size as `docker run --shm-size` takes it (`8g`, `512m`, bytes), by the Docker SDK's own
+    parser; 0 for text it cannot read."""
+    try:
+        return int(docker.utils.parse_bytes(text))
+    except DockerException:
+        return 0
 
 
 @dataclass(frozen=True)

@@ -184,22 +184,17 @@ class LocalBackend:
     def kill(self, run: str, run_dir: Path) -> list[str]:
         """Kill the run's live workers at once (stop --now); their state and logs stay."""
         killed = []
-        for path in sorted((run_dir / WORKERS_DIR).glob("*.json")):
-            state = _read_json(path)
-            if state is not None and process_alive(int(state.get("pid", -1))):
-                _kill_group(int(state["pid"]))
-                write_state(path, state="exited", pid=state["pid"], exit_code=KILLED_EXIT_CODE,
-                            restarts=state.get("restarts", 0))
-                killed.append(path.stem)
+        for path, state in _live_workers(run_dir):
+            _kill_group(int(state["pid"]))
+            write_state(path, state="exited", pid=state["pid"], exit_code=KILLED_EXIT_CODE,
+                        restarts=state.get("restarts", 0))
+            killed.append(path.stem)
         return killed
 
     def terminate(self, run: str, run_dir: Path) -> list[str]:
         """Ask the run's live workers to finish their epoch, save and exit (a DDP training's stop)."""
         asked = []
-        for path in sorted((run_dir / WORKERS_DIR).glob("*.json")):
-            state = _read_json(path)
-            if state is None or not process_alive(int(state.get("pid", -1))):
-                continue
+        for path, state in _live_workers(run_dir):
             if not signal_ranks(int(state["pid"]), signal.SIGTERM):
                 os.kill(int(state["pid"]), signal.SIGTERM)  # no ranks yet: the supervisor passes it on, then stops
             asked.append(path.stem)
@@ -240,6 +235,16 @@ class LocalBackend:
                     time.sleep(FOLLOW_POLL_S)
             except KeyboardInterrupt:
                 return  # Ctrl-C detaches; the worker keeps running
+
+
+def _live_workers(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The state file and state of each worker of the run whose supervisor is alive."""
+    found = []
+    for path in sorted((run_dir / WORKERS_DIR).glob("*.json")):
+        state = _read_json(path)
+        if state is not None and process_alive(int(state.get("pid", -1))):
+            found.append((path, state))
+    return found
 
 
 def _kill_group(pid: int) -> None:
