@@ -9,12 +9,11 @@ import pytest
 
 from orchestrator.evolution.ga import (
     child_generator,
-    is_taken,
     mutate,
     propose_child,
-    round_genes,
     select_parent,
 )
+from orchestrator.evolution.proposals import is_taken, round_genes
 from trainer.results import fitness
 
 KEYS = 6

@@ -44,6 +44,11 @@ class ValidationResult:
         return tuple(field.name for field in fields(cls))
 
     @classmethod
+    def column(cls, name: str) -> str:
+        """The column that holds a field: `column("map")` is "metrics/mAP_0.5:0.95"."""
+        return cls.COLUMNS[cls.names().index(name)]
+
+    @classmethod
     def from_values(cls, values: object) -> ValidationResult:
         """From seven numbers in column order (an evolve.csv row's first seven, say)."""
         numbers = [float(value) for value in np.asarray(values, dtype=float).reshape(-1)]

@@ -169,7 +169,9 @@ def ddp(project: Path, name: str | None, backend: str, build: bool, wait: bool, 
     run = check_run_name(name or DEFAULT_RUN)
     rendezvous = Rendezvous(values["nnodes"], values["node_rank"], values["master_addr"], values["master_port"])
     _check_ddp_request(values["gpus"], values["cpu_procs"], values["batch_size"], rendezvous.nnodes)
-    from trainer.cli import check_training_arguments  # imports torch: only once a run is asked for
+    from trainer.cli import (
+        check_training_arguments,  # imports torch: only once a run is asked for
+    )
 
     check_training_arguments(ddp_trainer_options(values).training_arguments())
     launch = _Launch.open(project, run, backend, build, values, "the {backend} training")
@@ -230,7 +232,9 @@ class _Launch:
 def _check_evolution_flags(options: TrainerOptions, generations: int, run_dir: Path) -> None:
     """What every worker would refuse (a flag the trainer does not know, a hyp value out of range,
     a search space or population that does not fit the run), as one error before any starts."""
-    from orchestrator.evolution.command import check_evolution_arguments  # imports torch: only for a run
+    from orchestrator.evolution.command import (
+        check_evolution_arguments,  # imports torch: only for a run
+    )
 
     check_evolution_arguments(options.arguments(generations), run_dir)
 

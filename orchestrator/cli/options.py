@@ -18,6 +18,7 @@ from orchestrator.backends.base import (
     DEFAULT_SHM_SIZE,
     WorkerSettings,
 )
+from orchestrator.evolution.search import DEFAULT_SEARCH, SEARCHES
 from orchestrator.runs.plan import (
     DDP_PROJECT,
     DEFAULT_PROJECT,
@@ -115,8 +116,11 @@ def launch_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--cpu-workers", type=click.IntRange(min=0), default=0, help="CPU workers (no GPU needed)"),
         click.option("--generations", type=click.IntRange(min=1), default=300, help="total budget, all workers"),
         *_training_options(evolution=True),
+        click.option("--search", type=click.Choice(SEARCHES), default=None,
+                     help=f"search algorithm (default: the run's own; {DEFAULT_SEARCH} for a new run)"),
         click.option("--search-space", default=None, help="search space YAML overriding the bundled one"),
-        click.option("--evolve-population", default=None, help="seed hyp YAMLs / evolve.csv (files or folder)"),
+        click.option("--evolve-population", "--evolve_population", "--resume_evolve", "evolve_population", default=None,
+                     help="seed hyp YAMLs, an evolve_population.yaml or an evolve.csv (files or folder)"),
         *_container_options(),
     ]
     return run_options(_with_options(command, options), name_help=f"run name (default: {DEFAULT_RUN})")
@@ -143,15 +147,12 @@ def ddp_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def trainer_options(values: dict[str, Any]) -> TrainerOptions:
-    names = ("data", "cfg", "weights", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed", "search_space",
-             "evolve_population")
-    return TrainerOptions(**{name: values[name] for name in names}, extra=tuple(values["trainer_args"]))
+    return TrainerOptions.from_values(values, values["trainer_args"])
 
 
 def ddp_trainer_options(values: dict[str, Any]) -> TrainerOptions:
     flags = tuple(flag for flag, wanted in (("--sync-bn", values["sync_bn"]), ("--cos-lr", values["cos_lr"])) if wanted)
-    names = ("data", "cfg", "weights", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed")
-    return TrainerOptions(**{name: values[name] for name in names}, extra=(*flags, *values["trainer_args"]))
+    return TrainerOptions.from_values(values, (*flags, *values["trainer_args"]))
 
 
 def settings_from(values: dict[str, Any], build: bool = False) -> WorkerSettings:

@@ -18,14 +18,10 @@ from trainer.files import save_figure, write_atomic
 from trainer.results import RESULT_COLUMNS
 
 HYP_EVOLVE_NAME = "hyp_evolve.yaml"
-
-
+POPULATION_NAME = "evolve_population.yaml"
+POPULATION_SIZE = 50  # as YOLOv5's population GA keeps
 EVOLVE_PLOT_NAME = "evolve.png"
-
-
 FITNESS_PLOT_NAME = "fitness.png"
-
-
 TITLE = "# evolvectl hyperparameter evolution results"
 
 
@@ -50,6 +46,27 @@ def write_hyp_evolve(run_dir: Path, population: Population) -> bool:
     if text is None:
         return False
     write_atomic(run_dir / HYP_EVOLVE_NAME, text.encode())
+    return True
+
+
+def render_evolve_population(population: Population, size: int = POPULATION_SIZE) -> str | None:
+    """The best `size` rows as YOLOv5's evolve_population.yaml: individual name -> hyp, best
+    first. `--resume_evolve` (or `--evolve-population`) seeds a new run from it."""
+    fitness = population.fitness
+    ranked = [row for row in np.argsort(-np.nan_to_num(fitness, nan=-np.inf), kind="stable")[:size]
+              if math.isfinite(fitness[row])]
+    if not ranked:
+        return None
+    individuals = {f"row{row + 1}": {key: float(value) for key, value in population.hyp_at(int(row)).items()}
+                   for row in ranked}
+    return f"# best {len(ranked)} rows of evolve.csv by fitness\n" + yaml.safe_dump(individuals, sort_keys=False)
+
+
+def write_evolve_population(run_dir: Path, population: Population) -> bool:
+    text = render_evolve_population(population)
+    if text is None:
+        return False
+    write_atomic(run_dir / POPULATION_NAME, text.encode())
     return True
 
 

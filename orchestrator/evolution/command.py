@@ -1,8 +1,8 @@
 """`python -m orchestrator.evolution`: this process becomes one worker of a shared evolution.
 
 It takes every training flag of `python -m trainer` (the trainer declares them, once) and the
-evolution's own: `--evolve [N]` or `--generations N`, `--evolve-population`, `--search-space`,
-`--worker-id` and `--lease-ttl`. `python -m trainer --evolve ...` hands its arguments here
+evolution's own: `--evolve [N]` or `--generations N`, `--search`, `--evolve-population`,
+`--search-space`, `--worker-id` and `--lease-ttl`. `python -m trainer --evolve ...` hands its arguments here
 unchanged, so YOLOv5's habit keeps working. Worker containers run this module directly.
 """
 
@@ -22,6 +22,7 @@ import click
 from orchestrator import __version__
 from orchestrator.evolution.journal import Journal
 from orchestrator.evolution.leases import check_run_inputs
+from orchestrator.evolution.search import DEFAULT_SEARCH, SEARCHES
 from orchestrator.evolution.search_space import SearchSpace
 from trainer.cli import build_config, parse_arguments, training_options
 from trainer.config import TrainConfig
@@ -60,6 +61,7 @@ class EvolutionInputs:
     space: SearchSpace
     generations: int
     population: list[Path]
+    search: str | None
     worker_id: str | None
     lease_ttl: float
 
@@ -71,8 +73,11 @@ def evolution_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      type=click.IntRange(min=1), help="total generations of the evolution (YOLOv5's spelling)"),
         click.option("--generations", default=None, type=click.IntRange(min=1),
                      help=f"total generations of the evolution, over all workers (default {DEFAULT_GENERATIONS})"),
-        click.option("--evolve-population", default=None,
-                     help="seed the evolution from hyp YAMLs (folder) or an evolve.csv"),
+        click.option("--search", type=click.Choice(SEARCHES), default=None,
+                     help=f"search algorithm (default: the run's own; {DEFAULT_SEARCH} for a new run)"),
+        click.option("--evolve-population", "--evolve_population", "--resume_evolve", "evolve_population",
+                     default=None, help="seed a new run from hyp YAMLs, an evolve_population.yaml or an evolve.csv "
+                                        "(files or a folder; YOLOv5's --evolve_population and --resume_evolve)"),
         click.option("--search-space", default=None, help="evolution search space YAML overriding the bundled one"),
         click.option("--worker-id", default=None, help="this worker's name in the journal (default: host-pid)"),
         click.option("--lease-ttl", default=60.0, type=click.FloatRange(min=1.0),
@@ -83,7 +88,7 @@ def evolution_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-EVOLUTION_KEYS = ("evolve", "generations", "evolve_population", "search_space", "worker_id", "lease_ttl")
+EVOLUTION_KEYS = ("evolve", "generations", "search", "evolve_population", "search_space", "worker_id", "lease_ttl")
 
 
 def evolution_inputs(options: Mapping[str, Any]) -> EvolutionInputs:
@@ -95,20 +100,23 @@ def evolution_inputs(options: Mapping[str, Any]) -> EvolutionInputs:
                            space=SearchSpace.load(resolve_config(override, "evolve") if override else None),
                            generations=options["generations"] or options["evolve"] or DEFAULT_GENERATIONS,
                            population=population_sources(options["evolve_population"]),
-                           worker_id=options["worker_id"], lease_ttl=options["lease_ttl"])
+                           search=options["search"], worker_id=options["worker_id"], lease_ttl=options["lease_ttl"])
 
 
 def check_evolution_arguments(arguments: Sequence[str], run_dir: Path) -> None:
     """What every worker started with these flags would refuse when it joins the run in
     `run_dir`, found first by the launcher: one error, before any worker starts. Only reads."""
     inputs = evolution_inputs(parse_arguments(arguments, command=main, prog=PROG))
-    check_run_inputs(Journal(run_dir), inputs.cfg.hyp, inputs.space, inputs.generations, inputs.population)
+    check_run_inputs(Journal(run_dir), inputs.cfg.hyp, inputs.space, inputs.generations, inputs.population,
+                     inputs.search)
 
 
 def evolve(inputs: EvolutionInputs) -> None:
     """Join the run in <project>/<name> and train generations until its budget is met."""
     from orchestrator.evolution.loop import run_worker
-    from orchestrator.evolution.objective import TrainerObjective  # imports torch: only in a worker
+    from orchestrator.evolution.objective import (
+        TrainerObjective,  # imports torch: only in a worker
+    )
 
     cfg = inputs.cfg
     project = EVOLVE_PROJECT if cfg.project == TrainConfig.project else cfg.project
@@ -117,7 +125,7 @@ def evolve(inputs: EvolutionInputs) -> None:
     summary = run_worker(run_dir, cfg.hyp, inputs.space, inputs.generations, objective,
                          inputs.worker_id or f"{socket.gethostname()}-{os.getpid()}", cfg.seed,
                          gpu=os.environ.get("EVOLVECTL_GPU") or objective.device,
-                         population=inputs.population, lease_ttl=inputs.lease_ttl)
+                         population=inputs.population, search=inputs.search, lease_ttl=inputs.lease_ttl)
     LOGGER.info("Worker %s: %s (%d results, %d failed); results in %s", summary.worker_id, summary.exit_reason,
                 summary.ok, summary.failed, run_dir)
 

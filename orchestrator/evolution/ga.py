@@ -11,15 +11,22 @@ row or to a child still in training is drawn again.
 from __future__ import annotations
 
 import zlib
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
+
+from orchestrator.evolution.proposals import (
+    Proposal,
+    SearchContext,
+    first_untaken,
+    round_genes,
+)
 
 TOP_PARENTS = 5
 MUTATION_PROBABILITY = 0.8
 MUTATION_SIGMA = 0.2
 FACTOR_LIMITS = (0.3, 3.0)
-REDRAW_ATTEMPTS = 100
 
 ParentMethod = Literal["single", "weighted"]
 
@@ -57,15 +64,6 @@ def select_parent(
         mean = (hyps[best] * weights[:, None]).sum(axis=0) / weights.sum()
         return mean, tuple(int(row) for row in best)
     raise ValueError(f"unknown parent method {method!r}: use 'single' or 'weighted'")
-
-
-def round_genes(values: np.ndarray) -> np.ndarray:
-    """Round to 5 decimals, then to the 5 significant digits evolve.csv keeps (`%.5g`).
-
-    The second rounding makes the row written to evolve.csv exactly the hyp that trained.
-    """
-    rounded = np.round(np.asarray(values, dtype=float), 5)
-    return np.array([float(f"{value:.5g}") for value in rounded])
 
 
 def mutate(
@@ -111,22 +109,24 @@ def propose_child(
     """A new child and its parent rows; mutates `base` while no row has a finite fitness.
 
     `taken` holds every existing row and every child in training: a child equal to one of
-    them is drawn again (up to REDRAW_ATTEMPTS, after which a space too small to avoid
-    repeats is accepted as it is).
+    them is drawn again (see `first_untaken`).
     """
     gains, lows, highs = bounds
     try:
         parent, parents = select_parent(hyps, fitness_values, rng, method)
     except ValueError:
         parent, parents = np.asarray(base, dtype=float), ()
-    child = mutate(parent, gains, lows, highs, rng)
-    for _ in range(REDRAW_ATTEMPTS - 1):
-        if not is_taken(child, taken):
-            break
-        child = mutate(parent, gains, lows, highs, rng)
-    return child, parents
+    return first_untaken(lambda: mutate(parent, gains, lows, highs, rng), taken), parents
 
 
-def is_taken(child: np.ndarray, taken: np.ndarray) -> bool:
-    taken = np.asarray(taken, dtype=float).reshape(-1, child.size)
-    return bool(np.any(np.all(taken == child, axis=1)))
+@dataclass(frozen=True)
+class ClassicSearch:
+    """YOLOv5 v7.0's evolution: mutate one of the 5 best rows (see the module's docstring)."""
+
+    name: ClassVar[str] = "classic"
+    method: ParentMethod = "single"
+
+    def propose(self, context: SearchContext, rng: np.random.Generator) -> Proposal:
+        child, parents = propose_child(context.hyps, context.fitness, context.base, context.bounds,
+                                       context.taken, rng, self.method)
+        return Proposal(child, parents)

@@ -36,12 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from filelock import FileLock, SoftFileLock, Timeout
 
 from trainer.config import Hyp
 from trainer.errors import UserError
-from trainer.files import write_atomic
+from trainer.files import read_yaml, write_atomic
 from trainer.results import RESULT_COLUMNS, fitness
 
 CSV_NAME = "evolve.csv"
@@ -179,12 +178,25 @@ def load_population_seed(paths: Sequence[str | Path], base_hyp: Hyp, hyp_keys: S
             check_hyp_rows(found, str(path))
             imported.append((str(path), found))
             continue
-        Hyp.from_yaml(path)  # raises a UserError for an unreadable file, unknown key or non-number
-        given = yaml.safe_load(path.read_text())
-        if given.get("anchors") is not None and "anchors" not in hyp_keys:
-            raise UserError(f"{path} sets anchors but the base hyp does not: set anchors in the base hyp to evolve it")
-        queued.append((str(path), {key: float(given.get(key, base[key])) for key in hyp_keys}))
+        for name, given in _seed_hyps(path):
+            if given.get("anchors") is not None and "anchors" not in hyp_keys:
+                raise UserError(f"{name} sets anchors but the base hyp does not: set anchors in the base hyp to "
+                                "evolve it")
+            queued.append((str(path), {key: float(given.get(key, base[key])) for key in hyp_keys}))
     return PopulationSeed(tuple(imported), tuple(queued))
+
+
+def _seed_hyps(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The hyps of one YAML: a hyp file, or a population file (`evolve_population.yaml`, YOLOv5's
+    `--resume_evolve` format: a mapping of individual name to hyp). Each is validated as a hyp."""
+    values = read_yaml(path, "population file")
+    if isinstance(values, dict) and values and all(isinstance(value, dict) for value in values.values()):
+        individuals = [(f"{path} [{name}]", value) for name, value in values.items()]
+        for source, value in individuals:
+            Hyp.from_dict(value, source=source)
+        return individuals
+    Hyp.from_yaml(path)  # raises a UserError for an unreadable file, unknown key or non-number
+    return [(str(path), values)]
 
 
 class Journal:

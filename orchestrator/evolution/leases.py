@@ -42,6 +42,7 @@ from orchestrator.evolution.journal import (
     load_population_seed,
     run_columns,
 )
+from orchestrator.evolution.search import DEFAULT_SEARCH, LEGACY_SEARCH, search_named
 from orchestrator.evolution.search_space import SearchSpace
 from trainer.config import Hyp
 from trainer.errors import UserError
@@ -102,6 +103,7 @@ class Offer:
 class RunState:
     hyp_keys: list[str]
     generations: int
+    search: str = LEGACY_SEARCH  # every worker of a run proposes children with this algorithm
     imported_rows: int = 0
     failed_slots: int = 0
     next_claim: int = 0
@@ -114,6 +116,10 @@ class RunState:
 
     def remaining(self, rows: int) -> int:
         return self.generations - self.done(rows)
+
+    def progress(self, rows: int) -> float:
+        """The share of the budget finished or in flight, which search schedules follow."""
+        return min(1.0, (self.done(rows) + len(self.leases)) / max(self.generations, 1))
 
     def children_in_flight(self) -> list[dict[str, float]]:
         """Children decided but not yet results: leased, waiting for a retry, or queued."""
@@ -148,28 +154,31 @@ def prepare_run(
     space: SearchSpace,
     generations: int,
     population: Sequence[str | Path] = (),
-) -> tuple[str, ...]:
-    """Create the run, or join it; returns its hyperparameter columns.
+    search: str | None = None,
+) -> RunState:
+    """Create the run, or join it; returns its state as joined.
 
     Every input is checked before anything is written (`check_run_inputs`), so a UserError
     leaves the run directory as it was. Joining an existing run sets its budget to
     `generations` (restarting with a larger total extends a run); `population` only seeds a
-    new run.
+    new run, and `search` (None: the run's own, or the default for a new run) must be the
+    run's.
     """
-    hyp_keys, seed = check_run_inputs(journal, base_hyp, space, generations, population)
+    hyp_keys, seed = check_run_inputs(journal, base_hyp, space, generations, population, search)
     journal.run_dir.mkdir(parents=True, exist_ok=True)
     with journal.locked():
         journal.ensure_header(hyp_keys)
         state = load_state(journal)
         if state is None:
-            state = _new_state(journal, hyp_keys, generations, seed, base_hyp)
+            state = _new_state(journal, hyp_keys, generations, seed, base_hyp, search or DEFAULT_SEARCH)
         elif population:
             logger.info("%s: joining an existing run, so its population is not seeded again", journal.run_dir)
+        check_search(state.search, search, journal.run_dir)  # again under the lock: a run another worker made
         if state.generations != generations:
             logger.info("%s: budget changed from %d to %d generations", journal.run_dir, state.generations, generations)
             state.generations = generations
         save_state(journal, state)
-    return hyp_keys
+    return state
 
 
 def check_run_inputs(
@@ -178,27 +187,38 @@ def check_run_inputs(
     space: SearchSpace,
     generations: int,
     population: Sequence[str | Path] = (),
+    search: str | None = None,
 ) -> tuple[tuple[str, ...], PopulationSeed]:
     """Everything a worker checks before it joins a run, reading only: the budget, the search
-    space against the run's columns, the population files, and the run folder's own columns.
-    Returns the run's hyperparameter columns and what the population seeds."""
+    space against the run's columns, the population files, the search algorithm, and the run
+    folder's own columns. Returns the run's hyperparameter columns and what the population seeds."""
     if isinstance(generations, bool) or not isinstance(generations, int) or generations <= 0:
         raise UserError(f"generations={generations!r}: the run's total number of generations must be at least 1")
+    if search is not None:
+        search_named(search)
     hyp_keys = run_columns(base_hyp)
     space.require_evolvable(hyp_keys)
     seed = load_population_seed(population, base_hyp, hyp_keys)
-    _check_existing_run(journal, hyp_keys)
+    _check_existing_run(journal, hyp_keys, search)
     return hyp_keys, seed
 
 
-def _check_existing_run(journal: Journal, hyp_keys: Sequence[str]) -> None:
-    """Read-only checks that the run directory holds this run's columns, before the lock is made."""
+def check_search(run_search: str, asked: str | None, run_dir: Path) -> None:
+    """A worker may not breed with another algorithm than the run's: the run would be neither."""
+    if asked is not None and asked != run_search:
+        raise UserError(f"run {run_dir} searches with --search {run_search}; this worker asked for --search "
+                        f"{asked}: drop --search, pass --search {run_search}, or start a new run (--name)")
+
+
+def _check_existing_run(journal: Journal, hyp_keys: Sequence[str], search: str | None) -> None:
+    """Read-only checks that the run directory holds this run's columns and search, before the lock is made."""
     try:
         values = journal.read_state()
     except ValueError as error:
         raise UserError(f"{journal.state_path} is not valid JSON ({error}); restore it or use a new run") from None
     if values is not None:
         check_hyp_keys(values.get("hyp_keys", []), hyp_keys, str(journal.state_path))
+        check_search(values.get("search", LEGACY_SEARCH), search, journal.run_dir)
     header = journal.read_header()
     if header is not None:
         check_hyp_keys(header, hyp_keys, str(journal.csv_path))
@@ -207,10 +227,10 @@ def _check_existing_run(journal: Journal, hyp_keys: Sequence[str]) -> None:
 
 
 def _new_state(
-    journal: Journal, hyp_keys: Sequence[str], generations: int, seed: PopulationSeed, base_hyp: Hyp
+    journal: Journal, hyp_keys: Sequence[str], generations: int, seed: PopulationSeed, base_hyp: Hyp, search: str
 ) -> RunState:
     """A fresh run: rows already in evolve.csv (a YOLOv5 run) and imported rows are not part of the budget."""
-    state = RunState(list(hyp_keys), generations, imported_rows=journal.count_rows())
+    state = RunState(list(hyp_keys), generations, search, imported_rows=journal.count_rows())
     for source, rows in seed.imported:
         if len(rows) == 0:
             continue

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from orchestrator.evolution import artifacts
-from orchestrator.evolution.ga import ParentMethod, child_generator, propose_child
+from orchestrator.evolution.ga import child_generator
 from orchestrator.evolution.journal import Journal
 from orchestrator.evolution.leases import (
     Heartbeat,
@@ -44,6 +44,8 @@ from orchestrator.evolution.leases import (
     save_state,
     start_lease,
 )
+from orchestrator.evolution.proposals import SearchContext
+from orchestrator.evolution.search import Search, search_named
 from orchestrator.evolution.search_space import SearchSpace
 from trainer.config import Hyp
 from trainer.errors import TrainingDiverged
@@ -101,7 +103,7 @@ class _Plan:
     evolved_keys: tuple[str, ...]
     identity: WorkerIdentity
     seed: int
-    method: ParentMethod
+    search: Search
     lease_ttl: float
     max_attempts: int
 
@@ -133,7 +135,7 @@ def run_worker(
     gpu: str | None = None,
     *,
     population: Sequence[str | Path] = (),
-    method: ParentMethod = "single",
+    search: str | None = None,
     lease_ttl: float = 60.0,
     max_attempts: int = 3,
     stop: threading.Event | None = None,
@@ -145,12 +147,15 @@ def run_worker(
     Bad input raises UserError before the run directory is touched. `stop` (or SIGTERM,
     or a STOP file in the run directory) makes the worker finish its current generation
     and return. `population` seeds a new run from hyp YAMLs and/or YOLOv5 evolve.csv files.
+    `search` names the algorithm that proposes children (None: the run's own, or the default
+    for a new run); a worker asking for another than the run's is refused.
     Plots are redrawn at most every `plot_interval` seconds and on exit (None: never).
     """
     journal = Journal(run_dir, soft_lock=soft_lock)
-    hyp_keys = prepare_run(journal, base_hyp, space, generations, population)
+    state = prepare_run(journal, base_hyp, space, generations, population, search)
+    hyp_keys = tuple(state.hyp_keys)
     plan = _Plan(journal, base_hyp, hyp_keys, space.bounds(hyp_keys), tuple(space.evolved_keys(hyp_keys)),
-                 WorkerIdentity(worker_id, gpu), seed, method, lease_ttl, max_attempts)
+                 WorkerIdentity(worker_id, gpu), seed, search_named(state.search), lease_ttl, max_attempts)
     stop = stop or threading.Event()
     counts: Counter[str] = Counter()
     claims: list[int] = []
@@ -208,10 +213,10 @@ def _draw_child(plan: _Plan, state: RunState, claim: int) -> tuple[dict[str, flo
     in_flight = [[child[key] for key in plan.hyp_keys] for child in state.children_in_flight()]
     taken = np.vstack([population.hyps, np.reshape(in_flight, (-1, len(plan.hyp_keys)))])
     rng = child_generator(plan.seed, plan.identity.worker_id, claim)
-    child, parent_rows = propose_child(
-        population.hyps, population.fitness, plan.base_values, plan.bounds, taken, rng, plan.method
-    )
-    return dict(zip(plan.hyp_keys, map(float, child))), list(parent_rows)
+    context = SearchContext(population.hyps, population.fitness, taken, plan.base_values, *plan.bounds,
+                            progress=state.progress(len(population.hyps)))
+    proposal = plan.search.propose(context, rng)
+    return dict(zip(plan.hyp_keys, map(float, proposal.child))), list(proposal.parents)
 
 
 def _run_generation(plan: _Plan, lease: Lease, objective: Objective) -> str:
@@ -280,7 +285,9 @@ def _finish(plan: _Plan, lease: Lease, values: np.ndarray | None, failure: tuple
         child = np.array([lease.hyp[key] for key in plan.hyp_keys])
         row = journal.append_rows(values, child)
         journal.append_record(lease_record(lease, "ok", now, row=row, seed=plan.seed))  # its hyp is the row
-        artifacts.write_hyp_evolve(journal.run_dir, journal.read_population(plan.hyp_keys))
+        population = journal.read_population(plan.hyp_keys)
+        artifacts.write_hyp_evolve(journal.run_dir, population)
+        artifacts.write_evolve_population(journal.run_dir, population)
     return "ok"
 
 

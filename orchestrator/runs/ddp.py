@@ -29,16 +29,10 @@ from trainer.config import TrainConfig
 from trainer.errors import UserError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 # torchrun's own default; the trainer uses it too when several hosts are given no port.
 MULTI_NODE_PORT = 29500
-
-
 # `$0` is the checkpoint, `$@` the job's command: resume when a previous attempt saved one.
 RESUME_SCRIPT = 'if [ -f "$0" ]; then exec "$@" --resume "$0"; fi; exec "$@"'
-
-
 CHECKPOINT = "weights/last.pt"
 
 

@@ -7,11 +7,7 @@ import re
 from trainer.errors import UserError
 
 PROJECT = "evolvectl"
-
-
 DDP_KEY = "ddp"
-
-
 # Docker's own rule for container names, which embed the run name.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 

@@ -14,19 +14,16 @@ workers, `ddp` for the one worker of a DDP training. `attach 3` is short for `at
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from orchestrator.runs.names import DDP_KEY, check_run_name, worker_name
 from trainer.errors import UserError
 
 DEFAULT_PROJECT = Path("runs/evolve")
-
-
 DDP_PROJECT = Path("runs/train")  # where YOLOv5 users look for a training's results
-
-
 _KEY_PATTERN = re.compile(r"(?:(gpu)?(\d+)|(cpu)(\d+)|(ddp))")
 
 
@@ -66,9 +63,17 @@ def parse_worker_key(text: str) -> str:
     return f"gpu{int(match.group(2))}"
 
 
+# Marks the TrainerOptions that only an evolution worker takes.
+_EVOLUTION = {"evolution": True}
+
+
 @dataclass(frozen=True)
 class TrainerOptions:
-    """The trainer flags a run passes to every worker; None leaves the trainer's default."""
+    """The trainer flags a run passes to every worker; None leaves the trainer's default.
+
+    Each field is the flag of the same name (`batch_size` is `--batch-size`); those marked
+    evolution-only are left out of a single training's command line.
+    """
 
     data: str = "synthetic"
     cfg: str | None = None
@@ -79,20 +84,29 @@ class TrainerOptions:
     imgsz: int | None = None
     workers: int | None = None
     seed: int | None = None
-    search_space: str | None = None
-    evolve_population: str | None = None
+    search: str | None = field(default=None, metadata=_EVOLUTION)
+    search_space: str | None = field(default=None, metadata=_EVOLUTION)
+    evolve_population: str | None = field(default=None, metadata=_EVOLUTION)
     extra: tuple[str, ...] = ()  # anything after `--`, passed through unchanged
 
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], extra: Sequence[str] = ()) -> TrainerOptions:
+        """From a command's parsed options: each field present among them, plus the `--` flags."""
+        return cls(**{name: values[name] for name in cls._flag_names(evolution=True) if name in values},
+                   extra=tuple(extra))
+
     def arguments(self, generations: int) -> list[str]:
-        """Flags for `python -m trainer --evolve`, without the run's place and the worker's identity."""
-        names = ("cfg", "weights", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed", "search_space",
-                 "evolve_population")
-        return ["--generations", str(generations), "--data", self.data, *self._flags(names), *self.extra]
+        """Flags for an evolution worker, without the run's place and the worker's identity."""
+        return ["--generations", str(generations), *self._flags(self._flag_names(evolution=True)), *self.extra]
 
     def training_arguments(self) -> list[str]:
         """Flags for one training (`evolvectl ddp`): no evolution flags, which would make it a worker."""
-        names = ("cfg", "weights", "hyp", "epochs", "batch_size", "imgsz", "workers", "seed")
-        return ["--data", self.data, *self._flags(names), *self.extra]
+        return [*self._flags(self._flag_names(evolution=False)), *self.extra]
+
+    @classmethod
+    def _flag_names(cls, evolution: bool) -> list[str]:
+        return [item.name for item in fields(cls)
+                if item.name != "extra" and (evolution or not item.metadata.get("evolution"))]
 
     def _flags(self, names: Sequence[str]) -> list[str]:
         flags = []

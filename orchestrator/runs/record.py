@@ -19,11 +19,7 @@ from trainer.errors import UserError
 from trainer.files import write_atomic
 
 EVOLVE_MODE = "evolve"
-
-
 DDP_MODE = "ddp"
-
-
 LAUNCH_NAME = "launch.json"
 
 

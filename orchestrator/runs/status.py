@@ -19,30 +19,19 @@ import yaml
 
 from orchestrator.evolution.journal import Journal
 from orchestrator.evolution.leases import load_state
+from trainer.results import ValidationResult
 
 # States in which a worker is (or is about to be) training.
 ACTIVE_STATES = ("running", "restarting", "starting")
-
-
 # How many recent generations the ETA averages over: recent ones reflect the current load.
 ETA_WINDOW = 20
-
-
 # The trainer's plain (non-terminal) progress line starts with "<epoch>/<epochs>  <memory>G".
 _EPOCH_LINE = re.compile(r"^\s*(\d+)/(\d+)\s+[\d.]+G\s", re.MULTILINE)
-
-
 # What the trainer writes into a training's folder: one row per epoch, and the options it runs with.
 RESULTS_NAME = "results.csv"
-
-
 OPTIONS_NAME = "opt.yaml"
-
-
-MAP50_COLUMN = "metrics/mAP_0.5"
-
-
-MAP_COLUMN = "metrics/mAP_0.5:0.95"
+MAP50_COLUMN = ValidationResult.column("map50")
+MAP_COLUMN = ValidationResult.column("map")
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,6 @@ from orchestrator.backends.docker.spec import PROJECT_LABEL, ROLE_LABEL
 from orchestrator.runs.names import PROJECT
 
 NVIDIA_RUNTIME = "nvidia"
-
-
 # What Docker answers when no installed driver (NVIDIA Container Toolkit) serves `--gpus`.
 NO_GPU_DRIVER = "could not select device driver"
 

@@ -40,30 +40,14 @@ from orchestrator.runs.names import PROJECT, check_run_name, ddp_name, worker_na
 from orchestrator.runs.plan import TrainerOptions
 
 PROJECT_LABEL = "org.evolvectl.project"
-
-
 RUN_LABEL = "org.evolvectl.run"
-
-
 GPU_LABEL = "org.evolvectl.gpu"
-
-
 SLOT_LABEL = "org.evolvectl.slot"
-
-
 ROLE_LABEL = "org.evolvectl.role"
-
-
 EVOLVE_ROLE = "evolve-worker"
-
-
 # One DDP training job (`evolvectl ddp`): one worker per host, whatever its GPU count.
 DDP_ROLE = "ddp"
-
-
 WORKDIR = "/workspace"
-
-
 WORKER_USER = "1000:1000"
 # Evolution workers run the evolution entry point; the image's own entrypoint is the trainer.
 EVOLUTION_ENTRYPOINT = ("python", "-m", "orchestrator.evolution")
