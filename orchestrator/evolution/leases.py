@@ -42,6 +42,7 @@ from orchestrator.evolution.journal import (
     load_population_seed,
     run_columns,
 )
+from orchestrator.evolution.pruning import Pruning
 from orchestrator.evolution.search import DEFAULT_SEARCH, LEGACY_SEARCH, search_named
 from orchestrator.evolution.search_space import SearchSpace
 from trainer.config import Hyp
@@ -106,13 +107,21 @@ class RunState:
     search: str = LEGACY_SEARCH  # every worker of a run proposes children with this algorithm
     imported_rows: int = 0
     failed_slots: int = 0
+    pruned_slots: int = 0  # generations stopped at a rung: part of the budget, never rows
+    pruning: dict[str, Any] | None = None  # the run's Pruning, as JSON; None: off
+    rung_results: dict[str, list[float]] = field(default_factory=dict)  # rung epoch -> fitness reported there
+    created: float = field(default_factory=time.time)
+    hours: float | None = None  # no new claims once this many hours have passed since `created`
     next_claim: int = 0
     queue: list[dict[str, Any]] = field(default_factory=list)  # {"hyp": ..., "source": ...}
     retry: list[Retry] = field(default_factory=list)
     leases: dict[int, Lease] = field(default_factory=dict)
 
     def done(self, rows: int) -> int:
-        return rows - self.imported_rows + self.failed_slots
+        return rows - self.imported_rows + self.failed_slots + self.pruned_slots
+
+    def time_spent(self, now: float) -> bool:
+        return self.hours is not None and now >= self.created + self.hours * 3600
 
     def remaining(self, rows: int) -> int:
         return self.generations - self.done(rows)
@@ -155,6 +164,8 @@ def prepare_run(
     generations: int,
     population: Sequence[str | Path] = (),
     search: str | None = None,
+    pruning: Pruning | None = None,
+    hours: float | None = None,
 ) -> RunState:
     """Create the run, or join it; returns its state as joined.
 
@@ -162,7 +173,8 @@ def prepare_run(
     leaves the run directory as it was. Joining an existing run sets its budget to
     `generations` (restarting with a larger total extends a run); `population` only seeds a
     new run, and `search` (None: the run's own, or the default for a new run) must be the
-    run's.
+    run's. `pruning` applies to a new run (a joining worker prunes as the run does); `hours`,
+    when given, sets the run's time budget, counted from its creation.
     """
     hyp_keys, seed = check_run_inputs(journal, base_hyp, space, generations, population, search)
     journal.run_dir.mkdir(parents=True, exist_ok=True)
@@ -171,12 +183,15 @@ def prepare_run(
         state = load_state(journal)
         if state is None:
             state = _new_state(journal, hyp_keys, generations, seed, base_hyp, search or DEFAULT_SEARCH)
+            state.pruning = pruning.to_json() if pruning is not None else None
         elif population:
             logger.info("%s: joining an existing run, so its population is not seeded again", journal.run_dir)
         check_search(state.search, search, journal.run_dir)  # again under the lock: a run another worker made
         if state.generations != generations:
             logger.info("%s: budget changed from %d to %d generations", journal.run_dir, state.generations, generations)
             state.generations = generations
+        if hours is not None:
+            state.hours = hours
         save_state(journal, state)
     return state
 

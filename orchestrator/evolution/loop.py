@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import math
 import signal
 import threading
 import time
@@ -45,6 +46,7 @@ from orchestrator.evolution.leases import (
     start_lease,
 )
 from orchestrator.evolution.proposals import SearchContext
+from orchestrator.evolution.pruning import GenerationPruned, Pruning
 from orchestrator.evolution.search import Search, search_named
 from orchestrator.evolution.search_space import SearchSpace
 from trainer.config import Hyp
@@ -77,6 +79,8 @@ class GenerationContext:
     gpu: str | None
     parents: tuple[int, ...]  # evolve.csv rows the child came from
     source: str  # base, population:<file>, mutation, retry of claim N
+    rungs: tuple[int, ...] = ()  # epochs (from 1) after which the objective reports its fitness
+    report: Callable[[int, float], bool] = lambda epoch, fitness: False  # True: stop (raise GenerationPruned)
 
 
 Objective = Callable[[Hyp, GenerationContext], ValidationResult]
@@ -89,7 +93,8 @@ class WorkerSummary:
     failed: int  # attempts recorded as failed
     stale: int  # results dropped because the lease had been handed to another worker
     claims: tuple[int, ...]
-    exit_reason: str  # "budget reached" or "stop requested"
+    exit_reason: str  # "budget reached", "time budget spent" or "stop requested"
+    pruned: int = 0  # generations stopped early at a rung
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ class _Plan:
     identity: WorkerIdentity
     seed: int
     search: Search
+    pruning: Pruning | None
     lease_ttl: float
     max_attempts: int
 
@@ -122,6 +128,7 @@ class NoLease(enum.Enum):
 
     WAIT = "every open slot is in flight elsewhere"
     BUDGET_REACHED = "budget reached"
+    TIME_SPENT = "time budget spent"
 
 
 def run_worker(
@@ -135,7 +142,9 @@ def run_worker(
     gpu: str | None = None,
     *,
     population: Sequence[str | Path] = (),
-    search: str | None = None,
+    search: str | Search | None = None,
+    pruning: Pruning | None = None,
+    hours: float | None = None,
     lease_ttl: float = 60.0,
     max_attempts: int = 3,
     stop: threading.Event | None = None,
@@ -148,22 +157,29 @@ def run_worker(
     or a STOP file in the run directory) makes the worker finish its current generation
     and return. `population` seeds a new run from hyp YAMLs and/or YOLOv5 evolve.csv files.
     `search` names the algorithm that proposes children (None: the run's own, or the default
-    for a new run); a worker asking for another than the run's is refused.
+    for a new run; a `Search` object brings its own, under its name); a worker asking for
+    another than the run's is refused. `pruning` (a new run's; None: off) stops generations
+    early at rungs, and `hours` stops new claims once the run is that old.
     Plots are redrawn at most every `plot_interval` seconds and on exit (None: never).
     """
     journal = Journal(run_dir, soft_lock=soft_lock)
-    state = prepare_run(journal, base_hyp, space, generations, population, search)
+    name = search if search is None or isinstance(search, str) else search.name
+    state = prepare_run(journal, base_hyp, space, generations, population, name, pruning, hours)
     hyp_keys = tuple(state.hyp_keys)
+    searcher = search_named(state.search) if search is None or isinstance(search, str) else search
     plan = _Plan(journal, base_hyp, hyp_keys, space.bounds(hyp_keys), tuple(space.evolved_keys(hyp_keys)),
-                 WorkerIdentity(worker_id, gpu), seed, search_named(state.search), lease_ttl, max_attempts)
+                 WorkerIdentity(worker_id, gpu), seed, searcher, Pruning.from_json(state.pruning), lease_ttl,
+                 max_attempts)
     stop = stop or threading.Event()
     counts: Counter[str] = Counter()
     claims: list[int] = []
+    exit_reason = NoLease.BUDGET_REACHED.value
     last_plot = time.monotonic()
     with _stop_on_sigterm(stop):
         while not (stop.is_set() or journal.stop_requested()):
             lease = _claim(plan)
-            if lease is NoLease.BUDGET_REACHED:
+            if lease in (NoLease.BUDGET_REACHED, NoLease.TIME_SPENT):
+                exit_reason = lease.value
                 break
             if lease is NoLease.WAIT:  # wait for a slot in flight elsewhere to end or expire
                 stop.wait(plan.poll_interval)
@@ -175,9 +191,11 @@ def run_worker(
                 last_plot = time.monotonic()
     if plot_interval is not None:
         _write_plots(plan)
-    exit_reason = "stop requested" if stop.is_set() or journal.stop_requested() else NoLease.BUDGET_REACHED.value
+    if stop.is_set() or journal.stop_requested():
+        exit_reason = "stop requested"
     logger.info("worker %s: %s after %d claims (%s)", worker_id, exit_reason, len(claims), dict(counts))
-    return WorkerSummary(worker_id, counts["ok"], counts["failed"], counts["stale"], tuple(claims), exit_reason)
+    return WorkerSummary(worker_id, counts["ok"], counts["failed"], counts["stale"], tuple(claims), exit_reason,
+                         counts["pruned"])
 
 
 def _claim(plan: _Plan) -> Lease | NoLease:
@@ -190,7 +208,7 @@ def _claim(plan: _Plan) -> Lease | NoLease:
         now = time.time()
         expired = expire_leases(state, now, plan.max_attempts)
         rows = journal.count_rows()
-        offer = offer_slot(state, rows)
+        offer = None if state.time_spent(now) else offer_slot(state, rows)
         lease = None
         if offer is not None:
             hyp, parents = offer.hyp, offer.parents
@@ -202,6 +220,8 @@ def _claim(plan: _Plan) -> Lease | NoLease:
         for record in expired:  # after the state: a death in between must not expire a lease twice
             journal.append_record(record)
     if lease is None:
+        if state.time_spent(now):
+            return NoLease.TIME_SPENT
         return NoLease.BUDGET_REACHED if state.remaining(rows) <= 0 else NoLease.WAIT
     logger.info("claim %d (attempt %d, %s): training", lease.claim, lease.attempt, lease.source)
     return lease
@@ -230,39 +250,75 @@ def _run_generation(plan: _Plan, lease: Lease, objective: Objective) -> str:
         gpu=plan.identity.gpu,
         parents=tuple(lease.parents),
         source=lease.source,
+        rungs=plan.pruning.rungs if plan.pruning else (),
+        report=lambda epoch, fitness: _report_rung(plan, lease, epoch, fitness),
     )
     hyp = Hyp.from_dict({**plan.base_hyp.as_dict(include_unset=True), **lease.hyp}, source=f"claim {lease.claim}")
     heartbeat_interval = min(plan.lease_ttl / 4, 5.0)
     with Heartbeat(plan.journal, lease.claim, plan.lease_ttl, heartbeat_interval):
-        values, failure = _evaluate(objective, hyp, context)
-    return _finish(plan, lease, values, failure)
+        outcome = _evaluate(objective, hyp, context)
+    return _finish(plan, lease, outcome)
 
 
-def _evaluate(
-    objective: Objective, hyp: Hyp, context: GenerationContext
-) -> tuple[np.ndarray | None, tuple[str, str] | None]:
-    """Call the objective; returns (values, None) or (None, (kind, reason)). Never raises Exception."""
+@dataclass(frozen=True)
+class _Outcome:
+    """How a generation ended: `ok` with its values, `failed` with a kind and reason, or `pruned` at an epoch."""
+
+    status: Literal["ok", "failed", "pruned"]
+    values: np.ndarray | None = None
+    kind: str = ""
+    reason: str = ""
+    epoch: int = 0
+    fitness: float = math.nan
+
+
+def _evaluate(objective: Objective, hyp: Hyp, context: GenerationContext) -> _Outcome:
+    """Call the objective and classify how it ended. Never raises Exception."""
     try:
         result = objective(hyp, context)
+    except GenerationPruned as pruned:
+        return _Outcome("pruned", epoch=pruned.epoch, fitness=pruned.fitness)
     except GenerationFailed as failure:
-        return None, (failure.kind, failure.reason)
+        return _Outcome("failed", kind=failure.kind, reason=failure.reason)
     except TrainingDiverged as error:
-        return None, ("diverged", str(error))
+        return _Outcome("failed", kind="diverged", reason=str(error))
     except Exception as error:
         # torch.cuda.OutOfMemoryError is recognised by name so this module needs no torch.
         kind = "oom" if type(error).__name__ == "OutOfMemoryError" else "crash"
         logger.exception("claim %d: generation failed", context.claim)
-        return None, (kind, f"{type(error).__name__}: {error}")
+        return _Outcome("failed", kind=kind, reason=f"{type(error).__name__}: {error}")
     if not isinstance(result, ValidationResult):
-        return None, ("crash", f"objective returned {type(result).__name__}, not a ValidationResult")
+        return _Outcome("failed", kind="crash",
+                        reason=f"objective returned {type(result).__name__}, not a ValidationResult")
     values = np.array(result.values())
     if not np.all(np.isfinite(values)):
-        return None, ("diverged", f"non-finite result: {', '.join(f'{value:g}' for value in values)}")
-    return values, None
+        return _Outcome("failed", kind="diverged",
+                        reason=f"non-finite result: {', '.join(f'{value:g}' for value in values)}")
+    return _Outcome("ok", values=values)
 
 
-def _finish(plan: _Plan, lease: Lease, values: np.ndarray | None, failure: tuple[str, str] | None) -> str:
-    """Under the lock: close the lease, then append the row (or record the failure)."""
+def _report_rung(plan: _Plan, lease: Lease, epoch: int, fitness: float) -> bool:
+    """Under the lock: record the generation's fitness at a rung; True when it should stop there."""
+    if plan.pruning is None or epoch not in plan.pruning.rungs:
+        return False
+    journal = plan.journal
+    with journal.locked():
+        state = load_state(journal)
+        if state is None or lease.claim not in state.leases:
+            return True  # the lease expired (its slot waits for, or went to, another worker): stop
+        recorded = state.rung_results.setdefault(str(epoch), [])
+        recorded.append(float(fitness))
+        keeps = plan.pruning.keeps(float(fitness), recorded)
+        save_state(journal, state)
+        journal.append_record({"status": "rung", "claim": lease.claim, "attempt": lease.attempt, "epoch": epoch,
+                               "fitness": round(float(fitness), 6), "continues": keeps, "at_rung": len(recorded)})
+    logger.info("claim %d: fitness %.4f after epoch %d, %s", lease.claim, fitness, epoch,
+                "goes on" if keeps else "pruned")
+    return not keeps
+
+
+def _finish(plan: _Plan, lease: Lease, outcome: _Outcome) -> str:
+    """Under the lock: close the lease, then append the row (or record the failure or the pruning)."""
     journal = plan.journal
     with journal.locked():
         state = load_state(journal)
@@ -272,18 +328,24 @@ def _finish(plan: _Plan, lease: Lease, values: np.ndarray | None, failure: tuple
             reason = "lease expired and its slot went to another worker; result dropped"
             journal.append_record(lease_record(lease, "stale", now, reason=reason, **common))
             return "stale"
-        if failure is not None:
+        if outcome.status == "pruned":
+            state.pruned_slots += 1
+            save_state(journal, state)
+            journal.append_record(lease_record(lease, "pruned", now, epoch=outcome.epoch,
+                                               fitness=round(outcome.fitness, 6), **common))
+            return "pruned"
+        if outcome.status == "failed":
             given_up = release_failed(state, lease, plan.max_attempts)
             save_state(journal, state)
-            kind, reason = failure
-            record = lease_record(lease, "failed", now, kind=kind, reason=reason, slot_given_up=given_up, **common)
+            record = lease_record(lease, "failed", now, kind=outcome.kind, reason=outcome.reason,
+                                  slot_given_up=given_up, **common)
             journal.append_record(record)
-            logger.warning("claim %d failed (%s): %s", lease.claim, kind, reason)
+            logger.warning("claim %d failed (%s): %s", lease.claim, outcome.kind, outcome.reason)
             return "failed"
         # State first: dying between the two writes re-offers the slot instead of overshooting the budget.
         save_state(journal, state)
         child = np.array([lease.hyp[key] for key in plan.hyp_keys])
-        row = journal.append_rows(values, child)
+        row = journal.append_rows(outcome.values, child)
         journal.append_record(lease_record(lease, "ok", now, row=row, seed=plan.seed))  # its hyp is the row
         population = journal.read_population(plan.hyp_keys)
         artifacts.write_hyp_evolve(journal.run_dir, population)
