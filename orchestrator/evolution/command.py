@@ -1,8 +1,8 @@
 """`python -m orchestrator.evolution`: this process becomes one worker of a shared evolution.
 
 It takes every training flag of `python -m trainer` (the trainer declares them, once) and the
-evolution's own: `--evolve [N]` or `--generations N`, `--search`, `--evolve-population`,
-`--search-space`, `--worker-id` and `--lease-ttl`. `python -m trainer --evolve ...` hands its arguments here
+evolution's own: `--evolve [N]` or `--generations N`, `--search`, `--prune` and its rungs,
+`--hours`, `--evolve-population`, `--search-space`, `--worker-id` and `--lease-ttl`. `python -m trainer --evolve ...` hands its arguments here
 unchanged, so YOLOv5's habit keeps working. Worker containers run this module directly.
 """
 
@@ -22,6 +22,7 @@ import click
 from orchestrator import __version__
 from orchestrator.evolution.journal import Journal
 from orchestrator.evolution.leases import check_run_inputs
+from orchestrator.evolution.pruning import Pruning, parse_rungs
 from orchestrator.evolution.search import DEFAULT_SEARCH, SEARCHES
 from orchestrator.evolution.search_space import SearchSpace
 from trainer.cli import build_config, parse_arguments, training_options
@@ -62,6 +63,8 @@ class EvolutionInputs:
     generations: int
     population: list[Path]
     search: str | None
+    pruning: Pruning | None
+    hours: float | None
     worker_id: str | None
     lease_ttl: float
 
@@ -75,6 +78,14 @@ def evolution_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help=f"total generations of the evolution, over all workers (default {DEFAULT_GENERATIONS})"),
         click.option("--search", type=click.Choice(SEARCHES), default=None,
                      help=f"search algorithm (default: the run's own; {DEFAULT_SEARCH} for a new run)"),
+        click.option("--prune/--no-prune", default=True,
+                     help="stop a generation early at a rung epoch when it ranks outside the top 1/η of all "
+                          "generations recorded there (asynchronous successive halving)"),
+        click.option("--prune-rungs", default=None, help="rung epochs, e.g. 3,10 (default: epochs/η² and epochs/η)"),
+        click.option("--prune-eta", default=3.0, type=click.FloatRange(min=1.0, min_open=True),
+                     help="pruning's reduction factor η: the share 1/η of generations goes on at each rung"),
+        click.option("--hours", default=None, type=click.FloatRange(min=0.0, min_open=True),
+                     help="time budget of the run: no new generation starts once it has run this long"),
         click.option("--evolve-population", "--evolve_population", "--resume_evolve", "evolve_population",
                      default=None, help="seed a new run from hyp YAMLs, an evolve_population.yaml or an evolve.csv "
                                         "(files or a folder; YOLOv5's --evolve_population and --resume_evolve)"),
@@ -88,7 +99,8 @@ def evolution_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-EVOLUTION_KEYS = ("evolve", "generations", "search", "evolve_population", "search_space", "worker_id", "lease_ttl")
+EVOLUTION_KEYS = ("evolve", "generations", "search", "prune", "prune_rungs", "prune_eta", "hours", "evolve_population",
+                  "search_space", "worker_id", "lease_ttl")
 
 
 def evolution_inputs(options: Mapping[str, Any]) -> EvolutionInputs:
@@ -96,11 +108,14 @@ def evolution_inputs(options: Mapping[str, Any]) -> EvolutionInputs:
     if training["resume"]:
         raise UserError("--evolve runs one process per GPU: drop --resume (evolutions resume by themselves)")
     override = options["search_space"]
-    return EvolutionInputs(cfg=build_config(training),
+    cfg = build_config(training)
+    rungs = parse_rungs(options["prune_rungs"]) if options["prune_rungs"] else None
+    pruning = Pruning.for_epochs(cfg.epochs, rungs, options["prune_eta"]) if options["prune"] else None
+    return EvolutionInputs(cfg=cfg,
                            space=SearchSpace.load(resolve_config(override, "evolve") if override else None),
                            generations=options["generations"] or options["evolve"] or DEFAULT_GENERATIONS,
                            population=population_sources(options["evolve_population"]),
-                           search=options["search"], worker_id=options["worker_id"], lease_ttl=options["lease_ttl"])
+                           search=options["search"], pruning=pruning, hours=options["hours"], worker_id=options["worker_id"], lease_ttl=options["lease_ttl"])
 
 
 def check_evolution_arguments(arguments: Sequence[str], run_dir: Path) -> None:
@@ -125,7 +140,8 @@ def evolve(inputs: EvolutionInputs) -> None:
     summary = run_worker(run_dir, cfg.hyp, inputs.space, inputs.generations, objective,
                          inputs.worker_id or f"{socket.gethostname()}-{os.getpid()}", cfg.seed,
                          gpu=os.environ.get("EVOLVECTL_GPU") or objective.device,
-                         population=inputs.population, search=inputs.search, lease_ttl=inputs.lease_ttl)
+                         population=inputs.population, search=inputs.search, pruning=inputs.pruning,
+                         hours=inputs.hours, lease_ttl=inputs.lease_ttl)
     LOGGER.info("Worker %s: %s (%d results, %d failed); results in %s", summary.worker_id, summary.exit_reason,
                 summary.ok, summary.failed, run_dir)
 

@@ -90,17 +90,20 @@ class UnitSpace:
 
     def genes(self, unit: np.ndarray, frozen_values: np.ndarray) -> np.ndarray:
         """A child as evolve.csv will hold it: back from unit space, rounded, within the limits."""
-        values = round_genes(self.from_unit(unit, frozen_values))
+        values = significant(self.from_unit(unit, frozen_values))
         return np.where(self.evolving, np.clip(values, self.lows, self.highs), frozen_values)
 
 
 def round_genes(values: np.ndarray) -> np.ndarray:
-    """Round to 5 decimals, then to the 5 significant digits evolve.csv keeps (`%.5g`).
+    """Round to 5 decimals (the classic GA's rule), then to the 5 significant digits evolve.csv keeps."""
+    return significant(np.round(np.asarray(values, dtype=float), 5))
 
-    The second rounding makes the row written to evolve.csv exactly the hyp that trained.
-    """
-    rounded = np.round(np.asarray(values, dtype=float), 5)
-    return np.array([float(f"{value:.5g}") for value in rounded])
+
+def significant(values: np.ndarray) -> np.ndarray:
+    """Round to the 5 significant digits evolve.csv keeps (`%.5g`), so that the row written is
+    exactly the hyp that trained. (Rounding to 5 decimals as well, as the classic GA does, would
+    leave lr0 near 1e-5 almost no values to take.)"""
+    return np.array([float(f"{value:.5g}") for value in np.asarray(values, dtype=float)])
 
 
 def is_taken(child: np.ndarray, taken: np.ndarray) -> bool:

@@ -85,6 +85,10 @@ class TrainerOptions:
     workers: int | None = None
     seed: int | None = None
     search: str | None = field(default=None, metadata=_EVOLUTION)
+    prune: bool | None = field(default=None, metadata=_EVOLUTION)
+    prune_rungs: str | None = field(default=None, metadata=_EVOLUTION)
+    prune_eta: float | None = field(default=None, metadata=_EVOLUTION)
+    hours: float | None = field(default=None, metadata=_EVOLUTION)
     search_space: str | None = field(default=None, metadata=_EVOLUTION)
     evolve_population: str | None = field(default=None, metadata=_EVOLUTION)
     extra: tuple[str, ...] = ()  # anything after `--`, passed through unchanged
@@ -111,9 +115,11 @@ class TrainerOptions:
     def _flags(self, names: Sequence[str]) -> list[str]:
         flags = []
         for name in names:
-            value = getattr(self, name)
-            if value is not None:
-                flags += [f"--{name.replace('_', '-')}", str(value)]
+            value, flag = getattr(self, name), f"--{name.replace('_', '-')}"
+            if isinstance(value, bool):  # an on/off flag: --prune or --no-prune
+                flags.append(flag if value else f"--no-{flag[2:]}")
+            elif value is not None:
+                flags += [flag, str(value)]
         return flags
 
     def with_paths(self, **paths: str | None) -> TrainerOptions:
