@@ -1,0 +1,157 @@
+"""Searches, pruning and the time budget through real workers on a real journal."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.evolution.journal import Journal, run_columns
+from orchestrator.evolution.loop import GenerationContext, run_worker
+from orchestrator.evolution.pruning import GenerationPruned, Pruning
+from orchestrator.evolution.search_space import SearchSpace
+from trainer.config import Hyp
+from trainer.errors import UserError
+from trainer.results import ValidationResult
+
+SPACE = SearchSpace.load()
+KEYS = run_columns(Hyp())
+FORK = multiprocessing.get_context("fork")
+EPOCHS = 9
+PRUNING = Pruning((1, 3), eta=3, min_count=3)
+
+
+def curve_objective(hyp: Hyp, context: GenerationContext, epoch_seconds: float = 0.0) -> ValidationResult:
+    """A learning curve towards a final score that peaks at lr0=0.02, momentum=0.9; reports at rungs."""
+    final = math.exp(-(((hyp.lr0 - 0.02) / 0.02) ** 2) - ((hyp.momentum - 0.9) / 0.1) ** 2)
+    for epoch in range(1, EPOCHS + 1):
+        time.sleep(epoch_seconds)
+        score = final * epoch / EPOCHS
+        if epoch in context.rungs and context.report(epoch, score):
+            raise GenerationPruned(epoch, score)
+    return ValidationResult(final, final, final, final, 1 - final, 1 - final, 0.1)
+
+
+def evolve(run_dir: Path, generations: int, worker_id: str = "w0", **options: object):
+    options = {"seed": 3, "lease_ttl": 5.0, "plot_interval": None, **options}
+    return run_worker(run_dir, Hyp(), SPACE, generations, curve_objective, worker_id, **options)
+
+
+def records(run_dir: Path, status: str) -> list[dict]:
+    return [record for record in Journal(run_dir).read_records() if record["status"] == status]
+
+
+def state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "claims.json").read_text())
+
+
+def assert_exact_budget_with_pruning(run_dir: Path, generations: int) -> None:
+    """Every generation of the budget is a row or a pruned generation, each from its own claim."""
+    population = Journal(run_dir).read_population(KEYS)
+    ok, pruned = records(run_dir, "ok"), records(run_dir, "pruned")
+    assert len(population) + len(pruned) + state(run_dir)["failed_slots"] == generations
+    assert len(ok) == len(population) and state(run_dir)["pruned_slots"] == len(pruned)
+    claims = [record["claim"] for record in ok + pruned]
+    assert len(claims) == len(set(claims)), "a claim was finished twice"
+    rows = {tuple(row) for row in population.hyps}
+    assert not {tuple(record["hyp"][key] for key in KEYS) for record in pruned} & rows, "a pruned child is a row"
+    assert state(run_dir)["leases"] == {} and state(run_dir)["retry"] == []
+    # YOLOv5 reads evolve.csv with np.loadtxt(ndmin=2, delimiter=",", skiprows=1): it still can.
+    table = np.loadtxt(run_dir / "evolve.csv", ndmin=2, delimiter=",", skiprows=1)
+    assert table.shape == (len(population), 7 + len(KEYS))
+
+
+def test_a_new_run_records_its_search_and_a_worker_asking_for_another_is_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    evolve(run_dir, 3, search="population")
+    assert state(run_dir)["search"] == "population"
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    with pytest.raises(UserError, match="searches with --search population; this worker asked for --search classic"):
+        evolve(run_dir, 4, "w1", search="classic")
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before  # nothing touched
+    summary = evolve(run_dir, 4, "w1")  # no --search: the run's own
+    assert summary.ok == 1 and state(run_dir)["search"] == "population"
+
+
+def test_a_run_from_before_searches_were_recorded_goes_on_with_the_classic_ga(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    evolve(run_dir, 2, search="classic")
+    values = state(run_dir)
+    del values["search"]
+    (run_dir / "claims.json").write_text(json.dumps(values))
+    with pytest.raises(UserError, match="searches with --search classic"):
+        evolve(run_dir, 3, search="elite")
+    evolve(run_dir, 3)
+    assert state(run_dir)["search"] == "classic"
+
+
+def test_pruned_generations_count_toward_the_budget_and_never_become_rows(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    summary = evolve(run_dir, 24, pruning=PRUNING)
+    pruned = records(run_dir, "pruned")
+    assert summary.pruned == len(pruned) > 0 and summary.ok + summary.pruned == 24
+    assert_exact_budget_with_pruning(run_dir, 24)
+    assert all(record["epoch"] in PRUNING.rungs and math.isfinite(record["fitness"]) for record in pruned)
+    rungs = records(run_dir, "rung")
+    assert Counter(record["epoch"] for record in rungs)[1] == 24  # every generation reported at the first rung
+    assert state(run_dir)["pruning"] == PRUNING.to_json()
+    recorded = sorted(record["fitness"] for record in rungs if record["epoch"] == 1)
+    assert sorted(state(run_dir)["rung_results"]["1"]) == pytest.approx(recorded, abs=1e-6)
+
+
+def test_a_joining_worker_prunes_as_the_run_does(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    evolve(run_dir, 6, pruning=PRUNING)
+    evolve(run_dir, 12, "w1", pruning=None)  # its own setting does not change the run's
+    assert state(run_dir)["pruning"] == PRUNING.to_json()
+    assert {record["claim"] for record in records(run_dir, "rung")} >= set(range(6, 12))
+
+
+def test_the_time_budget_stops_new_claims_and_lets_the_running_generation_finish(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    summary = run_worker(run_dir, Hyp(), SPACE, 1000, lambda hyp, context: curve_objective(hyp, context, 0.05),
+                         "w0", 3, hours=1.0 / 3600, lease_ttl=5.0, plot_interval=None)
+    assert summary.exit_reason == "time budget spent"
+    assert 1.0 <= time.monotonic() - started < 3.0
+    assert len(Journal(run_dir).read_population(KEYS)) == summary.ok >= 1  # the last one finished and counts
+    assert state(run_dir)["leases"] == {}
+
+
+def _pruning_worker(run_dir: Path, worker_id: str, generations: int, epoch_seconds: float) -> None:
+    run_worker(run_dir, Hyp(), SPACE, generations, lambda hyp, context: curve_objective(hyp, context, epoch_seconds),
+               worker_id, 3, search="population", pruning=PRUNING, lease_ttl=1.0, plot_interval=None)
+
+
+@pytest.mark.slow
+def test_three_workers_with_the_population_ga_and_pruning_one_killed_end_with_the_exact_budget(
+        tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    victim = FORK.Process(target=_pruning_worker, args=(run_dir, "w1", 30, 10.0))  # stuck in its first epoch
+    victim.start()
+    deadline = time.monotonic() + 30
+    while not ((run_dir / "claims.json").exists() and state(run_dir)["leases"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    workers = [FORK.Process(target=_pruning_worker, args=(run_dir, name, 30, 0.01)) for name in ("w0", "w2")]
+    for process in workers:
+        process.start()
+    time.sleep(0.5)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join()
+    for process in workers:
+        process.join(120)
+        assert process.exitcode == 0
+    assert_exact_budget_with_pruning(run_dir, 30)
+    [expired] = records(run_dir, "expired")
+    assert expired["worker"] == "w1"
+    assert records(run_dir, "pruned"), "nothing was pruned"
+    assert state(run_dir)["search"] == "population"
