@@ -155,3 +155,30 @@ def test_three_workers_with_the_population_ga_and_pruning_one_killed_end_with_th
     assert expired["worker"] == "w1"
     assert records(run_dir, "pruned"), "nothing was pruned"
     assert state(run_dir)["search"] == "population"
+
+
+def test_status_results_and_the_fitness_plot_show_pruned_generations(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from orchestrator.cli.render import render_status, search_summary
+    from orchestrator.evolution import artifacts
+    from orchestrator.evolution.leases import load_state
+    from orchestrator.runs.status import collect_status
+
+    run_dir = tmp_path / "run"
+    evolve(run_dir, 15, pruning=PRUNING)
+    journal = Journal(run_dir)
+    pruned = len(records(run_dir, "pruned"))
+    report = collect_status("run", run_dir, "local", ())
+    assert report.progress.pruned == pruned and report.progress.search == "elite"
+    console = Console(width=200, record=True)
+    console.print(render_status(report))
+    assert f"{pruned} pruned" in console.export_text()
+    population = journal.read_population()
+    lines = search_summary(population, journal.read_records(), load_state(journal))
+    assert lines[0] == f"search: elite, {pruned} generation(s) pruned early"
+    assert lines[1].startswith(f"best fitness {population.fitness.max():.4f}") and "against the base hyp's" in lines[1]
+    points = artifacts.pruned_points(journal.read_records())
+    assert len(points) == pruned and all(0 <= rows <= len(population) for rows, _ in points)
+    assert artifacts.write_plots(run_dir, population, ["lr0", "momentum"], points)
+    assert (run_dir / "fitness.png").stat().st_size > 0

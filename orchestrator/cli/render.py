@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from rich.console import Group, RenderableType
@@ -12,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.evolution.journal import Population
+from orchestrator.evolution.leases import RunState
 from orchestrator.runs.names import DDP_KEY
 from orchestrator.runs.status import (
     ACTIVE_STATES,
@@ -103,8 +105,13 @@ def render_progress(progress: RunProgress | TrainingProgress) -> Text:
         f"{progress.in_flight} in flight",
         f"{progress.failed_attempts} failed attempt{'s' if progress.failed_attempts != 1 else ''}",
     ]
+    if progress.pruned is not None:
+        parts.append(f"{progress.pruned} pruned")
     if progress.best_fitness is not None:
         parts.append(f"best fitness {progress.best_fitness:.4f} (generation {progress.best_generation})")
+    if progress.hours_left is not None:
+        parts.append("time budget spent" if progress.hours_left <= 0
+                     else f"{format_duration(progress.hours_left * 3600)} of the time budget left")
     if progress.done >= progress.generations:
         parts.append("budget reached")
     else:
@@ -143,6 +150,22 @@ def summary_table(population: Population, base_hyp: Hyp, top: int = 5) -> Table:
             _largest_changes(population.hyp_at(row), base),
         )
     return table
+
+
+def search_summary(population: Population, records: Sequence[dict[str, Any]], state: RunState | None) -> list[str]:
+    """How the search did: its algorithm, pruned generations, and the best row against the base hyp's."""
+    lines = []
+    if state is not None:
+        pruned = sum(record.get("status") == "pruned" for record in records)
+        pruning = f", {pruned} generation(s) pruned early" if state.pruning else ", pruning off"
+        lines.append(f"search: {state.search}{pruning}")
+    base_rows = [record["row"] for record in records if record.get("status") == "ok" and record.get("source") == "base"]
+    best = population.best_row()
+    if base_rows and best is not None and base_rows[0] < len(population):
+        base_fitness, best_fitness = float(population.fitness[base_rows[0]]), float(population.fitness[best])
+        lines.append(f"best fitness {best_fitness:.4f} (generation {best}) against the base hyp's "
+                     f"{base_fitness:.4f} (generation {base_rows[0]}): {best_fitness - base_fitness:+.4f}")
+    return lines
 
 
 def _largest_changes(hyp: dict[str, float], base: dict[str, float | None], shown: int = 4) -> str:

@@ -14,10 +14,12 @@ from orchestrator.cli.render import (
     render_progress,
     render_status,
     render_workers,
+    search_summary,
     summary_table,
 )
 from orchestrator.evolution import artifacts
 from orchestrator.evolution.journal import Journal
+from orchestrator.evolution.leases import load_state
 from orchestrator.evolution.search_space import SearchSpace
 from orchestrator.runs.record import LaunchRecord
 from orchestrator.runs.status import StatusReport, all_exited
@@ -77,18 +79,23 @@ def follow_run(
 
 def print_results(console: Console, run: str, run_dir: Path, top: int = 5) -> None:
     """The top generations, where the best hyp YAML is, and freshly drawn plots."""
-    population = Journal(run_dir).read_population()
+    journal = Journal(run_dir)
+    population = journal.read_population()
     if len(population) == 0:
         console.print(f"run {run}: no generation has finished yet")
         return
+    records = journal.read_records()
     record = LaunchRecord.load(run_dir)
     base_hyp = Hyp.from_yaml(resolve_config((record.hyp if record else None) or DEFAULT_HYP, "hyps"))
     space_file = record.search_space if record else None
     space = SearchSpace.load(resolve_config(space_file, "evolve") if space_file else None)
     console.print(summary_table(population, base_hyp, top))
+    for line in search_summary(population, records, load_state(journal)):
+        console.print(line)
     try:
         artifacts.write_hyp_evolve(run_dir, population)
-        drawn = artifacts.write_plots(run_dir, population, space.evolved_keys(population.hyp_keys))
+        drawn = artifacts.write_plots(run_dir, population, space.evolved_keys(population.hyp_keys),
+                                      artifacts.pruned_points(records))
     except OSError as error:  # a run folder written by other users' containers can be read-only to us
         console.print(f"cannot write to {run_dir}: {error.strerror}", style="yellow")
         drawn = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -89,14 +90,29 @@ def plot_evolution(path: Path, population: Population, keys: Sequence[str]) -> N
     save_figure(figure, path)
 
 
-def plot_fitness(path: Path, population: Population) -> None:
-    """Fitness of every generation in order, with the best so far."""
+def pruned_points(records: Sequence[dict[str, Any]]) -> list[tuple[int, float]]:
+    """Each pruned generation as (rows finished before it, its fitness at the rung), from the provenance."""
+    points, rows = [], 0
+    for record in records:
+        if record.get("status") == "ok":
+            rows += 1
+        elif record.get("status") == "pruned":
+            points.append((rows, float(record.get("fitness", math.nan))))
+    return points
+
+
+def plot_fitness(path: Path, population: Population, pruned: Sequence[tuple[int, float]] = ()) -> None:
+    """Fitness of every generation in order, with the best so far; pruned generations at their rung's fitness."""
     fitness = population.fitness
     generations = np.arange(len(population))
     running_best = np.fmax.accumulate(np.where(np.isfinite(fitness), fitness, -np.inf)) if len(fitness) else fitness
     figure = Figure(figsize=(7, 4), tight_layout=True)
     axes = figure.add_subplot()
     axes.scatter(generations, fitness, s=6, alpha=0.6, linewidths=0, label="generation")
+    if pruned:
+        positions, values = zip(*pruned)
+        axes.scatter(positions, values, s=10, marker="x", color="0.6", linewidths=0.8,
+                     label=f"pruned ({len(pruned)}), at its rung")
     axes.plot(generations, np.where(np.isfinite(running_best), running_best, np.nan), "r-", label="best so far")
     axes.set_xlabel("generation")
     axes.set_ylabel("fitness (0.1 mAP@0.5 + 0.9 mAP@0.5:0.95)")
@@ -104,9 +120,10 @@ def plot_fitness(path: Path, population: Population) -> None:
     save_figure(figure, path)
 
 
-def write_plots(run_dir: Path, population: Population, keys: Sequence[str]) -> bool:
+def write_plots(run_dir: Path, population: Population, keys: Sequence[str],
+                pruned: Sequence[tuple[int, float]] = ()) -> bool:
     if population.best_row() is None:
         return False
     plot_evolution(run_dir / EVOLVE_PLOT_NAME, population, keys)
-    plot_fitness(run_dir / FITNESS_PLOT_NAME, population)
+    plot_fitness(run_dir / FITNESS_PLOT_NAME, population, pruned)
     return True

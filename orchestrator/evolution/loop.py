@@ -356,7 +356,9 @@ def _finish(plan: _Plan, lease: Lease, outcome: _Outcome) -> str:
 def _write_plots(plan: _Plan) -> None:
     """Render plots from a lock-free read: they may lag a row behind, never tear."""
     try:
-        artifacts.write_plots(plan.journal.run_dir, plan.journal.read_population(plan.hyp_keys), plan.evolved_keys)
+        journal = plan.journal
+        artifacts.write_plots(journal.run_dir, journal.read_population(plan.hyp_keys), plan.evolved_keys,
+                              artifacts.pruned_points(journal.read_records()))
     except Exception as error:  # a plot must never stop an evolution
         logger.warning("could not write plots: %s", error)
 

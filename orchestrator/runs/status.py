@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,9 @@ class RunProgress:
     seconds_per_generation: float | None
     eta_seconds: float | None
     stop_requested: bool
+    search: str | None = None
+    pruned: int | None = None  # generations stopped at a rung; None when the run does not prune
+    hours_left: float | None = None  # of the run's time budget, if it has one
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,8 @@ def collect_status(run: str, run_dir: Path, backend: str, workers: Sequence[Work
     done = state.done(len(population)) if state else 0
     generations = state.generations if state else None
     active = sum(worker.state in ACTIVE_STATES for worker in workers)
-    seconds = [float(record["seconds"]) for record in ok_records if "seconds" in record]
+    finished = [record for record in records if record.get("status") in ("ok", "pruned")]
+    seconds = [float(record["seconds"]) for record in finished if "seconds" in record]
     progress = RunProgress(
         run=run,
         run_dir=run_dir,
@@ -154,6 +159,9 @@ def collect_status(run: str, run_dir: Path, backend: str, workers: Sequence[Work
         seconds_per_generation=float(np.mean(seconds[-ETA_WINDOW:])) if seconds else None,
         eta_seconds=estimate_eta(generations - done, seconds, active) if generations is not None else None,
         stop_requested=journal.stop_requested(),
+        search=state.search if state else None,
+        pruned=state.pruned_slots if state and state.pruning else None,
+        hours_left=(state.created + state.hours * 3600 - time.time()) / 3600 if state and state.hours else None,
     )
     return StatusReport(backend, progress, tuple(rows))
 
