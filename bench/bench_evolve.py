@@ -42,7 +42,7 @@ from bench.bench_train import machine_settings
 from orchestrator.search_space import SearchSpace
 from orchestrator.worker import GenerationContext, GenerationResult, Objective, run_worker
 from trainer import dist
-from trainer.cli import build_config
+from trainer.cli import build_config, split_training_options
 from trainer.config import Hyp
 from trainer.data import load_data_config
 from trainer.evolve import make_objective
@@ -172,7 +172,7 @@ def main() -> None:
         load_data_config(data)  # generates the synthetic images, which is not what prepare_data costs
         generation_seconds = time.perf_counter() - started
         options = {**vars(args), "data": data, "epochs": 1, "hyp": "hyp.scratch-low"}
-        cfg = build_config(options)
+        cfg = build_config(split_training_options(options)[0])
         started = time.perf_counter()
         prepared = prepare_data(cfg, ctx)
         prepare_seconds = time.perf_counter() - started
