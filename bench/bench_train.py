@@ -44,7 +44,7 @@ import click
 import torch
 import yaml
 from trainer import dist
-from trainer.cli import build_config
+from trainer.cli import build_config, split_training_options
 from trainer.config import TrainConfig
 from trainer.data import DataConfig
 from trainer.dist import DistContext
@@ -231,7 +231,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     ctx = dist.init_distributed(args.device)
     try:
-        cfg = build_config(vars(args))
+        cfg = build_config(split_training_options(vars(args))[0])
         started = time.perf_counter()
         prepared = prepare_data(cfg, ctx)
         prepare_seconds = time.perf_counter() - started

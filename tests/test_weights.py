@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainer.checkpoint import load_weights, save_checkpoint
-from trainer.cli import build_config, parse_arguments
+from trainer.cli import build_config, parse_arguments, split_training_options
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.model.yolo import DetectionModel
@@ -93,7 +93,7 @@ def test_weights_that_fit_nothing_or_hold_no_model_are_user_errors(tmp_path: Pat
 
 @pytest.mark.parametrize(("flag", "layers"), [("0", ()), ("3", (0, 1, 2)), ("4,2,4", (2, 4))])
 def test_freeze_takes_a_count_or_a_list_as_in_yolov5(flag: str, layers: tuple[int, ...]) -> None:
-    assert build_config({**parse_arguments(["--freeze", flag])}).freeze == layers
+    assert build_config(split_training_options(parse_arguments(["--freeze", flag]))[0]).freeze == layers
     assert TrainConfig.from_dict(TrainConfig(freeze=layers).as_dict()).freeze == layers  # opt.yaml, checkpoints
     with pytest.raises(UserError, match="'x1' is not a layer count"):
         parse_arguments(["--freeze", "x1"])

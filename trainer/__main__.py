@@ -1,3 +1,3 @@
-from trainer.cli import main
+from trainer.cli import run_command_line
 
-main()
+run_command_line()

@@ -143,41 +143,91 @@ class Hyp:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run was asked to do; saved as opt.yaml and in every checkpoint."""
+class Flag:
+    """How a config field is set on the command line; `trainer.flags` turns a field, its default and
+    this into a click option. The flag is `--` + the field's name with dashes, unless `name` says
+    otherwise; `low`/`high` bound a number, `choices` a string; `flag_value` is what the flag means
+    given without a value (`--resume` alone); an `optional` flag left out is None, and the program
+    decides the field's value (`--cfg`: the model of the --weights)."""
 
-    data: str = "synthetic"
-    cfg: str = "yolov5n"
-    weights: str = ""
-    hyp: Hyp = field(default_factory=Hyp)
-    hyp_path: str = "hyp.scratch-low"
-    epochs: int = 100
-    batch_size: int = 16
-    imgsz: int = 640
-    device: str = ""
-    workers: int = 8
-    project: str = "runs/train"
-    name: str = "exp"
-    exist_ok: bool = False
-    resume: str = ""
-    cache: str = ""  # "" | "ram" | "disk"
-    multi_scale: bool = False
-    rect: bool = False  # batches of similar aspect ratio on their own canvases; no mosaic
-    optimizer: str = "SGD"
-    cos_lr: bool = False
-    label_smoothing: float = 0.0
-    seed: int = 0
-    patience: int = 100
-    freeze: tuple[int, ...] = ()  # indices of model layers whose parameters do not train
-    single_cls: bool = False
-    noval: bool = False
-    nosave: bool = False
-    save_period: int = -1  # also keep weights/epoch{N}.pt every N epochs; off below 1
-    noautoanchor: bool = False
-    save_json: bool = False
-    noplots: bool = False
-    sync_bn: bool = False
-    deterministic: bool = True
+    help: str = ""
+    name: str = ""
+    aliases: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    flag_value: str | None = None
+    optional: bool = False
+    hidden: bool = False
+
+
+FLAG = "flag"  # the key of a field's metadata that holds its Flag
+NO_FLAG: dict[str, Flag | None] = {FLAG: None}  # a field no flag sets: say why where it is used
+
+
+def flag(help: str = "", **details: Any) -> dict[str, Flag]:
+    """A field's metadata: `field(default=..., metadata=flag("help text", low=1))`."""
+    return {FLAG: Flag(help, **details)}
+
+
+DEFAULT_MODEL = "yolov5n"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run was asked to do; saved as opt.yaml and in every checkpoint.
+
+    Every field but `hyp` (read from the `--hyp` file named by `hyp_path`) and `deterministic` is
+    a flag of `python -m trainer`, with the field's default.
+    """
+
+    data: str = field(default="synthetic",
+                      metadata=flag("data.yaml path or a bundled name (synthetic = built-in data)"))
+    cfg: str = field(default=DEFAULT_MODEL, metadata=flag(
+        "model YAML path or a bundled name (yolov5n/s/m/l/x); default: the --weights' model, "
+        f"else {DEFAULT_MODEL}", optional=True))
+    weights: str = field(default="", metadata=flag(
+        "initial weights: a last.pt or best.pt of evolvectl or YOLOv5 (yolov5s.pt)"))
+    hyp: Hyp = field(default_factory=Hyp, metadata=NO_FLAG)  # parsed from the file --hyp names
+    hyp_path: str = field(default="hyp.scratch-low",
+                          metadata=flag("hyperparameter YAML path or bundled name", name="hyp"))
+    epochs: int = field(default=100, metadata=flag(low=1))
+    batch_size: int = field(default=16, metadata=flag("total batch size over all GPUs", aliases=("--batch",), low=1))
+    imgsz: int = field(default=640, metadata=flag("train and val image size (pixels)",
+                                                  aliases=("--img", "--img-size"), low=32))
+    device: str = field(default="", metadata=flag("cuda device, i.e. 0 or 0,1,2,3 (DDP) or cpu"))
+    workers: int = field(default=8, metadata=flag("dataloader workers per process", low=0))
+    project: str = field(default="runs/train", metadata=flag("save to project/name"))
+    name: str = field(default="exp", metadata=flag("save to project/name"))
+    exist_ok: bool = field(default=False, metadata=flag("existing project/name ok, do not increment"))
+    resume: str = field(default="", metadata=flag("resume the most recent run, or the given last.pt",
+                                                  flag_value="latest"))
+    cache: str = field(default="", metadata=flag(
+        "keep decoded, resized images in RAM (--cache, --cache ram) or in .npy files (--cache disk)",
+        choices=("", "ram", "disk"), flag_value="ram"))
+    rect: bool = field(default=False, metadata=flag(
+        "rectangular training: batches of similar aspect ratio, each on its own canvas; no mosaic"))
+    multi_scale: bool = field(default=False,
+                              metadata=flag("vary the training image size by ±50% from batch to batch"))
+    optimizer: str = field(default="SGD", metadata=flag(choices=("SGD", "Adam", "AdamW")))
+    cos_lr: bool = field(default=False, metadata=flag("cosine LR schedule"))
+    label_smoothing: float = field(default=0.0, metadata=flag(low=0.0, high=1.0))
+    seed: int = field(default=0, metadata=flag("global training seed"))
+    patience: int = field(default=100, metadata=flag("early stopping patience (0 = off)", low=0))
+    # The indices of the model layers whose parameters do not train
+    freeze: tuple[int, ...] = field(default=(), metadata=flag(
+        "freeze the first N layers (10: the backbone), or the listed ones (0,1,2)"))
+    single_cls: bool = field(default=False, metadata=flag("train multi-class data as single-class"))
+    noval: bool = field(default=False, metadata=flag("only validate the final epoch"))
+    nosave: bool = field(default=False, metadata=flag("only save the final checkpoint"))
+    save_period: int = field(default=-1, metadata=flag("also save weights/epoch{N}.pt every N epochs (< 1: off)"))
+    noautoanchor: bool = field(default=False, metadata=flag("disable AutoAnchor"))
+    save_json: bool = field(default=False, metadata=flag("write COCO-format predictions.json"))
+    noplots: bool = field(default=False, metadata=flag(
+        "save no pictures (results.png, labels.jpg, batches, curves, confusion matrix)"))
+    sync_bn: bool = field(default=False, metadata=flag("SyncBatchNorm in DDP (worth it at ≤8 images per GPU)"))
+    # No flag, as in YOLOv5, whose train.py always seeds deterministically.
+    deterministic: bool = field(default=True, metadata=NO_FLAG)
 
     def as_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -195,3 +245,17 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """How `python -m trainer` starts its DDP processes: runtime settings of one launch, never
+    written into opt.yaml (a resumed run may start on other machines)."""
+
+    nnodes: int = field(default=1, metadata=flag("DDP: number of machines", low=1))
+    node_rank: int = field(default=0, metadata=flag("DDP: rank of this machine", low=0))
+    master_addr: str = field(default="127.0.0.1", metadata=flag("DDP: address of the rank-0 machine"))
+    master_port: int = field(default=0, metadata=flag("DDP: port (0 = free port)", low=0, high=65535))
+    dist_timeout: float = field(default=30.0, metadata=flag("DDP: minutes to wait for peers", low=0.1))
+    # torch.distributed.launch's old spelling; torchrun passes LOCAL_RANK in the environment instead
+    local_rank: int = field(default=-1, metadata=flag(aliases=("--local_rank",), hidden=True))

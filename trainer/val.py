@@ -8,8 +8,10 @@ PR, F1, P and R curves, the confusion matrix, and with --save-json the COCO-form
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -17,19 +19,43 @@ import torch
 
 from trainer import __version__, dist
 from trainer.checkpoint import load_weights
-from trainer.config import Hyp
+from trainer.config import Hyp, flag
 from trainer.data.data_config import load_data_config
 from trainer.data.dataset import YoloDataset
 from trainer.data.labels import load_samples
 from trainer.data.loader import build_dataloader
 from trainer.engine import evaluate
 from trainer.errors import UserError
+from trainer.flags import CONTEXT_SETTINGS, config_options, field_values
 from trainer.loss import DetectionLoss
 from trainer.model.yolo import DetectionModel
 from trainer.plots import ValidationPlots
 from trainer.train import amp_dtype_for, next_run_dir, report_validation
 
 LOGGER = logging.getLogger("trainer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValConfig:
+    """What `python -m trainer.val` was asked to score, and how; each field is its flag."""
+
+    data: str = field(default="synthetic",
+                      metadata=flag("data.yaml path or a bundled name (synthetic = built-in data)"))
+    weights: str = field(metadata=flag("a last.pt or best.pt of evolvectl or YOLOv5"))
+    cfg: str | None = field(default=None,
+                            metadata=flag("model YAML path or bundled name; default: the weights' model"))
+    task: str = field(default="val", metadata=flag("which split of the data to score", choices=("val", "test")))
+    batch_size: int = field(default=32, metadata=flag(aliases=("--batch",), low=1))
+    imgsz: int = field(default=640, metadata=flag("image size (pixels)", aliases=("--img", "--img-size"), low=32))
+    device: str = field(default="", metadata=flag("cuda device, i.e. 0, or cpu"))
+    workers: int = field(default=8, metadata=flag("dataloader workers", low=0))
+    conf_thres: float = field(default=0.001, metadata=flag("confidence threshold", low=0.0, high=1.0))
+    iou_thres: float = field(default=0.6, metadata=flag("NMS IoU threshold", low=0.0, high=1.0))
+    single_cls: bool = field(default=False, metadata=flag("score as a single class"))
+    save_json: bool = field(default=False, metadata=flag("also write COCO-format predictions.json"))
+    project: str = field(default="runs/val", metadata=flag("save to project/name"))
+    name: str = field(default="exp", metadata=flag("save to project/name"))
+    exist_ok: bool = field(default=False, metadata=flag("existing project/name ok, do not increment"))
 
 
 def validate(options: dict[str, Any]) -> dict[str, Any]:
@@ -69,28 +95,13 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--data", default="synthetic", help="data.yaml path or a bundled name (synthetic = built-in data)")
-@click.option("--weights", required=True, help="a last.pt or best.pt of evolvectl or YOLOv5")
-@click.option("--cfg", default=None, help="model YAML path or bundled name; default: the weights' model")
-@click.option("--task", default="val", type=click.Choice(["val", "test"]), help="which split of the data to score")
-@click.option("--batch-size", "--batch", "batch_size", default=32, type=click.IntRange(min=1))
-@click.option("--imgsz", "--img", "--img-size", "imgsz", default=640, type=click.IntRange(min=32),
-              help="image size (pixels)")
-@click.option("--device", default="", help="cuda device, i.e. 0, or cpu")
-@click.option("--workers", default=8, type=click.IntRange(min=0), help="dataloader workers")
-@click.option("--conf-thres", default=0.001, type=click.FloatRange(0.0, 1.0), help="confidence threshold")
-@click.option("--iou-thres", default=0.6, type=click.FloatRange(0.0, 1.0), help="NMS IoU threshold")
-@click.option("--single-cls", is_flag=True, help="score as a single class")
-@click.option("--save-json", is_flag=True, help="also write COCO-format predictions.json")
-@click.option("--project", default="runs/val", help="save to project/name")
-@click.option("--name", default="exp", help="save to project/name")
-@click.option("--exist-ok", is_flag=True, help="existing project/name ok, do not increment")
+@click.command(context_settings=CONTEXT_SETTINGS)
+@config_options(ValConfig)
 @click.version_option(__version__, prog_name="trainer.val")
 def main(**options: Any) -> None:
     """Score a detector's weights on a data set's validation images (YOLOv5's val.py)."""
     logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stderr)
-    validate(options)
+    validate(dataclasses.asdict(ValConfig(**field_values(ValConfig, options))))
 
 
 if __name__ == "__main__":
