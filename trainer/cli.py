@@ -29,8 +29,9 @@ EVOLUTION_FLAGS = ("--evolve", "--generations")
 EVOLUTION_EPILOG = f"""\b
 Evolution: --evolve [N] (or --generations N) hands these flags to
 python -m {EVOLUTION_MODULE}, the evolution worker, which takes the
-training flags above plus --evolve, --generations, --evolve-population,
---search-space, --worker-id and --lease-ttl: see its --help."""
+training flags above plus --evolve, --generations, --search, --prune,
+--hours, --evolve-population, --search-space, --worker-id and --lease-ttl:
+see its --help."""
 
 
 def latest_checkpoint(search_root: Path = Path("runs")) -> Path:
