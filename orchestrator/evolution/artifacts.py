@@ -43,10 +43,14 @@ def render_hyp_evolve(population: Population) -> str | None:
 
 
 def write_hyp_evolve(run_dir: Path, population: Population) -> bool:
-    text = render_hyp_evolve(population)
+    return _write_text(run_dir / HYP_EVOLVE_NAME, render_hyp_evolve(population))
+
+
+def _write_text(path: Path, text: str | None) -> bool:
+    """Replace `path` with `text` atomically; False (nothing written) when there is no text."""
     if text is None:
         return False
-    write_atomic(run_dir / HYP_EVOLVE_NAME, text.encode())
+    write_atomic(path, text.encode())
     return True
 
 
@@ -64,11 +68,7 @@ def render_evolve_population(population: Population, size: int = POPULATION_SIZE
 
 
 def write_evolve_population(run_dir: Path, population: Population) -> bool:
-    text = render_evolve_population(population)
-    if text is None:
-        return False
-    write_atomic(run_dir / POPULATION_NAME, text.encode())
-    return True
+    return _write_text(run_dir / POPULATION_NAME, render_evolve_population(population))
 
 
 def plot_evolution(path: Path, population: Population, keys: Sequence[str]) -> None:

@@ -21,7 +21,7 @@ import click
 
 from orchestrator import __version__
 from orchestrator.evolution.journal import Journal
-from orchestrator.evolution.leases import check_run_inputs
+from orchestrator.evolution.leases import RunRequest, check_run_inputs
 from orchestrator.evolution.pruning import Pruning, parse_rungs
 from orchestrator.evolution.search import DEFAULT_SEARCH, SEARCHES
 from orchestrator.evolution.search_space import SearchSpace
@@ -122,8 +122,8 @@ def check_evolution_arguments(arguments: Sequence[str], run_dir: Path) -> None:
     """What every worker started with these flags would refuse when it joins the run in
     `run_dir`, found first by the launcher: one error, before any worker starts. Only reads."""
     inputs = evolution_inputs(parse_arguments(arguments, command=main, prog=PROG))
-    check_run_inputs(Journal(run_dir), inputs.cfg.hyp, inputs.space, inputs.generations, inputs.population,
-                     inputs.search)
+    check_run_inputs(Journal(run_dir), RunRequest(inputs.cfg.hyp, inputs.space, inputs.generations,
+                                                   inputs.population, inputs.search, inputs.pruning, inputs.hours))
 
 
 def evolve(inputs: EvolutionInputs) -> None:

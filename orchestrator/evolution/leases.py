@@ -157,64 +157,64 @@ def save_state(journal: Journal, state: RunState) -> None:
     journal.write_state(state.to_json())
 
 
-def prepare_run(
-    journal: Journal,
-    base_hyp: Hyp,
-    space: SearchSpace,
-    generations: int,
-    population: Sequence[str | Path] = (),
-    search: str | None = None,
-    pruning: Pruning | None = None,
-    hours: float | None = None,
-) -> RunState:
+@dataclass(frozen=True)
+class RunRequest:
+    """What a worker asks of the run it creates or joins, checked before anything is written.
+
+    `generations` sets the run's budget (restarting with a larger total extends a run);
+    `population` only seeds a new run; `search` (None: the run's own, or the default for a new
+    run) must be the run's; `pruning` applies to a new run (a joining worker prunes as the run
+    does); `hours`, when given, sets the run's time budget, counted from its creation.
+    """
+
+    base_hyp: Hyp
+    space: SearchSpace
+    generations: int
+    population: Sequence[str | Path] = ()
+    search: str | None = None
+    pruning: Pruning | None = None
+    hours: float | None = None
+
+
+def prepare_run(journal: Journal, request: RunRequest) -> RunState:
     """Create the run, or join it; returns its state as joined.
 
     Every input is checked before anything is written (`check_run_inputs`), so a UserError
-    leaves the run directory as it was. Joining an existing run sets its budget to
-    `generations` (restarting with a larger total extends a run); `population` only seeds a
-    new run, and `search` (None: the run's own, or the default for a new run) must be the
-    run's. `pruning` applies to a new run (a joining worker prunes as the run does); `hours`,
-    when given, sets the run's time budget, counted from its creation.
+    leaves the run directory as it was.
     """
-    hyp_keys, seed = check_run_inputs(journal, base_hyp, space, generations, population, search)
+    hyp_keys, seed = check_run_inputs(journal, request)
     journal.run_dir.mkdir(parents=True, exist_ok=True)
     with journal.locked():
         journal.ensure_header(hyp_keys)
         state = load_state(journal)
         if state is None:
-            state = _new_state(journal, hyp_keys, generations, seed, base_hyp, search or DEFAULT_SEARCH)
-            state.pruning = pruning.to_json() if pruning is not None else None
-        elif population:
+            state = _new_state(journal, hyp_keys, seed, request)
+        elif request.population:
             logger.info("%s: joining an existing run, so its population is not seeded again", journal.run_dir)
-        check_search(state.search, search, journal.run_dir)  # again under the lock: a run another worker made
-        if state.generations != generations:
-            logger.info("%s: budget changed from %d to %d generations", journal.run_dir, state.generations, generations)
-            state.generations = generations
-        if hours is not None:
-            state.hours = hours
+        check_search(state.search, request.search, journal.run_dir)  # again under the lock: a run another made
+        if state.generations != request.generations:
+            logger.info("%s: budget changed from %d to %d generations", journal.run_dir, state.generations,
+                        request.generations)
+            state.generations = request.generations
+        if request.hours is not None:
+            state.hours = request.hours
         save_state(journal, state)
     return state
 
 
-def check_run_inputs(
-    journal: Journal,
-    base_hyp: Hyp,
-    space: SearchSpace,
-    generations: int,
-    population: Sequence[str | Path] = (),
-    search: str | None = None,
-) -> tuple[tuple[str, ...], PopulationSeed]:
+def check_run_inputs(journal: Journal, request: RunRequest) -> tuple[tuple[str, ...], PopulationSeed]:
     """Everything a worker checks before it joins a run, reading only: the budget, the search
     space against the run's columns, the population files, the search algorithm, and the run
     folder's own columns. Returns the run's hyperparameter columns and what the population seeds."""
+    generations = request.generations
     if isinstance(generations, bool) or not isinstance(generations, int) or generations <= 0:
         raise UserError(f"generations={generations!r}: the run's total number of generations must be at least 1")
-    if search is not None:
-        search_named(search)
-    hyp_keys = run_columns(base_hyp)
-    space.require_evolvable(hyp_keys)
-    seed = load_population_seed(population, base_hyp, hyp_keys)
-    _check_existing_run(journal, hyp_keys, search)
+    if request.search is not None:
+        search_named(request.search)
+    hyp_keys = run_columns(request.base_hyp)
+    request.space.require_evolvable(hyp_keys)
+    seed = load_population_seed(request.population, request.base_hyp, hyp_keys)
+    _check_existing_run(journal, hyp_keys, request.search)
     return hyp_keys, seed
 
 
@@ -241,11 +241,11 @@ def _check_existing_run(journal: Journal, hyp_keys: Sequence[str], search: str |
             check_hyp_rows(journal.read_population(hyp_keys), str(journal.csv_path))
 
 
-def _new_state(
-    journal: Journal, hyp_keys: Sequence[str], generations: int, seed: PopulationSeed, base_hyp: Hyp, search: str
-) -> RunState:
+def _new_state(journal: Journal, hyp_keys: Sequence[str], seed: PopulationSeed, request: RunRequest) -> RunState:
     """A fresh run: rows already in evolve.csv (a YOLOv5 run) and imported rows are not part of the budget."""
-    state = RunState(list(hyp_keys), generations, search, imported_rows=journal.count_rows())
+    state = RunState(list(hyp_keys), request.generations, request.search or DEFAULT_SEARCH,
+                     imported_rows=journal.count_rows(), hours=request.hours,
+                     pruning=request.pruning.to_json() if request.pruning is not None else None)
     for source, rows in seed.imported:
         if len(rows) == 0:
             continue
@@ -256,7 +256,7 @@ def _new_state(
     state.queue = [{"hyp": hyp, "source": f"population:{source}"} for source, hyp in seed.queued]
     if not state.queue and state.imported_rows == 0:
         # The first generation of a fresh run trains the base hyp as it is.
-        base = base_hyp.as_dict(include_unset=True)
+        base = request.base_hyp.as_dict(include_unset=True)
         state.queue = [{"hyp": {key: float(base[key]) for key in hyp_keys}, "source": "base"}]
     return state
 

@@ -33,6 +33,7 @@ from orchestrator.evolution.journal import Journal
 from orchestrator.evolution.leases import (
     Heartbeat,
     Lease,
+    RunRequest,
     RunState,
     WorkerIdentity,
     expire_leases,
@@ -164,7 +165,7 @@ def run_worker(
     """
     journal = Journal(run_dir, soft_lock=soft_lock)
     name = search if search is None or isinstance(search, str) else search.name
-    state = prepare_run(journal, base_hyp, space, generations, population, name, pruning, hours)
+    state = prepare_run(journal, RunRequest(base_hyp, space, generations, population, name, pruning, hours))
     hyp_keys = tuple(state.hyp_keys)
     searcher = search_named(state.search) if search is None or isinstance(search, str) else search
     plan = _Plan(journal, base_hyp, hyp_keys, space.bounds(hyp_keys), tuple(space.evolved_keys(hyp_keys)),
