@@ -172,31 +172,38 @@ def run_worker(
                  WorkerIdentity(worker_id, gpu), seed, searcher, Pruning.from_json(state.pruning), lease_ttl,
                  max_attempts)
     stop = stop or threading.Event()
+    with _stop_on_sigterm(stop):
+        counts, claims, exit_reason = _work(plan, objective, stop, plot_interval)
+    logger.info("worker %s: %s after %d claims (%s)", worker_id, exit_reason, len(claims), dict(counts))
+    return WorkerSummary(worker_id, counts["ok"], counts["failed"], counts["stale"], tuple(claims), exit_reason,
+                         counts["pruned"])
+
+
+def _work(plan: _Plan, objective: Objective, stop: threading.Event,
+          plot_interval: float | None) -> tuple[Counter[str], list[int], str]:
+    """Claim and train generations until the budget or the time is spent, or a stop is asked for."""
     counts: Counter[str] = Counter()
     claims: list[int] = []
     exit_reason = NoLease.BUDGET_REACHED.value
     last_plot = time.monotonic()
-    with _stop_on_sigterm(stop):
-        while not (stop.is_set() or journal.stop_requested()):
-            lease = _claim(plan)
-            if lease in (NoLease.BUDGET_REACHED, NoLease.TIME_SPENT):
-                exit_reason = lease.value
-                break
-            if lease is NoLease.WAIT:  # wait for a slot in flight elsewhere to end or expire
-                stop.wait(plan.poll_interval)
-                continue
-            claims.append(lease.claim)
-            counts[_run_generation(plan, lease, objective)] += 1
-            if plot_interval is not None and time.monotonic() - last_plot >= plot_interval:
-                _write_plots(plan)
-                last_plot = time.monotonic()
+    while not (stop.is_set() or plan.journal.stop_requested()):
+        lease = _claim(plan)
+        if lease in (NoLease.BUDGET_REACHED, NoLease.TIME_SPENT):
+            exit_reason = lease.value
+            break
+        if lease is NoLease.WAIT:  # wait for a slot in flight elsewhere to end or expire
+            stop.wait(plan.poll_interval)
+            continue
+        claims.append(lease.claim)
+        counts[_run_generation(plan, lease, objective)] += 1
+        if plot_interval is not None and time.monotonic() - last_plot >= plot_interval:
+            _write_plots(plan)
+            last_plot = time.monotonic()
     if plot_interval is not None:
         _write_plots(plan)
-    if stop.is_set() or journal.stop_requested():
+    if stop.is_set() or plan.journal.stop_requested():
         exit_reason = "stop requested"
-    logger.info("worker %s: %s after %d claims (%s)", worker_id, exit_reason, len(claims), dict(counts))
-    return WorkerSummary(worker_id, counts["ok"], counts["failed"], counts["stale"], tuple(claims), exit_reason,
-                         counts["pruned"])
+    return counts, claims, exit_reason
 
 
 def _claim(plan: _Plan) -> Lease | NoLease:
