@@ -63,7 +63,7 @@ def make_objective(cfg: TrainConfig, ctx: dist.DistContext, prepared: PreparedDa
             gc.collect()  # the generation's model and optimiser go before the next one is built
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        return GenerationResult(*result.values())
+        return GenerationResult(*result.result.values())
 
     return objective
 
