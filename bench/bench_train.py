@@ -48,11 +48,11 @@ from trainer.cli import build_config, split_training_options
 from trainer.config import TrainConfig
 from trainer.data import DataConfig
 from trainer.dist import DistContext
-from trainer.engine import StepCounter, train_one_epoch
+from trainer.engine import train_one_epoch
 from trainer.optim import Warmup
+from trainer.parts import StepCounter, amp_dtype_for, build_model, build_training_parts
 from trainer.progress import EpochProgress
-from trainer.train import (PreparedData, amp_dtype_for, build_model, build_training_parts, capture_graphs, prepare_data,
-                           seed_everything)
+from trainer.train import PreparedData, capture_graphs, prepare_data, seed_everything
 
 
 class TimedBatches:
@@ -101,8 +101,7 @@ def train_steps(cfg: TrainConfig, ctx: DistContext, prepared: PreparedData, coun
         torch.cuda.reset_peak_memory_stats(ctx.device)
     batches = TimedBatches(prepared, count)
     progress = EpochProgress(False, 0, cfg.epochs, count, ctx.device)
-    train_one_epoch(parts.train_model, parts.loss_fn, batches, parts.optimizer, parts.scaler, parts.ema, parts.warmup,
-                    parts.lr_factor(0), parts.counter, ctx, parts.amp_dtype, progress)
+    train_one_epoch(parts, batches, 0, ctx, progress)
     return batches
 
 

@@ -40,7 +40,7 @@ import torch
 from bench.bench_train import machine_settings, write_yolov5_data
 from orchestrator.runs.status import read_results
 from trainer.data import load_data_config
-from trainer.metrics import fitness
+from trainer.results import RESULT_COLUMNS, fitness
 
 TRAINERS = ("ours", "yolov5")
 METRICS = {"map50": "metrics/mAP_0.5", "map": "metrics/mAP_0.5:0.95"}
@@ -74,8 +74,7 @@ def training_flags(args: argparse.Namespace, data_yaml: Path, seed: int, run_dir
 def summarise_run(rows: list[dict[str, float]]) -> dict[str, Any]:
     """The last epoch's mAP and losses, and the best fitness over the epochs. `rows` come from
     `read_results`, by column name, which copes with YOLOv5's space-padded names."""
-    best = max(fitness(*(row[f"metrics/{name}"] for name in ("precision", "recall", "mAP_0.5", "mAP_0.5:0.95")))
-               for row in rows)
+    best = max(fitness([row[column] for column in RESULT_COLUMNS])[0] for row in rows)
     return {**{name: round(rows[-1][column], 5) for name, column in {**METRICS, **LOSSES}.items()},
             "best_fitness": round(best, 5)}
 

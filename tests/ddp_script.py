@@ -7,6 +7,7 @@ validate: engine.evaluate of a fixed model, distributed or not.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import sys
@@ -19,10 +20,11 @@ from trainer import dist
 from trainer.config import Hyp
 from trainer.data import build_dataloader, build_datasets, load_data_config
 from trainer.ema import ModelEMA
-from trainer.engine import StepCounter, evaluate, train_one_epoch
+from trainer.engine import evaluate, train_one_epoch
 from trainer.loss import DetectionLoss
 from trainer.model import DetectionModel
 from trainer.optim import Warmup, build_optimizer
+from trainer.parts import StepCounter, TrainingParts
 from trainer.progress import EpochProgress
 
 NO_AUGMENTATION = Hyp(hsv_h=0, hsv_s=0, hsv_v=0, translate=0, scale=0, fliplr=0, mosaic=0)
@@ -74,29 +76,28 @@ def main(mode: str, data: str, total_batch: int, out: Path) -> None:
         model = without_batchnorm(model)
         loader, _ = build_dataloader(train_set, per_rank, 0, True, 0, ctx.rank, ctx.world_size)
         optimizer = build_optimizer(model, "SGD", 0.01, 0.937, 5e-4)
-        for group in optimizer.param_groups:
-            group["initial_lr"] = 0.01
-        warmup = Warmup.for_run(3.0, len(loader), total_batch, 0.1, 0.8, 0.937)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        ema, counter = ModelEMA(model), StepCounter()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)  # sets the warmup's initial_lr
+        ema = ModelEMA(model)
         initial = {name: value.clone() for name, value in model.state_dict().items()}
-        wrapped = dist.wrap_model(model, ctx, sync_bn=False)
+        parts = TrainingParts(model=model, train_model=dist.wrap_model(model, ctx, sync_bn=False), optimizer=optimizer,
+                              scheduler=scheduler, lr_factor=lambda epoch: 1.0,
+                              scaler=torch.amp.GradScaler("cpu", enabled=False), ema=ema,
+                              warmup=Warmup.for_run(3.0, len(loader), total_batch, 0.1, 0.8, 0.937), loss_fn=loss_fn,
+                              amp_dtype=None, counter=StepCounter())
         batches = iter(loader)
         for epoch in range(2):
             progress = EpochProgress(False, epoch, 2, len(loader), ctx.device)
-            train_one_epoch(wrapped, loss_fn, itertools.islice(batches, len(loader)), optimizer, scaler, ema, warmup,
-                            1.0, counter, ctx, None, progress)
+            train_one_epoch(parts, itertools.islice(batches, len(loader)), epoch, ctx, progress)
         if ctx.is_main:
-            torch.save({"model": model.state_dict(), "ema": ema.module.state_dict(), "initial": initial,
-                        "steps": counter.iteration}, out)
+            torch.save({"model": model.state_dict(), "ema": parts.ema.module.state_dict(), "initial": initial,
+                        "steps": parts.counter.iteration}, out)
     else:
         loader, _ = build_dataloader(val_set, per_rank, 0, False, 0, ctx.rank, ctx.world_size, shard=True)
         # Keep every box: an untrained model scores below the usual 0.001.
         model = WithNearHits(model, torch.from_numpy(val_set.labels[0]), val_set.imgsz)
-        metrics = evaluate(model.eval(), loader, loss_fn, config.nc, ctx, conf_thres=0.0)
+        validation = evaluate(model.eval(), loader, loss_fn, config.nc, ctx, conf_thres=0.0)
         if ctx.is_main:
-            keys = ("precision", "recall", "map50", "map", "box_loss", "obj_loss", "cls_loss")
-            out.write_text(json.dumps({key: float(metrics[key]) for key in keys}))
+            out.write_text(json.dumps(dataclasses.asdict(validation.result)))
     dist.cleanup()
 
 

@@ -7,9 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
+from trainer.config import TrainConfig
+from trainer.dist import DistContext
 from trainer.ema import ModelEMA
 from trainer.errors import UserError
+from trainer.parts import build_model, build_training_parts
 
 
 def test_ema_decay_ramps_up_with_updates():
@@ -47,6 +50,47 @@ def test_checkpoint_round_trip_and_no_temp_files_left(tmp_path):
     state = load_checkpoint(path)
     assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
     assert os.listdir(path.parent) == ["last.pt"]
+
+
+def test_checkpoint_record_round_trips_through_the_flat_file_every_last_pt_has(tmp_path):
+    cfg = TrainConfig(cfg="yolov5n", epochs=3)
+    parts = build_training_parts(cfg, DistContext(), build_model(cfg, 2, torch.device("cpu")), batches_per_epoch=4)
+    parts.counter.iteration, parts.counter.last_step = 7, 5
+    record = Checkpoint(epoch=1, best_fitness=0.25, best_epoch=0, config=cfg.as_dict(), model_yaml=parts.model.yaml,
+                        names=["cat", "dog"], training=parts.state_dict())
+    record.save(tmp_path / "last.pt")
+    loaded = Checkpoint.load(tmp_path / "last.pt")
+    assert (loaded.epoch, loaded.best_fitness, loaded.best_epoch, loaded.names) == (1, 0.25, 0, ["cat", "dog"])
+    assert loaded.config == cfg.as_dict() and loaded.model_yaml == parts.model.yaml
+    assert sorted(loaded.training) == sorted(Checkpoint.TRAINING_KEYS)
+    fresh = build_training_parts(cfg, DistContext(), build_model(cfg, 2, torch.device("cpu")), batches_per_epoch=4)
+    fresh.restore(loaded.training)
+    assert (fresh.counter.iteration, fresh.counter.last_step) == (7, 5)
+    for name, value in parts.ema.module.state_dict().items():
+        assert torch.equal(fresh.ema.module.state_dict()[name], value), name
+    # On disk it is the flat dict of earlier files: readers of `epoch`, `model` and `ema` find them.
+    raw = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert raw["epoch"] == 1 and raw["counter"] == {"iteration": 7, "last_step": 5} and "format_version" in raw
+    assert load_weights(tmp_path / "last.pt").model_name() == "yolov5n"
+
+
+def test_an_old_style_checkpoint_dict_reads_as_a_record(tmp_path):
+    """A last.pt written as a plain dict, as runs wrote them before the record, resumes."""
+    cfg = TrainConfig(cfg="yolov5n", epochs=3)
+    parts = build_training_parts(cfg, DistContext(), build_model(cfg, 2, torch.device("cpu")), batches_per_epoch=4)
+    old = {**parts.state_dict(), "epoch": 2, "best_fitness": 0.5, "best_epoch": 1, "config": cfg.as_dict(),
+           "model_yaml": parts.model.yaml, "names": ["cat", "dog"]}
+    save_checkpoint(old, tmp_path / "old.pt")
+    record = Checkpoint.from_dict(load_checkpoint(tmp_path / "old.pt"))
+    assert (record.epoch, record.best_fitness, record.best_epoch, record.names) == (2, 0.5, 1, ["cat", "dog"])
+    assert record.to_dict().keys() == old.keys()
+    assert torch.equal(record.training["model"]["model.0.conv.weight"], old["model"]["model.0.conv.weight"])
+
+
+def test_weights_only_checkpoints_cannot_be_resumed(tmp_path):
+    save_checkpoint({"model": {}, "config": {"cfg": "yolov5n"}}, tmp_path / "start.pt")
+    with pytest.raises(UserError, match="start.pt cannot be resumed: it has no ema, optimizer"):
+        Checkpoint.load(tmp_path / "start.pt")
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path):

@@ -10,14 +10,15 @@ import torch
 from trainer.config import Hyp
 from trainer.dist import DistContext
 from trainer.ema import ModelEMA
-from trainer.engine import StepCounter, autocast, train_one_epoch
+from trainer.engine import autocast, train_one_epoch
 from trainer.errors import TrainingDiverged
 from trainer.graphs import GraphedModel
 from trainer.loss import DetectionLoss
 from trainer.model import DetectionModel, load_model_spec
 from trainer.optim import Warmup, build_optimizer
+from trainer.parts import StepCounter, TrainingParts, amp_dtype_for, freeze_layers
 from trainer.progress import EpochProgress
-from trainer.train import amp_dtype_for, freeze_layers, seed_everything
+from trainer.train import seed_everything
 
 SIZE = 64
 
@@ -56,9 +57,13 @@ def train(train_model: torch.nn.Module, model: DetectionModel, batches: list[tup
 
     optimizer = build_optimizer(model, "SGD", 0.01, 0.937, 5e-4)
     amp_dtype = amp_dtype_for(ctx.device)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
-    train_one_epoch(train_model, recording_loss, batches, optimizer, scaler, ModelEMA(model), Warmup(0, 16, 0.1, 0.8, 0.937),
-                    1.0, StepCounter(), ctx, amp_dtype, EpochProgress(False, 0, 1, len(batches), ctx.device))
+    parts = TrainingParts(model=model, train_model=train_model, optimizer=optimizer,
+                          scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0),
+                          lr_factor=lambda epoch: 1.0,
+                          scaler=torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16),
+                          ema=ModelEMA(model), warmup=Warmup(0, 16, 0.1, 0.8, 0.937), loss_fn=recording_loss,
+                          amp_dtype=amp_dtype, counter=StepCounter())
+    train_one_epoch(parts, batches, 0, ctx, EpochProgress(False, 0, 1, len(batches), ctx.device))
     return [items.cpu() for items in seen]
 
 

@@ -20,13 +20,7 @@ from trainer.coco import (
     write_ground_truth_json,
     write_predictions_json,
 )
-from trainer.metrics import (
-    ConfusionMatrix,
-    DetectionMetrics,
-    ap_per_class,
-    fitness,
-    match_predictions,
-)
+from trainer.metrics import ConfusionMatrix, DetectionMetrics, ap_per_class, match_predictions
 
 WIDTH, HEIGHT = 640, 480
 LABELLED_CLASSES = 3
@@ -123,10 +117,10 @@ def test_map_agrees_with_pycocotools(seed: int, tmp_path: Path) -> None:
     # Only the rounding of the results file separates the two (about 1e-4 at most), so a
     # tolerance well under 0.01 still passes and catches small slips such as a missing
     # precision envelope.
-    assert ours["map"] == pytest.approx(coco_map, abs=1e-3)
-    assert ours["map50"] == pytest.approx(coco_map50, abs=1e-3)
-    assert list(ours["class_ids"]) == list(np.flatnonzero(coco_per_class > -1))
-    np.testing.assert_allclose(ours["ap_per_class"], coco_per_class[coco_per_class > -1], atol=1e-3)
+    assert ours.map == pytest.approx(coco_map, abs=1e-3)
+    assert ours.map50 == pytest.approx(coco_map50, abs=1e-3)
+    assert list(ours.classes.class_ids) == list(np.flatnonzero(coco_per_class > -1))
+    np.testing.assert_allclose(ours.classes.ap50_95, coco_per_class[coco_per_class > -1], atol=1e-3)
 
 
 def _labels_and_boxes() -> tuple[Tensor, Tensor]:
@@ -141,9 +135,9 @@ def test_perfect_predictions_give_map_one() -> None:
     metrics.update(detections, labels)
     metrics.update(detections[:0], labels[:0])  # an image with nothing in it changes nothing
     result = metrics.compute()
-    assert result["map"] == pytest.approx(1.0) and result["map50"] == pytest.approx(1.0)
-    assert result["precision"] == pytest.approx(1.0) and result["recall"] == pytest.approx(1.0)
-    assert list(result["targets_per_class"]) == [2, 1]
+    assert result.map == pytest.approx(1.0) and result.map50 == pytest.approx(1.0)
+    assert result.precision == pytest.approx(1.0) and result.recall == pytest.approx(1.0)
+    assert list(result.classes.targets) == [2, 1]
 
 
 def test_no_predictions_give_zero() -> None:
@@ -151,8 +145,8 @@ def test_no_predictions_give_zero() -> None:
     metrics = DetectionMetrics()
     metrics.update(detections[:0], labels)
     result = metrics.compute()
-    assert (result["map"], result["map50"], result["precision"], result["recall"]) == (0, 0, 0, 0)
-    assert list(result["class_ids"]) == [0, 1]
+    assert (result.map, result.map50, result.precision, result.recall) == (0, 0, 0, 0)
+    assert list(result.classes.class_ids) == [0, 1]
 
 
 def test_no_labels_anywhere_gives_zero() -> None:
@@ -160,7 +154,7 @@ def test_no_labels_anywhere_gives_zero() -> None:
     metrics = DetectionMetrics()
     metrics.update(detections, labels[:0])
     result = metrics.compute()
-    assert result["map"] == 0.0 and result["class_ids"].size == 0
+    assert result.map == 0.0 and result.classes.class_ids.size == 0
 
 
 def test_hand_computed_average_precision() -> None:
@@ -253,7 +247,7 @@ def test_unlabelled_classes_are_left_out_of_the_mean() -> None:
     metrics = DetectionMetrics()
     metrics.update(torch.cat([stray, detections]), labels)
     result = metrics.compute()
-    assert result["map"] == pytest.approx(1.0) and 5 not in result["class_ids"]
+    assert result.map == pytest.approx(1.0) and 5 not in result.classes.class_ids
 
 
 def test_merged_ranks_equal_one_accumulator_even_with_tied_scores() -> None:
@@ -268,15 +262,8 @@ def test_merged_ranks_equal_one_accumulator_even_with_tied_scores() -> None:
     merged = DetectionMetrics.merged([first_rank.parts(), second_rank.parts()]).compute()
     expected = whole.compute()
     for key in ("precision", "recall", "map50", "map"):
-        assert merged[key] == expected[key]
-    np.testing.assert_array_equal(merged["ap_per_class"], expected["ap_per_class"])
-
-
-def test_fitness_weights() -> None:
-    assert fitness(1.0, 1.0, 0.0, 0.0) == 0.0
-    assert fitness(0.0, 0.0, 1.0, 0.0) == pytest.approx(0.1)
-    assert fitness(0.0, 0.0, 0.0, 1.0) == pytest.approx(0.9)
-    assert fitness(0.3, 0.2, 0.5, 0.4) == pytest.approx(0.05 + 0.36)
+        assert getattr(merged, key) == getattr(expected, key)
+    np.testing.assert_array_equal(merged.classes.ap50_95, expected.classes.ap50_95)
 
 
 def test_coco_records_and_atomic_write(tmp_path: Path) -> None:

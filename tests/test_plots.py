@@ -105,16 +105,14 @@ def test_validation_curves_and_confusion_matrix(tmp_path, classes):
                                 torch.rand(4, 1, generator=generator), labels[:, :1]], 1)
         metrics.update(detections, labels)
         confusion.update(detections, labels)
-    result = {**metrics.compute(), "confusion_matrix": confusion.matrix}
-    plot_validation(tmp_path, result, [f"class{c}" for c in range(classes)])
+    plot_validation(tmp_path, metrics.compute(), confusion.matrix, [f"class{c}" for c in range(classes)])
     assert sorted(path.name for path in tmp_path.iterdir()) == VALIDATION_PLOTS
     with Image.open(tmp_path / "PR_curve.png") as image:
         assert image.format == "PNG" and image.size == (900, 600)
 
 
 def test_validation_plots_without_any_label(tmp_path):
-    result = {**DetectionMetrics().compute(), "confusion_matrix": ConfusionMatrix(3).matrix}
-    plot_validation(tmp_path, result, ["a", "b", "c"])
+    plot_validation(tmp_path, DetectionMetrics().compute(), ConfusionMatrix(3).matrix, ["a", "b", "c"])
     assert sorted(path.name for path in tmp_path.iterdir()) == VALIDATION_PLOTS
 
 

@@ -96,9 +96,10 @@ def test_a_run_stopped_by_patience_reports_its_best_epoch_as_yolov5_does(tiny_da
     from trainer import train
     from trainer.config import TrainConfig
     from trainer.dist import DistContext
+    from trainer.results import ValidationResult
 
     scores = iter([0.9, 0.1])  # fitness of epochs 1 and 2
-    monkeypatch.setattr(train, "fitness", lambda *metrics: next(scores))
+    monkeypatch.setattr(ValidationResult, "fitness", property(lambda result: next(scores)))
     cfg = TrainConfig(data=str(tiny_data), imgsz=64, batch_size=8, workers=0, device="cpu", seed=3, epochs=5,
                       patience=1, save_json=True, noautoanchor=True)
     with caplog.at_level("INFO", logger="trainer"):
@@ -109,7 +110,7 @@ def test_a_run_stopped_by_patience_reports_its_best_epoch_as_yolov5_does(tiny_da
     rows = [[cell.strip() for cell in line.split(",")] for line in (run / "results.csv").read_text().splitlines()]
     column = rows[0].index("val/box_loss")
     assert rows[1][column] != rows[2][column]  # the two epochs' weights score apart
-    assert result.metrics["box_loss"] == pytest.approx(float(rows[1][column]), rel=1e-4)
+    assert result.result.box_loss == pytest.approx(float(rows[1][column]), rel=1e-4)
     assert {"val_batch0_labels.jpg", "val_batch0_pred.jpg", "predictions.json", "PR_curve.png"} <= {
         path.name for path in run.iterdir()}
     assert [torch.load(run / "weights" / name, weights_only=True)["epoch"] for name in ("best.pt", "last.pt")] == [0, 1]

@@ -30,11 +30,11 @@ def test_val_scores_a_run_exactly_as_its_last_epoch_did(tiny_data: Path, tmp_pat
     logged = dict(zip((cell.strip() for cell in header.split(",")), (float(cell) for cell in last.split(","))))
     assert logged["metrics/mAP_0.5"] > 0  # AdamW finds a few boxes in 3 epochs: the comparison means something
     # Training validates the EMA weights in batches of twice its own: 16 here.
-    metrics = validate({**OPTIONS, "data": str(tiny_data), "weights": str(tmp_path / "run" / "weights" / "last.pt"),
-                        "project": str(tmp_path / "val")})
-    assert metrics["map50"] == pytest.approx(logged["metrics/mAP_0.5"], rel=1e-4, abs=1e-9)
-    assert metrics["map"] == pytest.approx(logged["metrics/mAP_0.5:0.95"], rel=1e-4, abs=1e-9)
-    assert metrics["box_loss"] == pytest.approx(logged["val/box_loss"], rel=1e-4)
+    validation = validate({**OPTIONS, "data": str(tiny_data), "weights": str(tmp_path / "run" / "weights" / "last.pt"),
+                           "project": str(tmp_path / "val")})
+    assert validation.result.map50 == pytest.approx(logged["metrics/mAP_0.5"], rel=1e-4, abs=1e-9)
+    assert validation.result.map == pytest.approx(logged["metrics/mAP_0.5:0.95"], rel=1e-4, abs=1e-9)
+    assert validation.result.box_loss == pytest.approx(logged["val/box_loss"], rel=1e-4)
 
 
 def test_val_prints_yolov5s_table_and_writes_coco_predictions(tiny_data: Path, tmp_path: Path,
@@ -73,4 +73,4 @@ def test_task_test_scores_the_test_split(tiny_data: Path, tmp_path: Path) -> Non
     with_test = yaml.safe_load(tiny_data.read_text())
     with_test["test"] = with_test["train"]  # 32 images, where val has 16
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(with_test))
-    assert validate({**options, "data": str(tmp_path / "data.yaml")})["images"] == 32
+    assert validate({**options, "data": str(tmp_path / "data.yaml")}).scores.images == 32

@@ -7,7 +7,7 @@ import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -27,6 +27,51 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """
     with atomic_output(path) as stream:
         torch.save({"format_version": FORMAT_VERSION, **state}, stream)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a run saves after an epoch: everything `--resume` needs to go on as if uninterrupted.
+
+    On disk it is one flat dict of tensors and plain values (`to_dict`), the layout every
+    last.pt has had, so files written before this record existed resume, and `load_weights`
+    and YOLOv5-style readers find `model` and `ema` where they always were.
+    """
+
+    epoch: int  # the last epoch trained, 0-based
+    best_fitness: float  # -1 when no epoch has been validated yet
+    best_epoch: int
+    config: dict[str, Any]  # TrainConfig.as_dict(): the run's settings, to resume with
+    model_yaml: dict[str, Any]  # the model's architecture
+    names: list[str]  # the data's class names
+    # TrainingParts.state_dict(): the model, EMA, optimiser, scheduler and scaler states and the step counter.
+    training: dict[str, Any]
+
+    TRAINING_KEYS: ClassVar[tuple[str, ...]] = ("model", "ema", "optimizer", "scheduler", "scaler", "counter")
+    RUN_KEYS: ClassVar[tuple[str, ...]] = ("epoch", "best_fitness", "best_epoch", "config", "model_yaml", "names")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.training, "epoch": self.epoch, "best_fitness": self.best_fitness,
+                "best_epoch": self.best_epoch, "config": self.config, "model_yaml": self.model_yaml,
+                "names": self.names}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any], source: str = "the checkpoint") -> Checkpoint:
+        """The record in a checkpoint's dict (`load_checkpoint`'s, or `to_dict`'s)."""
+        missing = [key for key in (*cls.TRAINING_KEYS, *cls.RUN_KEYS) if key not in state]
+        if missing:
+            raise UserError(f"{source} cannot be resumed: it has no {', '.join(missing)} (weights only?); "
+                            "pass a run's weights/last.pt, or start a new run from it with --weights")
+        return cls(epoch=int(state["epoch"]), best_fitness=float(state["best_fitness"]),
+                   best_epoch=int(state["best_epoch"]), config=state["config"], model_yaml=state["model_yaml"],
+                   names=list(state["names"]), training={key: state[key] for key in cls.TRAINING_KEYS})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Checkpoint:
+        return cls.from_dict(load_checkpoint(path), source=str(path))
+
+    def save(self, path: Path) -> None:
+        save_checkpoint(self.to_dict(), path)
 
 
 def existing_checkpoint(path: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""The loops: one training epoch and one validation pass. Both return plain dicts of numbers."""
+"""The loops: one training epoch and one validation pass."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -14,25 +15,27 @@ from torchvision.ops import box_convert
 from trainer import dist
 from trainer.coco import coco_records, image_id_from_path
 from trainer.dist import DistContext
-from trainer.ema import ModelEMA
 from trainer.errors import TrainingDiverged
-from trainer.metrics import ConfusionMatrix, DetectionMetrics
-from trainer.optim import Warmup
+from trainer.metrics import ConfusionMatrix, DetectionMetrics, DetectionScores
+from trainer.parts import LossFunction, TrainingParts
 from trainer.postprocess import non_max_suppression, scale_boxes
 from trainer.progress import EpochProgress
+from trainer.results import ValidationResult
 
-LossFunction = Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # Called with each validation batch: its index, the uint8 images, then per image its labels
 # `[class, x1, y1, x2, y2]` and detections `[x1, y1, x2, y2, confidence, class]` in input pixels.
 BatchCallback = Callable[[int, torch.Tensor, list[torch.Tensor], list[torch.Tensor]], None]
 
 
-@dataclass
-class StepCounter:
-    """Counters that outlive an epoch and are checkpointed: iterations seen, last optimiser step."""
+@dataclass(frozen=True)
+class Validation:
+    """What one validation pass gives: the seven numbers of a results row, and what the final
+    report prints, draws and writes."""
 
-    iteration: int = 0
-    last_step: int = -1
+    result: ValidationResult
+    scores: DetectionScores  # the per-class numbers and curves behind `result`'s means
+    confusion_matrix: np.ndarray  # (nc + 1, nc + 1), see ConfusionMatrix
+    records: list[dict[str, Any]] | None  # COCO-format predictions, when collected
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
@@ -85,9 +88,7 @@ class DivergenceCheck:
             )
 
 
-def train_one_epoch(model: nn.Module, loss_fn: LossFunction, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, ema: ModelEMA | None, warmup: Warmup, lr_factor: float,
-                    counter: StepCounter, ctx: DistContext, amp_dtype: torch.dtype | None,
+def train_one_epoch(parts: TrainingParts, loader: Iterable, epoch: int, ctx: DistContext,
                     progress: EpochProgress, max_norm: float = 10.0,
                     rescale: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> dict[str, float]:
     """Train one epoch with gradient accumulation to the nominal batch; returns mean train losses.
@@ -97,44 +98,59 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFunction, loader: Iterable, o
     Nothing in a step waits for the GPU: targets are assigned on the host, the loss check reads
     the previous step's losses and the progress display reads the running mean only when shown.
     """
-    model.train()
+    parts.train_model.train()
+    counter = parts.counter
+    lr_factor = parts.lr_factor(epoch)
     mean_items = torch.zeros(3, device=ctx.device)
     divergence = DivergenceCheck()
-    batches = 0
-    for images, targets, _, _ in progress.track(loader):
+    for batch_index, (images, targets, _, _) in enumerate(progress.track(loader)):
         images = to_model_input(images, ctx.device)
         if rescale is not None:
             images = rescale(images, counter.iteration)
-        warmup.apply(optimizer, counter.iteration, lr_factor)
-        step_now = counter.iteration - counter.last_step >= warmup.accumulate(counter.iteration)
-        # Skip the gradient all-reduce on batches that only accumulate.
-        sync = model.no_sync() if ctx.distributed and not step_now else nullcontext()
-        with sync:
-            with autocast(ctx.device, amp_dtype):
-                predictions = model(images)
-            loss, items = loss_fn([p.float() for p in predictions], targets)
-            # Every rank sees the same reduced items, so all ranks stop together on divergence.
-            items = dist.all_reduce_mean(items, ctx)
-            divergence.push(counter.iteration, items)
-            # DDP averages gradients over ranks; undo that so the step matches one process on the total batch.
-            scaler.scale(loss * ctx.world_size).backward()
+        parts.warmup.apply(parts.optimizer, counter.iteration, lr_factor)
+        step_now = counter.iteration - counter.last_step >= parts.warmup.accumulate(counter.iteration)
+        items = accumulate_gradients(parts, images, targets, ctx, step_now, divergence)
         if step_now:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            # Zeroed in place, never None: see trainer.graphs.GraphedModel.
-            optimizer.zero_grad(set_to_none=False)
-            if ema is not None:
-                ema.update(dist.unwrap_model(model))
+            optimizer_step(parts, max_norm)
             counter.last_step = counter.iteration
-        mean_items = (mean_items * batches + items) / (batches + 1)
-        batches += 1
+        mean_items = (mean_items * batch_index + items) / (batch_index + 1)
         counter.iteration += 1
         progress.describe(mean_items, int(targets.shape[0]), int(images.shape[-1]))
     divergence.check()
     box, obj, cls = mean_items.tolist()
     return {"box_loss": box, "obj_loss": obj, "cls_loss": cls}
+
+
+def accumulate_gradients(parts: TrainingParts, images: torch.Tensor, targets: torch.Tensor, ctx: DistContext,
+                         synchronise: bool, divergence: DivergenceCheck) -> torch.Tensor:
+    """Forward and backward one batch; returns its box/obj/cls losses, averaged over the ranks.
+
+    Gradients are all-reduced over the ranks only when `synchronise` (the batch ends a step).
+    """
+    model = parts.train_model
+    # Skip the gradient all-reduce on batches that only accumulate.
+    sync = model.no_sync() if ctx.distributed and not synchronise else nullcontext()
+    with sync:
+        with autocast(ctx.device, parts.amp_dtype):
+            predictions = model(images)
+        loss, items = parts.loss_fn([p.float() for p in predictions], targets)
+        items = dist.all_reduce_mean(items, ctx)
+        # Every rank sees the same reduced items, so all ranks stop together on divergence.
+        divergence.push(parts.counter.iteration, items)
+        # DDP averages gradients over ranks; undo that so the step matches one process on the total batch.
+        parts.scaler.scale(loss * ctx.world_size).backward()
+    return items
+
+
+def optimizer_step(parts: TrainingParts, max_norm: float) -> None:
+    """Unscale, clip, step and update the scaler, then move the EMA towards the new weights."""
+    parts.scaler.unscale_(parts.optimizer)
+    nn.utils.clip_grad_norm_(parts.train_model.parameters(), max_norm=max_norm)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    # Zeroed in place, never None: see trainer.graphs.GraphedModel.
+    parts.optimizer.zero_grad(set_to_none=False)
+    parts.ema.update(dist.unwrap_model(parts.train_model))
 
 
 def image_labels(targets: torch.Tensor, index: int, height: int, width: int) -> torch.Tensor:
@@ -144,21 +160,51 @@ def image_labels(targets: torch.Tensor, index: int, height: int, width: int) -> 
     return torch.cat([labels[:, :1], boxes], dim=1)
 
 
+class _ShardScores:
+    """What one rank accumulates over its validation batches, merged over the ranks by `gather`."""
+
+    def __init__(self, nc: int, device: torch.device, collect_json: bool) -> None:
+        self.metrics = DetectionMetrics()
+        self.confusion = ConfusionMatrix(nc)
+        self.loss_sum = torch.zeros(3, device=device)
+        self.batches = 0
+        self.records: list[dict[str, Any]] | None = [] if collect_json else None
+
+    def add_image(self, detections: torch.Tensor, labels: torch.Tensor, shape: Any, order: int, path: str) -> None:
+        """One image's detections and labels in input pixels, scored in its original pixels."""
+        detections = detections.to("cpu", copy=True)
+        detections[:, :4] = scale_boxes(detections[:, :4], shape)
+        labels[:, 1:] = scale_boxes(labels[:, 1:], shape)
+        self.metrics.update(detections, labels, order=order)
+        self.confusion.update(detections, labels)
+        if self.records is not None:
+            self.records.extend(coco_records(detections, image_id_from_path(path)))
+
+    def gather(self, ctx: DistContext) -> Validation:
+        """Every rank's scores merged, on every rank."""
+        scores = DetectionMetrics.merged(dist.gather_objects(self.metrics.parts(), ctx)).compute()
+        losses = dist.gather_objects((self.loss_sum.cpu(), self.batches), ctx)
+        total_batches = max(sum(count for _, count in losses), 1)
+        box, obj, cls = (sum(loss for loss, _ in losses) / total_batches).tolist()
+        result = ValidationResult(scores.precision, scores.recall, scores.map50, scores.map, box, obj, cls)
+        confusion_matrix = sum(dist.gather_objects(self.confusion.matrix, ctx))
+        records = None
+        if self.records is not None:
+            records = [record for part in dist.gather_objects(self.records, ctx) for record in part]
+        return Validation(result, scores, confusion_matrix, records)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: LossFunction, nc: int, ctx: DistContext,
              amp_dtype: torch.dtype | None = None, conf_thres: float = 0.001, iou_thres: float = 0.6,
-             collect_json: bool = False, on_batch: BatchCallback | None = None) -> dict[str, Any]:
-    """Validate on this rank's shard; rank results are merged so every rank returns the full metrics.
+             collect_json: bool = False, on_batch: BatchCallback | None = None) -> Validation:
+    """Validate on this rank's shard; rank results are merged so every rank returns the full validation.
 
     Boxes are compared in original-image pixels, as COCO-format predictions are written.
     `on_batch` sees this rank's batches as they are scored (see BatchCallback).
     """
     model.eval()
-    metrics = DetectionMetrics()
-    confusion = ConfusionMatrix(nc)
-    loss_sum = torch.zeros(3, device=ctx.device)
-    batches = 0
-    records: list[dict[str, Any]] = []
+    shard = _ShardScores(nc, ctx.device, collect_json)
     # The batch sampler's keys name each image's data set index: it orders the merged metrics
     # exactly as one process would see them.
     image_indices = (key.index for batch in loader.batch_sampler for key in batch)
@@ -166,28 +212,13 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: LossFunction, nc: in
         images = to_model_input(raw_images, ctx.device)
         with autocast(ctx.device, amp_dtype):
             decoded, raw = model(images)
-        loss_sum += loss_fn([r.float() for r in raw], targets)[1]
+        shard.loss_sum += loss_fn([r.float() for r in raw], targets)[1]
         detections = non_max_suppression(decoded.float(), conf_thres, iou_thres, multi_label=nc > 1)
         height, width = images.shape[2:]
         all_labels = [image_labels(targets, index, height, width) for index in range(len(detections))]
         if on_batch is not None:
-            on_batch(batches, raw_images, all_labels, detections)
-        batches += 1
+            on_batch(shard.batches, raw_images, all_labels, detections)
+        shard.batches += 1
         for index, (predicted, labels) in enumerate(zip(detections, all_labels)):
-            predicted = predicted.to("cpu", copy=True)
-            predicted[:, :4] = scale_boxes(predicted[:, :4], shapes[index])
-            labels[:, 1:] = scale_boxes(labels[:, 1:], shapes[index])
-            metrics.update(predicted, labels, order=next(image_indices))
-            confusion.update(predicted, labels)
-            if collect_json:
-                records.extend(coco_records(predicted, image_id_from_path(paths[index])))
-    parts = dist.gather_objects(metrics.parts(), ctx)
-    losses = dist.gather_objects((loss_sum.cpu(), batches), ctx)
-    merged = DetectionMetrics.merged(parts).compute()
-    total_batches = max(sum(count for _, count in losses), 1)
-    box, obj, cls = (sum(loss for loss, _ in losses) / total_batches).tolist()
-    merged.update({"box_loss": box, "obj_loss": obj, "cls_loss": cls,
-                   "confusion_matrix": sum(dist.gather_objects(confusion.matrix, ctx))})
-    if collect_json:
-        merged["records"] = [record for part in dist.gather_objects(records, ctx) for record in part]
-    return merged
+            shard.add_image(predicted, labels, shapes[index], next(image_indices), paths[index])
+    return shard.gather(ctx)

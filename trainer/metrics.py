@@ -1,4 +1,4 @@
-"""Detection metrics: COCO-style matching and AP, YOLOv5-style precision/recall, fitness.
+"""Detection metrics: COCO-style matching and AP, YOLOv5-style precision/recall.
 
 The definitions follow pycocotools' `COCOeval` (bbox, area "all", every label counted,
 no crowd regions) so that our mAP@0.5 and mAP@0.5:0.95 are the numbers COCOeval prints
@@ -252,27 +252,26 @@ class DetectionMetrics:
             metrics._parts.extend(parts)
         return metrics
 
-    def compute(self) -> dict[str, float | np.ndarray]:
-        """Mean precision, recall, mAP@0.5, mAP@0.5:0.95 over labelled classes, per-class arrays
-        (for the labelled classes, in `class_ids` order) and the number of images."""
+    def compute(self) -> DetectionScores:
+        """The data set's scores: means over labelled classes and the per-class numbers behind them."""
         state = self.state()
         stats = ap_per_class(state.tp, state.conf, state.pred_cls, state.target_cls)
-        has_classes = stats.class_ids.size > 0
-        return {
-            "precision": float(stats.precision.mean()) if has_classes else 0.0,
-            "recall": float(stats.recall.mean()) if has_classes else 0.0,
-            "map50": float(stats.ap50.mean()) if has_classes else 0.0,
-            "map": float(stats.ap50_95.mean()) if has_classes else 0.0,
-            "precision_per_class": stats.precision,
-            "recall_per_class": stats.recall,
-            "ap50_per_class": stats.ap50,
-            "ap_per_class": stats.ap50_95,
-            "class_ids": stats.class_ids,
-            "targets_per_class": stats.targets,
-            "images": len(self._parts),
-            "curves": {"precision": stats.precision_curves, "recall": stats.recall_curves, "f1": stats.f1_curves,
-                       "pr": stats.pr_curves},
-        }
+        means = [float(values.mean()) if stats.class_ids.size else 0.0
+                 for values in (stats.precision, stats.recall, stats.ap50, stats.ap50_95)]
+        return DetectionScores(*means, classes=stats, images=len(self._parts))
+
+
+@dataclass(frozen=True)
+class DetectionScores:
+    """Precision, recall, mAP@0.5 and mAP@0.5:0.95 averaged over the labelled classes, the
+    per-class numbers and curves behind them, and how many images were scored."""
+
+    precision: float
+    recall: float
+    map50: float
+    map: float
+    classes: ClassStats
+    images: int
 
 
 CONFUSION_CONF, CONFUSION_IOU = 0.25, 0.45  # YOLOv5's thresholds for its confusion matrix
@@ -312,7 +311,3 @@ class ConfusionMatrix:
         for detection in set(range(len(predicted))) - matched_detections:
             self.matrix[predicted[detection], self.nc] += 1
 
-
-def fitness(precision: float, recall: float, map50: float, map: float) -> float:
-    """YOLOv5's single score for model selection and evolution: mostly mAP@0.5:0.95."""
-    return 0.0 * precision + 0.0 * recall + 0.1 * map50 + 0.9 * map

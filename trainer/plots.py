@@ -33,15 +33,19 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from trainer.engine import image_labels
 from trainer.files import save_figure, write_atomic
-from trainer.metrics import CONFIDENCE_GRID, CONFUSION_CONF, CONFUSION_IOU, RECALL_POINTS
+from trainer.metrics import CONFIDENCE_GRID, CONFUSION_CONF, CONFUSION_IOU, RECALL_POINTS, DetectionScores
+from trainer.progress import TRAIN_LOSS_COLUMNS
+from trainer.results import RESULT_COLUMNS, ValidationResult
 
 PLOTTED_BATCHES = 3  # train_batch0-2 and val_batch0-2, as YOLOv5 writes
 MAX_GRID_IMAGES = 16
 MAX_GRID_SIDE = 1920  # pixels; larger batches are scaled down to fit
 PREDICTION_CONF = 0.25  # detections drawn on val_batch*_pred.jpg; validation scores down to 0.001
+_RESULT_COLUMN = dict(zip(ValidationResult.names(), RESULT_COLUMNS))
+# Two rows of five, as YOLOv5 draws them: the losses over the validation losses, then P, R and the mAPs.
 RESULTS_PANELS = (
-    "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
-    "val/box_loss", "val/obj_loss", "val/cls_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
+    *TRAIN_LOSS_COLUMNS, *(_RESULT_COLUMN[name] for name in ("precision", "recall")),
+    *(_RESULT_COLUMN[name] for name in ("box_loss", "obj_loss", "cls_loss", "map50", "map")),
 )
 LEGEND_MAX_CLASSES = 20  # more classes: curves without a legend entry each
 MAX_NAMED_CLASSES = 30  # more classes: axes without class names, whose labels would overlap
@@ -152,28 +156,31 @@ class ValidationPlots:
                    [confident(rows) for rows in detections], self.names)
 
 
-def plot_validation(save_dir: Path, metrics: dict[str, Any], names: Sequence[str]) -> None:
-    """PR, F1, P and R curves and the confusion matrix of one validation (`evaluate`'s metrics)."""
-    curves, labels = metrics["curves"], [names[c] for c in metrics["class_ids"]]
+def plot_validation(save_dir: Path, scores: DetectionScores, confusion_matrix: np.ndarray,
+                    names: Sequence[str]) -> None:
+    """PR, F1, P and R curves and the confusion matrix of one validation."""
+    classes = scores.classes
+    labels = [names[c] for c in classes.class_ids]
     listed = len(labels) <= LEGEND_MAX_CLASSES
     figure, axes = _curve_axes("Recall", "Precision")
-    for label, curve, ap in zip(labels, curves["pr"], metrics["ap50_per_class"]):
+    for label, curve, ap in zip(labels, classes.pr_curves, classes.ap50):
         axes.plot(RECALL_POINTS, curve, linewidth=1, label=f"{label} {ap:.3f}" if listed else None)
     if len(labels):
-        axes.plot(RECALL_POINTS, curves["pr"].mean(0), linewidth=3, color="blue",
-                  label=f"all classes {metrics['map50']:.3f} mAP@0.5")
+        axes.plot(RECALL_POINTS, classes.pr_curves.mean(0), linewidth=3, color="blue",
+                  label=f"all classes {scores.map50:.3f} mAP@0.5")
     _finish_curves(figure, axes, save_dir / "PR_curve.png")
-    for key, title, file in (("f1", "F1", "F1"), ("precision", "Precision", "P"), ("recall", "Recall", "R")):
+    for curves, title, file in ((classes.f1_curves, "F1", "F1"), (classes.precision_curves, "Precision", "P"),
+                                (classes.recall_curves, "Recall", "R")):
         figure, axes = _curve_axes("Confidence", title)
-        for label, curve in zip(labels, curves[key]):
+        for label, curve in zip(labels, curves):
             axes.plot(CONFIDENCE_GRID, curve, linewidth=1, label=label if listed else None)
         if len(labels):
-            mean = curves[key].mean(0)
+            mean = curves.mean(0)
             best = int(mean.argmax())
             axes.plot(CONFIDENCE_GRID, mean, linewidth=3, color="blue",
                       label=f"all classes {mean[best]:.2f} at {CONFIDENCE_GRID[best]:.3f}")
         _finish_curves(figure, axes, save_dir / f"{file}_curve.png")
-    plot_confusion_matrix(save_dir / "confusion_matrix.png", metrics["confusion_matrix"], names)
+    plot_confusion_matrix(save_dir / "confusion_matrix.png", confusion_matrix, names)
 
 
 def _curve_axes(xlabel: str, ylabel: str) -> tuple[Figure, Any]:

@@ -6,21 +6,22 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, TypeVar
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from trainer.metrics import DetectionScores
+from trainer.results import RESULT_COLUMNS
+
 LOGGER = logging.getLogger("trainer")
 REDRAW_SECONDS = 0.25  # how often the bar's losses are read from the GPU
 Item = TypeVar("Item")
 
-RESULTS_COLUMNS = (
-    "epoch", "train/box_loss", "train/obj_loss", "train/cls_loss",
-    "metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
-    "val/box_loss", "val/obj_loss", "val/cls_loss", "x/lr0", "x/lr1", "x/lr2",
-)
+TRAIN_LOSS_COLUMNS = ("train/box_loss", "train/obj_loss", "train/cls_loss")
+# YOLOv5's results.csv: the epoch, its training losses, its validation and its three groups' learning rates.
+RESULTS_COLUMNS = ("epoch", *TRAIN_LOSS_COLUMNS, *RESULT_COLUMNS, "x/lr0", "x/lr1", "x/lr2")
 
 
 def setup_logging(is_main: bool, level: int = logging.INFO) -> None:
@@ -111,17 +112,16 @@ def append_results(path: Path, values: Sequence[float]) -> None:
         stream.write(header + format_row(values, numeric=True))
 
 
-def class_table(metrics: dict[str, Any], names: Sequence[str]) -> list[str]:
+def class_table(scores: DetectionScores, names: Sequence[str]) -> list[str]:
     """YOLOv5's validation table: all classes, then one row per labelled class where there are
     several classes."""
     row = "%22s%11s%11s%11s%11s%11s%11s"
     lines = [row % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")]
     number = "%22s%11i%11i%11.3g%11.3g%11.3g%11.3g"
-    images, instances = metrics["images"], int(metrics["targets_per_class"].sum())
-    lines.append(number % ("all", images, instances, metrics["precision"], metrics["recall"], metrics["map50"],
-                           metrics["map"]))
-    for i, class_id in enumerate(metrics["class_ids"] if len(names) > 1 else ()):
-        lines.append(number % (names[class_id], images, metrics["targets_per_class"][i],
-                               metrics["precision_per_class"][i], metrics["recall_per_class"][i],
-                               metrics["ap50_per_class"][i], metrics["ap_per_class"][i]))
+    images, classes = scores.images, scores.classes
+    lines.append(number % ("all", images, int(classes.targets.sum()), scores.precision, scores.recall, scores.map50,
+                           scores.map))
+    for i, class_id in enumerate(classes.class_ids if len(names) > 1 else ()):
+        lines.append(number % (names[class_id], images, classes.targets[i], classes.precision[i], classes.recall[i],
+                               classes.ap50[i], classes.ap50_95[i]))
     return lines

@@ -6,9 +6,10 @@ import itertools
 import logging
 import random
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,26 +17,35 @@ import yaml
 
 from trainer import dist
 from trainer.autoanchor import check_anchors
-from trainer.checkpoint import load_weights, save_checkpoint
+from trainer.checkpoint import Checkpoint, load_weights
 from trainer.coco import write_predictions_json
 from trainer.config import TrainConfig
 from trainer.data import DataConfig, build_dataloader, build_datasets, load_data_config
 from trainer.data.augment import MultiScale
 from trainer.dist import DistContext
-from trainer.ema import ModelEMA
-from trainer.engine import StepCounter, autocast, evaluate, to_model_input, train_one_epoch
+from trainer.engine import (
+    Validation,
+    autocast,
+    evaluate,
+    to_model_input,
+    train_one_epoch,
+)
 from trainer.errors import UserError
 from trainer.graphs import GraphedModel
-from trainer.loss import DetectionLoss
-from trainer.metrics import fitness
 from trainer.model import DetectionModel
-from trainer.optim import Warmup, build_optimizer, lr_lambda, scaled_weight_decay, scheduler_lambda
-from trainer.plots import ValidationPlots, plot_labels, plot_results, plot_training_batches, plot_validation
+from trainer.parts import TrainingParts, build_model, build_training_parts
+from trainer.plots import (
+    ValidationPlots,
+    plot_labels,
+    plot_results,
+    plot_training_batches,
+    plot_validation,
+)
 from trainer.progress import EpochProgress, append_results, class_table
+from trainer.results import ValidationResult
 
 LOGGER = logging.getLogger("trainer")
 MIN_GRAPHED_STEPS = 50
-RESULT_KEYS = ("precision", "recall", "map50", "map", "box_loss", "obj_loss", "cls_loss")
 
 
 @dataclass
@@ -55,14 +65,129 @@ class TrainResult:
     """The run's final validation and where it was saved. A run with a folder ends as YOLOv5's
     does, on best.pt's EMA weights; an evolution generation on its last epoch's."""
 
-    metrics: dict[str, float]
+    result: ValidationResult | None  # None when a stop signal ended the run before its first validation
     best_fitness: float
     epochs_run: int
     save_dir: Path | None
 
-    def values(self) -> tuple[float, ...]:
-        """The seven numbers of an evolve.csv row, in its column order."""
-        return tuple(float(self.metrics[key]) for key in RESULT_KEYS)
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Where a run writes: `path` on every rank (None for an evolution generation, which keeps
+    nothing), written by rank 0 only; with pictures unless --noplots."""
+
+    path: Path | None
+    writes: bool
+    plots: bool
+
+    @classmethod
+    def for_rank(cls, path: Path | None, ctx: DistContext, noplots: bool) -> RunFolder:
+        writes = path is not None and ctx.is_main
+        return cls(path, writes, writes and not noplots)
+
+    def validation_plots(self, names: list[str], drawn: bool = True) -> ValidationPlots | None:
+        """The callback that draws a validation's first batches, where this one is to draw them."""
+        return ValidationPlots(self.path, names) if drawn and self.plots and self.path is not None else None
+
+
+@dataclass
+class RunState:
+    """What a run carries from epoch to epoch; checkpoints keep the best fitness and epoch."""
+
+    start_epoch: int = 0
+    best_fitness: float = -1.0  # -1: no validated epoch yet
+    best_epoch: int = 0
+    epoch: int = -1  # the last epoch trained
+    validation: Validation | None = None  # the latest
+
+    @classmethod
+    def resumed(cls, checkpoint: Checkpoint) -> RunState:
+        return cls(start_epoch=checkpoint.epoch + 1, best_fitness=checkpoint.best_fitness,
+                   best_epoch=checkpoint.best_epoch, epoch=checkpoint.epoch)
+
+    def validated(self, validation: Validation) -> None:
+        """The current epoch's validation; it becomes the best epoch when its fitness is higher."""
+        self.validation = validation
+        fitness = validation.result.fitness
+        if fitness > self.best_fitness:
+            self.best_fitness, self.best_epoch = fitness, self.epoch
+
+    def latest_result(self) -> ValidationResult:
+        """The latest validation's numbers; zeros before the first, as in YOLOv5's rows under --noval."""
+        return self.validation.result if self.validation is not None else ValidationResult()
+
+    def checkpoint(self, parts: TrainingParts, cfg: TrainConfig, names: list[str]) -> Checkpoint:
+        return Checkpoint(epoch=self.epoch, best_fitness=self.best_fitness, best_epoch=self.best_epoch,
+                          config=cfg.as_dict(), model_yaml=parts.model.yaml, names=names,
+                          training=parts.state_dict())
+
+
+def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: PreparedData | None = None,
+        resume_state: Checkpoint | dict[str, Any] | None = None, stop: threading.Event | None = None,
+        rungs: Sequence[int] = (), on_rung: Callable[[int, ValidationResult], None] | None = None) -> TrainResult:
+    """Train `cfg.epochs` epochs; write the run folder on rank 0 unless `save_dir` is None.
+
+    `resume_state` is the checkpoint to go on from: a Checkpoint or the dict `load_checkpoint`
+    reads. When `stop` is set (SIGTERM), the run ends after the current epoch's checkpoint,
+    ready for --resume. After each epoch in `rungs` (counted from 1) the EMA weights are
+    validated even under --noval and `on_rung` gets the result; an exception it raises ends the
+    run there (an evolution's pruning).
+    """
+    # The same seed on every rank: each builds the same model and EMA before DDP syncs them.
+    # Per-sample augmentation has its own generators, seeded by (seed, epoch, index).
+    seed_everything(cfg.seed, cfg.deterministic)
+    resume = Checkpoint.from_dict(resume_state) if isinstance(resume_state, dict) else resume_state
+    folder = RunFolder.for_rank(save_dir, ctx, cfg.noplots)
+    if folder.writes:
+        write_settings(save_dir, cfg)
+    prepared = prepared or prepare_data(cfg, ctx)
+    prepared.train_set.set_hyp(cfg.hyp)
+    names = prepared.data.class_names(cfg.single_cls)
+    model = build_model(cfg, len(names), ctx.device)
+    if resume is None and not cfg.noautoanchor:
+        fit_anchors(model, prepared.train_set, cfg, ctx)
+    if resume is None and folder.plots:
+        save_labels_plot(save_dir / "labels.jpg", prepared.train_set, model, cfg.imgsz, names)
+    parts = build_training_parts(cfg, ctx, model, len(prepared.train_loader))
+    state = RunState() if resume is None else resume_training(parts, resume, cfg.epochs)
+    LOGGER.info("Training %s for %d epochs: %d images, batch %d (%d per process × %d), %s",
+                cfg.cfg, cfg.epochs, len(prepared.train_set), cfg.batch_size, cfg.batch_size // ctx.world_size,
+                ctx.world_size, ctx.device)
+    rescale = MultiScale(cfg.imgsz, int(model.stride.max()), cfg.seed) if cfg.multi_scale else None
+    if not (cfg.multi_scale or cfg.rect):  # graphs replay one input shape
+        capture_graphs(parts, cfg.batch_size // ctx.world_size, cfg.imgsz, ctx.device,
+                       steps=(cfg.epochs - state.start_epoch) * len(prepared.train_loader))
+    batches = EpochBatches(prepared, state.start_epoch)
+    stopped = False
+    for epoch in range(state.start_epoch, cfg.epochs):
+        state.epoch, final_epoch = epoch, epoch + 1 == cfg.epochs
+        train_losses, learning_rates = train_epoch(parts, batches, epoch, cfg, ctx, folder, names, rescale)
+        validated = not cfg.noval or final_epoch or epoch + 1 in rungs
+        if validated:
+            state.validated(validate(parts, prepared.val_loader, len(names), ctx, cfg.save_json and final_epoch,
+                                     folder.validation_plots(names, drawn=final_epoch)))
+        if on_rung is not None and epoch + 1 in rungs:
+            on_rung(epoch + 1, state.latest_result())
+        # Decided on every rank alike before anything is saved: the epoch a run ends on is saved even with --nosave.
+        no_progress = dist.broadcast_object(validated and 0 < cfg.patience <= epoch - state.best_epoch, ctx)
+        stopped = dist.broadcast_object(stop is not None and stop.is_set() and not final_epoch, ctx)
+        if folder.writes:
+            append_results(save_dir / "results.csv", [epoch, *train_losses.values(), *state.latest_result().values(),
+                                                      *learning_rates])
+            if not cfg.nosave or final_epoch or no_progress or stopped:
+                save_checkpoints(save_dir / "weights", state.checkpoint(parts, cfg, prepared.data.names),
+                                 cfg.save_period)
+        if no_progress or stopped:
+            log_early_end(state, cfg, save_dir, patience=no_progress)
+            break
+    if save_dir is not None and not stopped and state.best_epoch != state.epoch:
+        revalidate_best(parts, prepared.val_loader, names, ctx, folder, state, cfg)
+    if folder.writes and state.validation is not None:  # none when a signal ended the run before any
+        report_validation(save_dir, state.validation, names, folder.plots)
+    if folder.plots and state.epoch >= state.start_epoch:
+        plot_results(save_dir / "results.csv", save_dir / "results.png")
+    return TrainResult(result=state.validation.result if state.validation else None, best_fitness=state.best_fitness,
+                       epochs_run=state.epoch + 1 - state.start_epoch, save_dir=save_dir)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -107,6 +232,13 @@ def prepare_data(cfg: TrainConfig, ctx: DistContext, stride: int = 32) -> Prepar
     return PreparedData(data, train_set, val_set, train_loader, train_batches, val_loader)
 
 
+def write_settings(save_dir: Path, cfg: TrainConfig) -> None:
+    """The run folder with its weights/ folder, hyp.yaml and opt.yaml, as YOLOv5 starts a run."""
+    (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+    (save_dir / "hyp.yaml").write_text(yaml.safe_dump(cfg.hyp.as_dict(), sort_keys=False))
+    (save_dir / "opt.yaml").write_text(yaml.safe_dump(cfg.as_dict(), sort_keys=False))
+
+
 def label_sizes(dataset: Any, imgsz: int) -> torch.Tensor:
     """Label widths/heights in pixels after the long side is resized to `imgsz` (AutoAnchor's input)."""
     shapes = imgsz * dataset.shapes / dataset.shapes.max(1, keepdims=True)
@@ -123,73 +255,27 @@ def save_labels_plot(path: Path, dataset: Any, model: DetectionModel, imgsz: int
                 anchors_px, names)
 
 
-def amp_dtype_for(device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        return None  # fp32 on CPU: autocast there is slow and changes the numbers
-    # bf16 needs no gradient scaler, and it trained no worse than YOLOv5's fp16 (bench/README.md).
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def fit_anchors(model: DetectionModel, dataset: Any, cfg: TrainConfig, ctx: DistContext) -> None:
+    """AutoAnchor on rank 0: replace the model's anchors where they fit the labels badly; every
+    rank then takes rank 0's anchors."""
+    anchors = None
+    if ctx.is_main:
+        report = check_anchors(model, label_sizes(dataset, cfg.imgsz), cfg.hyp.anchor_t,
+                               cfg.imgsz, generator=torch.Generator().manual_seed(cfg.seed))
+        LOGGER.info("AutoAnchor: best possible recall %.4f%s", report.bpr_before,
+                    f" → {report.bpr_after:.4f}, anchors replaced" if report.replaced else "")
+        anchors = model.detect.anchors.cpu()
+    model.detect.anchors.copy_(dist.broadcast_object(anchors, ctx).to(ctx.device))
 
 
-def best_weights(path: Path, ctx: DistContext) -> dict[str, torch.Tensor] | None:
-    """The EMA weights in best.pt, read by rank 0 and sent to every rank; None where the run kept
-    no best.pt (--nosave keeps only the epoch it ends on)."""
-    weights = load_weights(path).state if ctx.is_main and path.is_file() else None
-    return dist.broadcast_object(weights, ctx)
-
-
-def report_validation(save_dir: Path, metrics: dict[str, Any], names: list[str], plots: bool) -> None:
-    """What a final validation leaves, as YOLOv5's train.py and val.py end: the class table in the
-    log, predictions.json where they were collected (--save-json), and the curves."""
-    records = metrics.pop("records", None)
-    if records is not None:
-        write_predictions_json(records, save_dir / "predictions.json")
-    for line in class_table(metrics, names):
-        LOGGER.info("%s", line)
-    if plots:
-        plot_validation(save_dir, metrics, names)
-
-
-def build_model(cfg: TrainConfig, nc: int, device: torch.device) -> DetectionModel:
-    anchors = round(cfg.hyp.anchors) if cfg.hyp.anchors else None
-    model = DetectionModel(cfg.cfg, nc=nc, anchors=anchors)
-    if cfg.weights:
-        weights = load_weights(cfg.weights).state
-        own = model.state_dict()
-        matching = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-        kernels = {name for name, parameter in model.named_parameters() if parameter.ndim > 1}
-        if not kernels & set(matching):  # not one convolution fits: the weights are another model's
-            raise UserError(f"no convolution in {cfg.weights} fits the {cfg.cfg} model: "
-                            "pass the --cfg it was trained with")
-        model.load_state_dict(matching, strict=False)
-        LOGGER.info("Transferred %d/%d items from %s", len(matching), len(own), cfg.weights)
-    if cfg.freeze:
-        freeze_layers(model, cfg.freeze)
-    # channels_last (NHWC): convolutions skip layout reorders on the CPU and use tensor cores
-    # without transposes on GPUs; about 12% faster per step on a CPU.
-    return model.to(device, memory_format=torch.channels_last)
-
-
-def freeze_layers(model: DetectionModel, layers: tuple[int, ...]) -> None:
-    """Stop the parameters of these layers from training, as YOLOv5's --freeze does. Their
-    BatchNorm statistics still follow the data, as in YOLOv5."""
-    count = len(model.model)
-    if max(layers) >= count:
-        raise UserError(f"--freeze: layer {max(layers)} does not exist; the model has layers 0 to {count - 1}")
-    prefixes = tuple(f"model.{layer}." for layer in layers)
-    frozen = [name for name, parameter in model.named_parameters() if name.startswith(prefixes)]
-    for name in frozen:
-        model.get_parameter(name).requires_grad_(False)
-    LOGGER.info("Freezing %d layers (%d parameter tensors)", len(layers), len(frozen))
-
-
-def training_model(model: DetectionModel, ctx: DistContext, sync_bn: bool) -> torch.nn.Module:
-    """What the training loop calls: DDP across processes, CUDA graphs on one GPU (see
-    `capture_graphs`), else the model itself."""
-    if ctx.distributed:
-        return dist.wrap_model(model, ctx, sync_bn)
-    if ctx.device.type == "cuda":
-        return GraphedModel(model)
-    return model
+def resume_training(parts: TrainingParts, checkpoint: Checkpoint, epochs: int) -> RunState:
+    """Load the checkpoint's training state into `parts`; the run goes on after its epoch."""
+    parts.restore(checkpoint.training)
+    state = RunState.resumed(checkpoint)
+    if state.start_epoch >= epochs:
+        raise UserError(f"run already finished {epochs} epochs: nothing to resume")
+    LOGGER.info("Resuming from epoch %d of %d", state.start_epoch + 1, epochs)
+    return state
 
 
 def capture_graphs(parts: TrainingParts, batch_size: int, imgsz: int, device: torch.device, steps: int) -> None:
@@ -206,182 +292,93 @@ def capture_graphs(parts: TrainingParts, batch_size: int, imgsz: int, device: to
             parts.train_model.capture(example)
 
 
-@dataclass
-class TrainingParts:
-    """What a training steps with, built from the config in one place (runs and benchmarks)."""
+class EpochBatches:
+    """Each epoch's training batches, all drawn from one iterator for the whole run: the loader's
+    workers prefetch across epoch boundaries (and through validation) instead of starting every
+    epoch from empty."""
 
-    model: DetectionModel
-    train_model: torch.nn.Module  # the model, wrapped for DDP or CUDA graphs (`training_model`)
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    lr_factor: Callable[[int], float]  # epoch -> lr0 multiple the warmup heads for; see scheduler_lambda
-    scaler: torch.amp.GradScaler
-    ema: ModelEMA
-    warmup: Warmup
-    loss_fn: DetectionLoss
-    amp_dtype: torch.dtype | None
-    counter: StepCounter
+    def __init__(self, prepared: PreparedData, start_epoch: int) -> None:
+        prepared.train_batches.start_at(start_epoch)
+        self.per_epoch = len(prepared.train_loader)
+        self._batches = iter(prepared.train_loader)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "counter": {"iteration": self.counter.iteration, "last_step": self.counter.last_step}}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Load a checkpoint written by `state_dict` (every rank loads the same file)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.ema.load_state_dict(state["ema"])
-        self.counter = StepCounter(**state["counter"])
+    def next_epoch(self) -> Iterator[Any]:
+        return itertools.islice(self._batches, self.per_epoch)
 
 
-def build_training_parts(cfg: TrainConfig, ctx: DistContext, model: DetectionModel,
-                         batches_per_epoch: int) -> TrainingParts:
-    """Optimiser, schedule, scaler, EMA, warmup and loss for `model`; call after AutoAnchor.
-
-    The EMA copies the model's buffers, anchors included, so anchors must be final first.
-    """
-    weight_decay = scaled_weight_decay(cfg.hyp.weight_decay, cfg.batch_size)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.hyp.lr0, cfg.hyp.momentum, weight_decay)
-    lr_factor = lr_lambda(cfg.epochs, cfg.hyp.lrf, cfg.cos_lr)
-    amp_dtype = amp_dtype_for(ctx.device)
-    return TrainingParts(
-        model=model,
-        train_model=training_model(model, ctx, cfg.sync_bn),
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=scheduler_lambda(lr_factor)),
-        lr_factor=lr_factor,
-        scaler=torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16),
-        ema=ModelEMA(model),  # on every rank: distributed validation evaluates the same EMA weights everywhere
-        warmup=Warmup.for_run(cfg.hyp.warmup_epochs, batches_per_epoch, cfg.batch_size,
-                              cfg.hyp.warmup_bias_lr, cfg.hyp.warmup_momentum, cfg.hyp.momentum),
-        loss_fn=DetectionLoss.from_model(model, cfg.hyp, cfg.label_smoothing, cfg.imgsz),
-        amp_dtype=amp_dtype,
-        counter=StepCounter(),
-    )
+def train_epoch(parts: TrainingParts, batches: EpochBatches, epoch: int, cfg: TrainConfig, ctx: DistContext,
+                folder: RunFolder, names: list[str],
+                rescale: MultiScale | None) -> tuple[dict[str, float], list[float]]:
+    """One epoch's training and its scheduler step; its mean losses and the learning rates it
+    ended with. The first epoch's first batches are drawn as train_batch*.jpg."""
+    epoch_batches = batches.next_epoch()
+    if folder.plots and epoch == 0:
+        epoch_batches = plot_training_batches(epoch_batches, folder.path, names)
+    progress = EpochProgress(ctx.is_main, epoch, cfg.epochs, batches.per_epoch, ctx.device)
+    losses = train_one_epoch(parts, epoch_batches, epoch, ctx, progress, rescale=rescale)
+    learning_rates = [group["lr"] for group in parts.optimizer.param_groups]
+    parts.scheduler.step()
+    return losses, learning_rates
 
 
-def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: PreparedData | None = None,
-        resume_state: dict[str, Any] | None = None, stop: threading.Event | None = None) -> TrainResult:
-    """Train `cfg.epochs` epochs; write the run folder on rank 0 unless `save_dir` is None.
+def validate(parts: TrainingParts, loader: Any, nc: int, ctx: DistContext, collect_json: bool,
+             on_batch: ValidationPlots | None) -> Validation:
+    """An epoch's validation of the EMA weights, logged in one line."""
+    validation = evaluate(parts.ema.module, loader, parts.loss_fn, nc, ctx, parts.amp_dtype,
+                          collect_json=collect_json, on_batch=on_batch)
+    result = validation.result
+    if ctx.is_main:
+        LOGGER.info("%20s P %.3f  R %.3f  mAP50 %.3f  mAP50-95 %.3f", "all", result.precision, result.recall,
+                    result.map50, result.map)
+    return validation
 
-    When `stop` is set (SIGTERM), the run ends after the current epoch's checkpoint, ready for --resume.
-    """
-    # The same seed on every rank: each builds the same model and EMA before DDP syncs them.
-    # Per-sample augmentation has its own generators, seeded by (seed, epoch, index).
-    seed_everything(cfg.seed, cfg.deterministic)
-    writes = save_dir is not None and ctx.is_main
-    plots = writes and not cfg.noplots
-    if writes:
-        (save_dir / "weights").mkdir(parents=True, exist_ok=True)
-        (save_dir / "hyp.yaml").write_text(yaml.safe_dump(cfg.hyp.as_dict(), sort_keys=False))
-        (save_dir / "opt.yaml").write_text(yaml.safe_dump(cfg.as_dict(), sort_keys=False))
 
-    prepared = prepared or prepare_data(cfg, ctx)
-    prepared.train_set.set_hyp(cfg.hyp)
-    names = prepared.data.class_names(cfg.single_cls)
-    nc = len(names)
-    model = build_model(cfg, nc, ctx.device)
+def save_checkpoints(weights: Path, checkpoint: Checkpoint, save_period: int) -> None:
+    """last.pt; best.pt when this epoch is the best; epochN.pt every `save_period` epochs."""
+    checkpoint.save(weights / "last.pt")
+    if checkpoint.best_epoch == checkpoint.epoch:
+        checkpoint.save(weights / "best.pt")
+    if save_period > 0 and checkpoint.epoch % save_period == 0:  # YOLOv5's: epoch0.pt, epochN.pt, ...
+        checkpoint.save(weights / f"epoch{checkpoint.epoch}.pt")
 
-    if not cfg.noautoanchor and resume_state is None:
-        anchors = None
-        if ctx.is_main:
-            report = check_anchors(model, label_sizes(prepared.train_set, cfg.imgsz), cfg.hyp.anchor_t,
-                                   cfg.imgsz, generator=torch.Generator().manual_seed(cfg.seed))
-            LOGGER.info("AutoAnchor: best possible recall %.4f%s", report.bpr_before,
-                        f" → {report.bpr_after:.4f}, anchors replaced" if report.replaced else "")
-            anchors = model.detect.anchors.cpu()
-        model.detect.anchors.copy_(dist.broadcast_object(anchors, ctx).to(ctx.device))
-    if plots and resume_state is None:
-        save_labels_plot(save_dir / "labels.jpg", prepared.train_set, model, cfg.imgsz, names)
 
-    batches_per_epoch = len(prepared.train_loader)
-    parts = build_training_parts(cfg, ctx, model, batches_per_epoch)
-    start_epoch, best_fitness, best_epoch = 0, -1.0, 0  # -1: no validated epoch yet
-    if resume_state is not None:
-        parts.restore(resume_state)
-        start_epoch = resume_state["epoch"] + 1
-        best_fitness, best_epoch = resume_state["best_fitness"], resume_state["best_epoch"]
-        if start_epoch >= cfg.epochs:
-            raise UserError(f"run already finished {cfg.epochs} epochs: nothing to resume")
-        LOGGER.info("Resuming from epoch %d of %d", start_epoch + 1, cfg.epochs)
-    optimizer, ema, loss_fn = parts.optimizer, parts.ema, parts.loss_fn
-    LOGGER.info("Training %s for %d epochs: %d images, batch %d (%d per process × %d), %s",
-                cfg.cfg, cfg.epochs, len(prepared.train_set), cfg.batch_size, cfg.batch_size // ctx.world_size,
-                ctx.world_size, ctx.device)
+def log_early_end(state: RunState, cfg: TrainConfig, save_dir: Path | None, patience: bool) -> None:
+    """Why the run ends before its last epoch: --patience, or a stop signal."""
+    if patience:
+        LOGGER.info("Stopping early: no improvement in %d epochs (best epoch %d)", cfg.patience, state.best_epoch + 1)
+    else:
+        LOGGER.info("Stopped after epoch %d of %d; continue with --resume %s", state.epoch + 1, cfg.epochs,
+                    save_dir / "weights" / "last.pt" if save_dir else "")
 
-    rescale = MultiScale(cfg.imgsz, int(model.stride.max()), cfg.seed) if cfg.multi_scale else None
-    if not (cfg.multi_scale or cfg.rect):  # graphs replay one input shape
-        capture_graphs(parts, cfg.batch_size // ctx.world_size, cfg.imgsz, ctx.device,
-                       steps=(cfg.epochs - start_epoch) * batches_per_epoch)
-    metrics: dict[str, Any] = {}
-    epoch, final_epoch, interrupted = start_epoch - 1, False, False
-    # One iterator for the whole run: the loader's workers prefetch across epoch boundaries
-    # (and through validation) instead of starting every epoch from empty.
-    prepared.train_batches.start_at(start_epoch)
-    batches = iter(prepared.train_loader)
-    for epoch in range(start_epoch, cfg.epochs):
-        progress = EpochProgress(ctx.is_main, epoch, cfg.epochs, batches_per_epoch, ctx.device)
-        epoch_batches = itertools.islice(batches, batches_per_epoch)
-        if plots and epoch == 0:
-            epoch_batches = plot_training_batches(epoch_batches, save_dir, names)
-        train_losses = train_one_epoch(parts.train_model, loss_fn, epoch_batches, optimizer, parts.scaler,
-                                       ema, parts.warmup, parts.lr_factor(epoch), parts.counter, ctx,
-                                       parts.amp_dtype, progress, rescale=rescale)
-        learning_rates = [group["lr"] for group in optimizer.param_groups]
-        parts.scheduler.step()
-        final_epoch = epoch + 1 == cfg.epochs
-        validated = not cfg.noval or final_epoch
-        if validated:
-            metrics = evaluate(ema.module, prepared.val_loader, loss_fn, nc, ctx, parts.amp_dtype,
-                               collect_json=cfg.save_json and final_epoch,
-                               on_batch=ValidationPlots(save_dir, names) if plots and final_epoch else None)
-            current = fitness(metrics["precision"], metrics["recall"], metrics["map50"], metrics["map"])
-            if current > best_fitness:
-                best_fitness, best_epoch = current, epoch
-        if ctx.is_main and validated:
-            LOGGER.info("%20s P %.3f  R %.3f  mAP50 %.3f  mAP50-95 %.3f", "all", metrics.get("precision", 0.0),
-                        metrics.get("recall", 0.0), metrics.get("map50", 0.0), metrics.get("map", 0.0))
-        # Decided on every rank alike before anything is saved: the epoch a run ends on is saved even with --nosave.
-        no_progress = dist.broadcast_object(validated and 0 < cfg.patience <= epoch - best_epoch, ctx)
-        interrupted = dist.broadcast_object(stop is not None and stop.is_set() and not final_epoch, ctx)
-        if writes:
-            append_results(save_dir / "results.csv", [epoch, *train_losses.values(),
-                                                      *(float(metrics.get(k, 0.0)) for k in RESULT_KEYS),
-                                                      *learning_rates])
-            if not cfg.nosave or final_epoch or no_progress or interrupted:
-                state = {**parts.state_dict(), "epoch": epoch, "best_fitness": best_fitness, "best_epoch": best_epoch,
-                         "config": cfg.as_dict(), "model_yaml": model.yaml, "names": prepared.data.names}
-                save_checkpoint(state, save_dir / "weights" / "last.pt")
-                if best_epoch == epoch:
-                    save_checkpoint(state, save_dir / "weights" / "best.pt")
-                if cfg.save_period > 0 and epoch % cfg.save_period == 0:  # YOLOv5's: epoch0.pt, epochN.pt, ...
-                    save_checkpoint(state, save_dir / "weights" / f"epoch{epoch}.pt")
-        if no_progress:
-            LOGGER.info("Stopping early: no improvement in %d epochs (best epoch %d)", cfg.patience, best_epoch + 1)
-            break
-        if interrupted:
-            LOGGER.info("Stopped after epoch %d of %d; continue with --resume %s", epoch + 1, cfg.epochs,
-                        save_dir / "weights" / "last.pt" if save_dir else "")
-            break
-    if save_dir is not None and not interrupted and best_epoch != epoch:
-        # A later epoch did worse, or --patience stopped the run: the report is best.pt's, as YOLOv5
-        # ends. Under --nosave there may be no best.pt; a run stopped early then reports its last epoch.
-        best = save_dir / "weights" / "best.pt"
-        weights = best_weights(best, ctx)
-        if weights is not None:
-            LOGGER.info("Validating %s (epoch %d)", best, best_epoch + 1)
-            ema.module.load_state_dict(weights)
-        if weights is not None or not final_epoch:  # the final epoch's own validation drew and collected
-            metrics = evaluate(ema.module, prepared.val_loader, loss_fn, nc, ctx, parts.amp_dtype,
-                               collect_json=cfg.save_json, on_batch=ValidationPlots(save_dir, names) if plots else None)
-    if writes and metrics:  # none when a signal ended the run before its first validation
-        report_validation(save_dir, metrics, names, plots)
-    metrics.pop("records", None)
-    if plots and epoch >= start_epoch:
-        plot_results(save_dir / "results.csv", save_dir / "results.png")
-    return TrainResult(metrics=metrics, best_fitness=best_fitness, epochs_run=epoch + 1 - start_epoch,
-                       save_dir=save_dir)
+
+def best_weights(path: Path, ctx: DistContext) -> dict[str, torch.Tensor] | None:
+    """The EMA weights in best.pt, read by rank 0 and sent to every rank; None where the run kept
+    no best.pt (--nosave keeps only the epoch it ends on)."""
+    weights = load_weights(path).state if ctx.is_main and path.is_file() else None
+    return dist.broadcast_object(weights, ctx)
+
+
+def revalidate_best(parts: TrainingParts, loader: Any, names: list[str], ctx: DistContext, folder: RunFolder,
+                    state: RunState, cfg: TrainConfig) -> None:
+    """A later epoch did worse, or --patience stopped the run: the report is best.pt's, as
+    YOLOv5 ends. Under --nosave there may be no best.pt; a run stopped early then reports its
+    last epoch."""
+    best = folder.path / "weights" / "best.pt"
+    weights = best_weights(best, ctx)
+    if weights is not None:
+        LOGGER.info("Validating %s (epoch %d)", best, state.best_epoch + 1)
+        parts.ema.module.load_state_dict(weights)
+    if weights is not None or state.epoch + 1 < cfg.epochs:  # the final epoch's own validation drew and collected
+        state.validation = evaluate(parts.ema.module, loader, parts.loss_fn, len(names), ctx, parts.amp_dtype,
+                                    collect_json=cfg.save_json, on_batch=folder.validation_plots(names))
+
+
+def report_validation(save_dir: Path, validation: Validation, names: list[str], plots: bool) -> None:
+    """What a final validation leaves, as YOLOv5's train.py and val.py end: the class table in the
+    log, predictions.json where they were collected (--save-json), and the curves."""
+    if validation.records is not None:
+        write_predictions_json(validation.records, save_dir / "predictions.json")
+    for line in class_table(validation.scores, names):
+        LOGGER.info("%s", line)
+    if plots:
+        plot_validation(save_dir, validation.scores, validation.confusion_matrix, names)

@@ -24,13 +24,14 @@ from trainer.data.data_config import load_data_config
 from trainer.data.dataset import YoloDataset
 from trainer.data.labels import load_samples
 from trainer.data.loader import build_dataloader
-from trainer.engine import evaluate
+from trainer.engine import Validation, evaluate
 from trainer.errors import UserError
 from trainer.flags import CONTEXT_SETTINGS, config_options, field_values
 from trainer.loss import DetectionLoss
 from trainer.model.yolo import DetectionModel
 from trainer.plots import ValidationPlots
-from trainer.train import amp_dtype_for, next_run_dir, report_validation
+from trainer.parts import amp_dtype_for
+from trainer.train import next_run_dir, report_validation
 
 LOGGER = logging.getLogger("trainer")
 
@@ -58,8 +59,8 @@ class ValConfig:
     exist_ok: bool = field(default=False, metadata=flag("existing project/name ok, do not increment"))
 
 
-def validate(options: dict[str, Any]) -> dict[str, Any]:
-    """Score `options["weights"]` on the data's validation images; returns the metrics."""
+def validate(options: dict[str, Any]) -> Validation:
+    """Score `options["weights"]` on the data's validation images."""
     if len(dist.parse_devices(options["device"])) > 1:
         raise UserError(f"--device {options['device']}: validation runs on one device; pick one, e.g. 0")
     ctx = dist.init_distributed(options["device"])
@@ -87,12 +88,12 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
     loss_fn = DetectionLoss.from_model(model, hyp, imgsz=options["imgsz"])
     save_dir = next_run_dir(options["project"], options["name"], options["exist_ok"])
     save_dir.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate(model, loader, loss_fn, nc, ctx, amp_dtype_for(ctx.device), options["conf_thres"],
-                       options["iou_thres"], collect_json=options["save_json"],
-                       on_batch=ValidationPlots(save_dir, names))
-    report_validation(save_dir, metrics, names, plots=True)
+    validation = evaluate(model, loader, loss_fn, nc, ctx, amp_dtype_for(ctx.device), options["conf_thres"],
+                          options["iou_thres"], collect_json=options["save_json"],
+                          on_batch=ValidationPlots(save_dir, names))
+    report_validation(save_dir, validation, names, plots=True)
     LOGGER.info("Results saved to %s", save_dir)
-    return metrics
+    return validation
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)

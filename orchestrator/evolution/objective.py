@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from orchestrator.evolution.loop import GenerationContext, GenerationFailed
+from orchestrator.evolution.pruning import GenerationPruned
 from trainer import dist
 from trainer.config import Hyp, TrainConfig
 from trainer.errors import TrainingDiverged, UserError
@@ -48,8 +49,16 @@ class TrainerObjective:
         child = self.cfg.replace(hyp=hyp, seed=generation.seed, noval=True, nosave=True)
         LOGGER.info("Generation %d (attempt %d, %s): training %d epochs", generation.claim,
                     generation.attempt, generation.source, child.epochs)
+        def on_rung(epoch: int, result: ValidationResult) -> None:
+            if generation.report(epoch, result.fitness):
+                raise GenerationPruned(epoch, result.fitness)
+
         try:
-            return run(child, self.ctx, save_dir=None, prepared=self.prepared).result
+            result = run(child, self.ctx, save_dir=None, prepared=self.prepared, rungs=generation.rungs,
+                         on_rung=on_rung).result
+            if result is None:  # only a stop signal ends a run before its first validation
+                raise GenerationFailed("the training ended before its first validation")
+            return result
         except TrainingDiverged as error:
             raise GenerationFailed(str(error), kind="diverged") from None
         except torch.cuda.OutOfMemoryError as error:
