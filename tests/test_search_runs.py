@@ -182,3 +182,29 @@ def test_status_results_and_the_fitness_plot_show_pruned_generations(tmp_path: P
     assert len(points) == pruned and all(0 <= rows <= len(population) for rows, _ in points)
     assert artifacts.write_plots(run_dir, population, ["lr0", "momentum"], points)
     assert (run_dir / "fitness.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_real_training_reports_at_rungs_and_stops_when_pruned(tiny_data: Path, tmp_path: Path) -> None:
+    """The trainer as the objective: validated after each rung epoch (under --noval), stopped when told."""
+    from orchestrator.evolution.objective import TrainerObjective
+    from trainer.config import TrainConfig
+
+    cfg = TrainConfig(data=str(tiny_data), epochs=3, imgsz=64, batch_size=8, workers=0, device="cpu", noplots=True,
+                      project=str(tmp_path))
+    objective = TrainerObjective.prepare(cfg)
+    reported: list[tuple[int, float]] = []
+
+    def context(prune_at: int | None) -> GenerationContext:
+        def report(epoch: int, fitness: float) -> bool:
+            reported.append((epoch, fitness))
+            return epoch == prune_at
+        return GenerationContext(tmp_path, 0, 1, "w0", 0, None, (), "base", rungs=(1, 2), report=report)
+
+    result = objective(Hyp(), context(prune_at=None))
+    assert [epoch for epoch, _ in reported] == [1, 2] and isinstance(result, ValidationResult)
+    assert all(math.isfinite(fitness) for _, fitness in reported)
+    reported.clear()
+    with pytest.raises(GenerationPruned) as pruned:
+        objective(Hyp(), context(prune_at=1))
+    assert pruned.value.epoch == 1 and [epoch for epoch, _ in reported] == [1]
