@@ -208,3 +208,13 @@ def test_real_training_reports_at_rungs_and_stops_when_pruned(tiny_data: Path, t
     with pytest.raises(GenerationPruned) as pruned:
         objective(Hyp(), context(prune_at=1))
     assert pruned.value.epoch == 1 and [epoch for epoch, _ in reported] == [1]
+
+
+def test_search_schedules_follow_the_time_budget_when_it_is_further_along() -> None:
+    from orchestrator.evolution.leases import RunState
+
+    state = RunState(list(KEYS), generations=1000, hours=1.0, created=0.0)
+    assert state.progress(rows=10, now=1800.0) == pytest.approx(0.5)  # half the time, 1% of the generations
+    assert state.progress(rows=900, now=1800.0) == pytest.approx(0.9)
+    assert state.progress(rows=10, now=7200.0) == 1.0
+    assert RunState(list(KEYS), generations=100).progress(rows=25, now=1e12) == pytest.approx(0.25)

@@ -126,9 +126,13 @@ class RunState:
     def remaining(self, rows: int) -> int:
         return self.generations - self.done(rows)
 
-    def progress(self, rows: int) -> float:
-        """The share of the budget finished or in flight, which search schedules follow."""
-        return min(1.0, (self.done(rows) + len(self.leases)) / max(self.generations, 1))
+    def progress(self, rows: int, now: float) -> float:
+        """The share of the budget finished or in flight, which search schedules follow: of the
+        generations, or of the time budget when that is further along."""
+        share = (self.done(rows) + len(self.leases)) / max(self.generations, 1)
+        if self.hours is not None:
+            share = max(share, (now - self.created) / (self.hours * 3600))
+        return min(1.0, share)
 
     def children_in_flight(self) -> list[dict[str, float]]:
         """Children decided but not yet results: leased, waiting for a retry, or queued."""

@@ -242,7 +242,7 @@ def _draw_child(plan: _Plan, state: RunState, claim: int) -> tuple[dict[str, flo
     taken = np.vstack([population.hyps, np.reshape(in_flight, (-1, len(plan.hyp_keys)))])
     rng = child_generator(plan.seed, plan.identity.worker_id, claim)
     context = SearchContext(population.hyps, population.fitness, taken, plan.base_values, *plan.bounds,
-                            progress=state.progress(len(population.hyps)))
+                            progress=state.progress(len(population.hyps), time.time()))
     proposal = plan.search.propose(context, rng)
     return dict(zip(plan.hyp_keys, map(float, proposal.child))), list(proposal.parents)
 
