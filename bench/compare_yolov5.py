@@ -40,12 +40,12 @@ import torch
 from bench.bench_train import machine_settings, write_yolov5_data
 from orchestrator.runs.status import read_results
 from trainer.data import load_data_config
-from trainer.results import RESULT_COLUMNS, fitness
+from trainer.results import RESULT_COLUMNS, ValidationResult, fitness
 
 TRAINERS = ("ours", "yolov5")
-METRICS = {"map50": "metrics/mAP_0.5", "map": "metrics/mAP_0.5:0.95"}
-LOSSES = {"box_loss": "train/box_loss", "obj_loss": "train/obj_loss", "cls_loss": "train/cls_loss",
-          "val_box_loss": "val/box_loss", "val_obj_loss": "val/obj_loss", "val_cls_loss": "val/cls_loss"}
+METRICS = {name: ValidationResult.column(name) for name in ("map50", "map")}
+LOSSES = {**{name: f"train/{name}" for name in ("box_loss", "obj_loss", "cls_loss")},
+          **{f"val_{name}": ValidationResult.column(name) for name in ("box_loss", "obj_loss", "cls_loss")}}
 # Summarised over the seeds. The validation box loss is comparable between the two trainers (the same
 # loss on the same images); their training losses are not (each trains on its own augmentations).
 COMPARED = (*METRICS, "best_fitness", "val_box_loss")
