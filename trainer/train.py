@@ -150,13 +150,7 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
         save_labels_plot(save_dir / "labels.jpg", prepared.train_set, model, cfg.imgsz, names)
     parts = build_training_parts(cfg, ctx, model, len(prepared.train_loader))
     state = RunState() if resume is None else resume_training(parts, resume, cfg.epochs)
-    LOGGER.info("Training %s for %d epochs: %d images, batch %d (%d per process × %d), %s",
-                cfg.cfg, cfg.epochs, len(prepared.train_set), cfg.batch_size, cfg.batch_size // ctx.world_size,
-                ctx.world_size, ctx.device)
-    rescale = MultiScale(cfg.imgsz, int(model.stride.max()), cfg.seed) if cfg.multi_scale else None
-    if not (cfg.multi_scale or cfg.rect):  # graphs replay one input shape
-        capture_graphs(parts, cfg.batch_size // ctx.world_size, cfg.imgsz, ctx.device,
-                       steps=(cfg.epochs - state.start_epoch) * len(prepared.train_loader))
+    rescale = ready_loop(parts, cfg, ctx, prepared, state.start_epoch)
     batches = EpochBatches(prepared, state.start_epoch)
     stopped = False
     for epoch in range(state.start_epoch, cfg.epochs):
@@ -188,6 +182,18 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
         plot_results(save_dir / "results.csv", save_dir / "results.png")
     return TrainResult(result=state.validation.result if state.validation else None, best_fitness=state.best_fitness,
                        epochs_run=state.epoch + 1 - state.start_epoch, save_dir=save_dir)
+
+
+def ready_loop(parts: TrainingParts, cfg: TrainConfig, ctx: DistContext, prepared: PreparedData,
+               start_epoch: int) -> MultiScale | None:
+    """Say what will train, record CUDA graphs where they apply; returns --multi-scale's resizer."""
+    LOGGER.info("Training %s for %d epochs: %d images, batch %d (%d per process × %d), %s",
+                cfg.cfg, cfg.epochs, len(prepared.train_set), cfg.batch_size, cfg.batch_size // ctx.world_size,
+                ctx.world_size, ctx.device)
+    if not (cfg.multi_scale or cfg.rect):  # graphs replay one input shape
+        capture_graphs(parts, cfg.batch_size // ctx.world_size, cfg.imgsz, ctx.device,
+                       steps=(cfg.epochs - start_epoch) * len(prepared.train_loader))
+    return MultiScale(cfg.imgsz, int(parts.model.stride.max()), cfg.seed) if cfg.multi_scale else None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
