@@ -96,6 +96,43 @@ def test_start_passes_the_chosen_gpus_and_trainer_flags(fake_backend: FakeBacken
     assert "started 5 docker worker(s)" in result.output and "evolvectl attach gpu0 --name big" in result.output
 
 
+def test_start_passes_the_search_pruning_and_time_budget(fake_backend: FakeBackend) -> None:
+    result = invoke("start", "--cpu-workers", "1", "--generations", "40", "--epochs", "9", "--search", "population",
+                    "--prune-rungs", "2,5", "--prune-eta", "4", "--hours", "2.5")
+    assert result.exit_code == 0, result.output
+    [plan] = fake_backend.plans
+    assert plan.options.arguments(plan.generations) == [
+        "--generations", "40", "--data", "synthetic", "--epochs", "9", "--search", "population", "--prune-rungs", "2,5",
+        "--prune-eta", "4.0", "--hours", "2.5"]
+    result = invoke("start", "--cpu-workers", "1", "--no-prune", "--name", "other")
+    assert result.exit_code == 0, result.output
+    assert "--no-prune" in fake_backend.plans[-1].options.arguments(1)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--search", "cma"], "Invalid value for '--search'"),
+    (["--prune-rungs", "5,2"], "--prune-rungs 5,2: give increasing epochs from 1"),
+    (["--hours", "0"], "Invalid value for '--hours'"),
+])
+def test_bad_search_flags_stop_start_before_any_worker(fake_backend: FakeBackend, flags: list[str],
+                                                       message: str) -> None:
+    result = invoke("start", "--cpu-workers", "1", *flags)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert fake_backend.plans == []
+
+
+def test_a_worker_asking_for_another_search_than_the_runs_stops_start(fake_backend: FakeBackend) -> None:
+    from orchestrator.evolution.journal import Journal
+    from orchestrator.evolution.leases import RunRequest, prepare_run
+    from orchestrator.evolution.search_space import SearchSpace
+    from trainer.config import Hyp
+
+    # The run as its first worker made it (the fake backend starts none).
+    prepare_run(Journal(Path("runs/evolve/exp")), RunRequest(Hyp(), SearchSpace.load(), 300, search="classic"))
+    assert_one_line_error(invoke("start", "--cpu-workers", "1", "--search", "elite"),
+                          f"run {Path('runs/evolve/exp').absolute()} searches with --search classic")
+
+
 def test_start_passes_weights_and_checks_them_first(fake_backend: FakeBackend, tmp_path: Path) -> None:
     save_checkpoint({"model": {}, "config": {"cfg": "yolov5s"}}, tmp_path / "start.pt")
     assert invoke("start", "--cpu-workers", "1", "--weights", "start.pt").exit_code == 0
