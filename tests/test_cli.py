@@ -12,7 +12,9 @@ from click.testing import CliRunner
 from conftest import FakeBackend, assert_one_line_error, invoke, write_data_yaml
 
 from orchestrator.cli import commands as cli
-from orchestrator.evolution.journal import format_header, run_columns
+from orchestrator.evolution.journal import Journal, format_header, run_columns
+from orchestrator.evolution.leases import RunRequest, prepare_run
+from orchestrator.evolution.search_space import SearchSpace
 from orchestrator.runs.inputs import stage_local
 from orchestrator.runs.plan import TrainerOptions, parse_worker_key
 from trainer.checkpoint import save_checkpoint
@@ -122,11 +124,6 @@ def test_bad_search_flags_stop_start_before_any_worker(fake_backend: FakeBackend
 
 
 def test_a_worker_asking_for_another_search_than_the_runs_stops_start(fake_backend: FakeBackend) -> None:
-    from orchestrator.evolution.journal import Journal
-    from orchestrator.evolution.leases import RunRequest, prepare_run
-    from orchestrator.evolution.search_space import SearchSpace
-    from trainer.config import Hyp
-
     # The run as its first worker made it (the fake backend starts none).
     prepare_run(Journal(Path("runs/evolve/exp")), RunRequest(Hyp(), SearchSpace.load(), 300, search="classic"))
     assert_one_line_error(invoke("start", "--cpu-workers", "1", "--search", "elite"),
