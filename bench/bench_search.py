@@ -293,6 +293,8 @@ class RealSettings:
     batch_size: int = 16
     epochs: int = 10
     threads: int = 1
+    device: str = "cpu"
+    weights: str = ""
 
     def objective(self) -> Objective:
         import torch
@@ -304,7 +306,8 @@ class RealSettings:
         torch.set_num_threads(self.threads)
         prepared = TrainerObjective.prepare(TrainConfig(
             data=self.data, cfg=self.cfg, hyp=Hyp.from_yaml(self.hyp), hyp_path=self.hyp, optimizer=self.optimizer,
-            epochs=self.epochs, imgsz=self.imgsz, batch_size=self.batch_size, device="cpu", workers=0, cache="ram"))
+            epochs=self.epochs, imgsz=self.imgsz, batch_size=self.batch_size, device=self.device, weights=self.weights,
+            workers=0, cache="ram"))
         # TrainerObjective.__call__ reads `run(...).result`, which TrainResult does not have (yet);
         # until it does, the same training is called here and its seven values taken.
         return prepared if hasattr(TrainResult, "result") else TrainedValues(prepared)
@@ -735,6 +738,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--train-images", type=int, default=64)
     parser.add_argument("--val-images", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="real: the device every worker trains on")
+    parser.add_argument("--weights", default="", help="real: initial weights (default: from scratch)")
     parser.add_argument("--val-on-train", action="store_true", help="real: validate on the training images")
     parser.add_argument("--hyp", default="configs/hyps/hyp.quickstart.yaml")
     parser.add_argument("--optimizer", default="AdamW")
@@ -771,7 +776,7 @@ def real_settings(args: argparse.Namespace, folder: Path) -> RealSettings:
     data.write_text(yaml.safe_dump(config, sort_keys=False))
     load_data_config(str(data))  # generates the images before any worker reads them
     return RealSettings(str(data), args.hyp, args.optimizer, imgsz=args.imgsz, batch_size=args.batch_size,
-                        epochs=args.epochs)
+                        epochs=args.epochs, device=args.device, weights=args.weights)
 
 
 def emit(line: dict[str, Any]) -> None:
