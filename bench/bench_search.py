@@ -131,16 +131,10 @@ PEERS: dict[str, type] = {"random": RandomSearch, "tpe": TpeSearch}
 
 @dataclass(frozen=True)
 class TimedSearch:
-    """A search under its own name, with the time each proposal takes recorded.
-
-    With a time budget the run's `generations` is only a ceiling, so the share of it spent
-    says nothing; `started`/`seconds` (when given) make the schedules of elite and population
-    follow the share of the time budget spent instead.
-    """
+    """A search under its own name, with the time each proposal takes recorded. (Under a time
+    budget the run's own progress follows the share of the time spent, so schedules move.)"""
 
     inner: Any
-    started: float | None = None
-    seconds: float | None = None
     durations: list[float] = dataclasses.field(default_factory=list)
 
     @property
@@ -148,9 +142,6 @@ class TimedSearch:
         return self.inner.name
 
     def propose(self, context: SearchContext, rng: np.random.Generator) -> Proposal:
-        if self.started is not None and self.seconds:
-            spent = (time.time() - self.started) / self.seconds
-            context = dataclasses.replace(context, progress=min(1.0, max(context.progress, spent)))
         begin = time.perf_counter()
         try:
             return self.inner.propose(context, rng)
@@ -301,34 +292,12 @@ class RealSettings:
 
         from orchestrator.evolution.objective import TrainerObjective
         from trainer.config import TrainConfig
-        from trainer.train import TrainResult
 
         torch.set_num_threads(self.threads)
-        prepared = TrainerObjective.prepare(TrainConfig(
+        return TrainerObjective.prepare(TrainConfig(
             data=self.data, cfg=self.cfg, hyp=Hyp.from_yaml(self.hyp), hyp_path=self.hyp, optimizer=self.optimizer,
             epochs=self.epochs, imgsz=self.imgsz, batch_size=self.batch_size, device=self.device, weights=self.weights,
             workers=0, cache="ram"))
-        # TrainerObjective.__call__ reads `run(...).result`, which TrainResult does not have (yet);
-        # until it does, the same training is called here and its seven values taken.
-        return prepared if hasattr(TrainResult, "result") else TrainedValues(prepared)
-
-
-@dataclass(frozen=True)
-class TrainedValues:
-    """TrainerObjective's training, with the result read from `TrainResult.values()`."""
-
-    prepared: Any  # a TrainerObjective
-
-    @property
-    def cfg(self) -> Any:
-        return self.prepared.cfg
-
-    def __call__(self, hyp: Hyp, context: GenerationContext) -> ValidationResult:
-        from trainer.train import run
-
-        child = self.cfg.replace(hyp=hyp, seed=context.seed, noval=True, nosave=True)
-        result = run(child, self.prepared.ctx, save_dir=None, prepared=self.prepared.prepared)
-        return ValidationResult.from_values(result.values())
 
 
 _OBJECTIVES: dict[Any, Objective] = {}
@@ -354,7 +323,6 @@ class Task:
     hours: float
     pruning: Pruning | None
     objective: SyntheticObjective | RealSettings
-    time_progress: bool
 
 
 def worker_main(tasks: Any, results: Any, barrier: Any) -> None:
@@ -364,9 +332,6 @@ def worker_main(tasks: Any, results: Any, barrier: Any) -> None:
     import traceback
 
     logging.basicConfig(level=logging.WARNING)
-    # run_worker checks a search's name against the registry even when given the Search object,
-    # so the bench's peers are registered here, in the worker processes only.
-    SEARCHES.update(PEERS)
     while (task := tasks.get()) is not None:
         try:
             objective, base = objective_for(task.objective)
@@ -374,7 +339,7 @@ def worker_main(tasks: Any, results: Any, barrier: Any) -> None:
             objective, error = None, traceback.format_exc()
         barrier.wait()
         started = time.time()
-        search = TimedSearch(make_search(task.method), started if task.time_progress else None, task.hours * 3600)
+        search = TimedSearch(make_search(task.method))
         try:
             if objective is None:
                 raise RuntimeError(error)
@@ -556,7 +521,6 @@ class BenchPlan:
     budget_worker_s: float  # every run's time budget, in worker-seconds
     objective: SyntheticObjective | RealSettings
     pruning: Pruning | None
-    time_progress: bool = True
 
     @property
     def hours(self) -> float:
@@ -565,7 +529,7 @@ class BenchPlan:
 
 def run_one(pool: WorkerPool, plan: BenchPlan, method: str, seed: int, run_dir: Path,
             pruning: Pruning | None) -> dict[str, Any]:
-    tasks = [Task(str(run_dir), method, seed, f"w{index}", plan.hours, pruning, plan.objective, plan.time_progress)
+    tasks = [Task(str(run_dir), method, seed, f"w{index}", plan.hours, pruning, plan.objective)
              for index in range(plan.workers)]
     workers = pool.run(tasks)
     series, counts = run_series(run_dir)
@@ -729,8 +693,6 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="real: one full generation's worker-seconds, for the budget (measure with --seeds 0)")
     parser.add_argument("--prune-rungs", default=None, help="rung epochs, e.g. 3,10 (default: epochs/9, epochs/3)")
     parser.add_argument("--prune-eta", type=float, default=3.0)
-    parser.add_argument("--no-time-progress", dest="time_progress", action="store_false",
-                        help="let elite/population schedules follow the share of `generations` (stays ~0 here)")
     parser.add_argument("--noise-seeds", type=int, default=None,
                         help="base-hyp evaluations (default: 20 synthetic, 3 real)")
     parser.add_argument("--correlation-seeds", type=int, default=3, help="runs per search of the rung-correlation pass")
@@ -805,22 +767,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             objective: SyntheticObjective | RealSettings = SyntheticObjective(args.epochs, args.epoch_seconds,
                                                                               args.noise)
             generation_seconds = args.epochs * args.epoch_seconds
-            rungs = None if args.prune_rungs is None else tuple(int(part) for part in args.prune_rungs.split(","))
-            pruning = Pruning.for_epochs(args.epochs, rungs, args.prune_eta)
         else:
             objective = real_settings(args, runs_dir)
             generation_seconds = args.generation_seconds or 0.0
-            pruning = None  # the trainer does not report at rungs yet: only the unpruned methods run
-            args.methods = tuple(method for method in args.methods if not method.endswith("+pruning"))
+        rungs = None if args.prune_rungs is None else tuple(int(part) for part in args.prune_rungs.split(","))
+        pruning = Pruning.for_epochs(args.epochs, rungs, args.prune_eta)
         emit(base_noise(objective, range(args.noise_seeds), runs_dir / "noise") | {"objective": args.objective})
         if not args.seeds:
             return
         plan = BenchPlan(args.methods, tuple(range(args.seeds)), args.workers, args.budget * generation_seconds,
-                         objective, pruning, args.time_progress)
+                         objective, pruning)
         emit({"bench": "search", "kind": "settings", "objective": args.objective, "methods": list(plan.methods),
               "seeds": args.seeds, "workers": plan.workers, "budget_generations": args.budget,
               "budget_worker_s": plan.budget_worker_s, "hours": plan.hours,
-              "pruning": pruning.to_json() if pruning else None, "time_progress": plan.time_progress,
+              "pruning": pruning.to_json() if pruning else None,
               "objective_settings": dataclasses.asdict(objective), "cpu_count": multiprocessing.cpu_count()})
         correlation = range(1000, 1000 + args.correlation_seeds)
         runs = run_bench(plan, runs_dir, emit, correlation)

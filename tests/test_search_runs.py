@@ -218,3 +218,26 @@ def test_search_schedules_follow_the_time_budget_when_it_is_further_along() -> N
     assert state.progress(rows=900, now=1800.0) == pytest.approx(0.9)
     assert state.progress(rows=10, now=7200.0) == 1.0
     assert RunState(list(KEYS), generations=100).progress(rows=25, now=1e12) == pytest.approx(0.25)
+
+
+class Uniform:
+    """A search of the caller's own: any object with a name and propose()."""
+
+    name = "uniform"
+
+    def propose(self, context, rng):  # noqa: ANN001, ANN201 - the Search protocol
+        from orchestrator.evolution.proposals import Proposal, UnitSpace
+
+        space = UnitSpace.of(context)
+        return Proposal(space.genes(rng.random(len(context.base)), context.base), ())
+
+
+def test_a_search_object_of_ones_own_runs_under_its_name(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    summary = evolve(run_dir, 4, search=Uniform())
+    assert summary.ok == 4 and state(run_dir)["search"] == "uniform"
+    with pytest.raises(UserError, match="searches with --search uniform"):
+        evolve(run_dir, 5, "w1", search="elite")
+    with pytest.raises(UserError, match="--search 'nope': choose one of"):
+        evolve(tmp_path / "other", 2, search="nope")
+    assert not (tmp_path / "other").exists()  # refused before anything was written

@@ -43,7 +43,7 @@ from orchestrator.evolution.journal import (
     run_columns,
 )
 from orchestrator.evolution.pruning import Pruning
-from orchestrator.evolution.search import DEFAULT_SEARCH, LEGACY_SEARCH, search_named
+from orchestrator.evolution.search import DEFAULT_SEARCH, LEGACY_SEARCH
 from orchestrator.evolution.search_space import SearchSpace
 from trainer.config import Hyp
 from trainer.errors import UserError
@@ -213,8 +213,6 @@ def check_run_inputs(journal: Journal, request: RunRequest) -> tuple[tuple[str, 
     generations = request.generations
     if isinstance(generations, bool) or not isinstance(generations, int) or generations <= 0:
         raise UserError(f"generations={generations!r}: the run's total number of generations must be at least 1")
-    if request.search is not None:
-        search_named(request.search)
     hyp_keys = run_columns(request.base_hyp)
     request.space.require_evolvable(hyp_keys)
     seed = load_population_seed(request.population, request.base_hyp, hyp_keys)

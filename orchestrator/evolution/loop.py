@@ -164,10 +164,11 @@ def run_worker(
     Plots are redrawn at most every `plot_interval` seconds and on exit (None: never).
     """
     journal = Journal(run_dir, soft_lock=soft_lock)
-    name = search if search is None or isinstance(search, str) else search.name
+    searcher = search_named(search) if isinstance(search, str) else search  # an unknown name fails here, first
+    name = searcher.name if searcher is not None else None
     state = prepare_run(journal, RunRequest(base_hyp, space, generations, population, name, pruning, hours))
     hyp_keys = tuple(state.hyp_keys)
-    searcher = search_named(state.search) if search is None or isinstance(search, str) else search
+    searcher = searcher or search_named(state.search)
     plan = _Plan(journal, base_hyp, hyp_keys, space.bounds(hyp_keys), tuple(space.evolved_keys(hyp_keys)),
                  WorkerIdentity(worker_id, gpu), seed, searcher, Pruning.from_json(state.pruning), lease_ttl,
                  max_attempts)
