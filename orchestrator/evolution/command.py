@@ -2,8 +2,9 @@
 
 It takes every training flag of `python -m trainer` (the trainer declares them, once) and the
 evolution's own: `--evolve [N]` or `--generations N`, `--search`, `--prune` and its rungs,
-`--hours`, `--evolve-population`, `--search-space`, `--worker-id` and `--lease-ttl`. `python -m trainer --evolve ...` hands its arguments here
-unchanged, so YOLOv5's habit keeps working. Worker containers run this module directly.
+`--hours`, `--evolve-population`, `--search-space`, `--worker-id` and `--lease-ttl`.
+`python -m trainer --evolve ...` hands its arguments here unchanged, so YOLOv5's habit keeps
+working. Worker containers and local workers run this module directly.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from orchestrator.evolution.leases import RunRequest, check_run_inputs
 from orchestrator.evolution.pruning import Pruning, parse_rungs
 from orchestrator.evolution.search import DEFAULT_SEARCH, SEARCHES
 from orchestrator.evolution.search_space import SearchSpace
-from trainer.cli import build_config, parse_arguments, training_options
+from trainer.cli import build_config, parse_arguments, split_training_options, training_options
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.paths import resolve_config
@@ -56,15 +57,11 @@ def population_sources(spec: str | None) -> list[Path]:
 
 @dataclass(frozen=True)
 class EvolutionInputs:
-    """A worker's inputs, read from its flags and checked."""
+    """A worker's inputs, read from its flags and checked: its training, what it asks of the run,
+    and its own identity and lease."""
 
     cfg: TrainConfig
-    space: SearchSpace
-    generations: int
-    population: list[Path]
-    search: str | None
-    pruning: Pruning | None
-    hours: float | None
+    request: RunRequest
     worker_id: str | None
     lease_ttl: float
 
@@ -99,51 +96,41 @@ def evolution_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-EVOLUTION_KEYS = ("evolve", "generations", "search", "prune", "prune_rungs", "prune_eta", "hours", "evolve_population",
-                  "search_space", "worker_id", "lease_ttl")
-
-
 def evolution_inputs(options: Mapping[str, Any]) -> EvolutionInputs:
-    training = {key: value for key, value in options.items() if key not in EVOLUTION_KEYS}
+    training, own = split_training_options(options)
     if training["resume"]:
         raise UserError("--evolve runs one process per GPU: drop --resume (evolutions resume by themselves)")
-    override = options["search_space"]
     cfg = build_config(training)
-    rungs = parse_rungs(options["prune_rungs"]) if options["prune_rungs"] else None
-    pruning = Pruning.for_epochs(cfg.epochs, rungs, options["prune_eta"]) if options["prune"] else None
-    return EvolutionInputs(cfg=cfg,
-                           space=SearchSpace.load(resolve_config(override, "evolve") if override else None),
-                           generations=options["generations"] or options["evolve"] or DEFAULT_GENERATIONS,
-                           population=population_sources(options["evolve_population"]),
-                           search=options["search"], pruning=pruning, hours=options["hours"], worker_id=options["worker_id"], lease_ttl=options["lease_ttl"])
+    space = SearchSpace.load(resolve_config(own["search_space"], "evolve") if own["search_space"] else None)
+    rungs = parse_rungs(own["prune_rungs"]) if own["prune_rungs"] else None
+    pruning = Pruning.for_epochs(cfg.epochs, rungs, own["prune_eta"]) if own["prune"] else None
+    request = RunRequest(cfg.hyp, space, own["generations"] or own["evolve"] or DEFAULT_GENERATIONS,
+                         population_sources(own["evolve_population"]), own["search"], pruning, own["hours"])
+    return EvolutionInputs(cfg, request, own["worker_id"], own["lease_ttl"])
 
 
 def check_evolution_arguments(arguments: Sequence[str], run_dir: Path) -> None:
     """What every worker started with these flags would refuse when it joins the run in
     `run_dir`, found first by the launcher: one error, before any worker starts. Only reads."""
-    inputs = evolution_inputs(parse_arguments(arguments, command=main, prog=PROG))
-    check_run_inputs(Journal(run_dir), RunRequest(inputs.cfg.hyp, inputs.space, inputs.generations,
-                                                   inputs.population, inputs.search, inputs.pruning, inputs.hours))
+    check_run_inputs(Journal(run_dir), evolution_inputs(parse_arguments(arguments, command=main, prog=PROG)).request)
 
 
 def evolve(inputs: EvolutionInputs) -> None:
     """Join the run in <project>/<name> and train generations until its budget is met."""
     from orchestrator.evolution.loop import run_worker
-    from orchestrator.evolution.objective import (
-        TrainerObjective,  # imports torch: only in a worker
-    )
+    from orchestrator.evolution.objective import TrainerObjective  # imports torch: only in a worker
 
-    cfg = inputs.cfg
+    cfg, request = inputs.cfg, inputs.request
     project = EVOLVE_PROJECT if cfg.project == TrainConfig.project else cfg.project
     run_dir = Path(project) / cfg.name
     objective = TrainerObjective.prepare(cfg)
-    summary = run_worker(run_dir, cfg.hyp, inputs.space, inputs.generations, objective,
+    summary = run_worker(run_dir, request.base_hyp, request.space, request.generations, objective,
                          inputs.worker_id or f"{socket.gethostname()}-{os.getpid()}", cfg.seed,
-                         gpu=os.environ.get("EVOLVECTL_GPU") or objective.device,
-                         population=inputs.population, search=inputs.search, pruning=inputs.pruning,
-                         hours=inputs.hours, lease_ttl=inputs.lease_ttl)
-    LOGGER.info("Worker %s: %s (%d results, %d failed); results in %s", summary.worker_id, summary.exit_reason,
-                summary.ok, summary.failed, run_dir)
+                         gpu=os.environ.get("EVOLVECTL_GPU") or objective.device, population=request.population,
+                         search=request.search, pruning=request.pruning, hours=request.hours,
+                         lease_ttl=inputs.lease_ttl)
+    LOGGER.info("Worker %s: %s (%d results, %d pruned, %d failed); results in %s", summary.worker_id,
+                summary.exit_reason, summary.ok, summary.pruned, summary.failed, run_dir)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
