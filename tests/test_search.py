@@ -206,8 +206,9 @@ def test_pruning_keeps_the_top_third_once_the_rung_has_values() -> None:
 
 def test_pruning_rungs() -> None:
     assert Pruning.for_epochs(30).rungs == (3, 10)
-    assert Pruning.for_epochs(3).rungs == (1,)
-    assert Pruning.for_epochs(1) is None
+    assert Pruning.for_epochs(9).rungs == (3,)  # epochs/9 = 1 is too early to rank
+    assert Pruning.for_epochs(5) is None and Pruning.for_epochs(1) is None  # short generations: no pruning
+    assert Pruning.for_epochs(5, rungs=[1, 2]).rungs == (1, 2)  # unless rungs are asked for
     assert Pruning.for_epochs(30, rungs=[5, 30]).rungs == (5,)  # a rung at the last epoch prunes nothing
     with pytest.raises(UserError, match="increasing epochs"):
         Pruning((10, 3))

@@ -22,6 +22,11 @@ from typing import Any
 from trainer.errors import UserError
 
 
+# Default rungs start at the third epoch: before it, a ranking mostly sorts warmup noise (fine-tuning
+# for 5 epochs with rungs at 1 and 2 pruned 4 generations in 5 and found nothing; bench/README.md).
+MIN_DEFAULT_RUNG = 3
+
+
 class GenerationPruned(Exception):
     """Raised by an objective told to stop at a rung; the loop records the generation as pruned."""
 
@@ -48,9 +53,10 @@ class Pruning:
 
     @classmethod
     def for_epochs(cls, epochs: int, rungs: Sequence[int] | None = None, eta: float = 3.0) -> Pruning | None:
-        """The given rungs below `epochs`, or by default epochs/η² and epochs/η; None when no rung fits."""
+        """The given rungs below `epochs`, or by default epochs/η² and epochs/η from epoch
+        MIN_DEFAULT_RUNG on; None when no rung fits (short generations are not pruned by default)."""
         if rungs is None:
-            rungs = sorted({max(1, round(epochs / eta**2)), max(1, round(epochs / eta))})
+            rungs = sorted({rung for rung in (round(epochs / eta**2), round(epochs / eta)) if rung >= MIN_DEFAULT_RUNG})
         kept = tuple(rung for rung in rungs if rung < epochs)
         return cls(kept, eta) if kept else None
 
