@@ -156,7 +156,7 @@ def test_every_method_runs_on_equal_budgets_through_the_real_workers(tmp_path: P
     assert sum(run["generations"].get("pruned", 0) for run in lines["run"]) > 0
     assert {line["search"] for line in lines["rung_correlation"]} == {"random", "elite"}
     for line in lines["rung_correlation"]:
-        assert set(line["rungs"]) == {"1", "3"}
+        assert set(line["rungs"]) == {"3"}  # epochs/9 = 1 is below the first default rung
     summaries = {line["method"]: line for line in lines["summary"]}
     assert set(summaries) == set(METHODS)
     assert summaries["classic"]["worker_s_to_classic_best"]["reached"] == 1  # classic reaches its own best
