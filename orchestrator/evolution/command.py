@@ -78,7 +78,8 @@ def evolution_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--prune/--no-prune", default=True,
                      help="stop a generation early at a rung epoch when it ranks outside the top 1/η of all "
                           "generations recorded there (asynchronous successive halving)"),
-        click.option("--prune-rungs", default=None, help="rung epochs, e.g. 3,10 (default: epochs/η² and epochs/η)"),
+        click.option("--prune-rungs", default=None,
+                     help="rung epochs, e.g. 3,10 (default: epochs/η² and epochs/η, from epoch 3 on)"),
         click.option("--prune-eta", default=3.0, type=click.FloatRange(min=1.0, min_open=True),
                      help="pruning's reduction factor η: the share 1/η of generations goes on at each rung"),
         click.option("--hours", default=None, type=click.FloatRange(min=0.0, min_open=True),
