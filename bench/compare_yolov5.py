@@ -1,8 +1,8 @@
 """mAP after the same training: our trainer against YOLOv5's train.py, over several seeds.
 
     python bench/compare_yolov5.py --yolov5 "python /path/to/yolov5/train.py" [--seeds 0,1,2]
-        [--epochs 12] [--data synthetic-4k.yaml] [--cfg yolov5n] [--imgsz 320] [--batch-size 16]
-        [--device ""] [--workers 8] [--project runs/compare]
+        [--epochs 12] [--data synthetic-4k.yaml | mixed | textures] [--cfg yolov5n] [--imgsz 320]
+        [--batch-size 16] [--device ""] [--workers 8] [--project runs/compare]
 
 For each seed, `python -m trainer` and the `--yolov5` command train one after the other with
 the same command line (YOLOv5's flags, which our trainer accepts too) on the same images:
@@ -11,6 +11,10 @@ the same command line (YOLOv5's flags, which our trainer accepts too) on the sam
 seed alone moves mAP by several points, so one run each says little: the summary has each
 trainer's mean and standard deviation over the seeds, and the difference of the means
 (ours − YOLOv5) with its standard error.
+
+`--data mixed` or `--data textures` compares on a dataset nobody tuned for (bench/compare_data.py):
+it is generated on first use (seed 0, 256 training and 64 validation images of 320 px) into
+`<project>/datasets/<name>`, and the same folder is read by every run after.
 
 Runs go to `<project>/ours-seed<N>` and `<project>/yolov5-seed<N>`. A run whose results.csv
 already holds every epoch is read, not trained again, so the same command, repeated,
@@ -38,6 +42,7 @@ import click
 import torch
 
 from bench.bench_train import machine_settings, write_yolov5_data
+from bench.compare_data import RECIPES, make_dataset
 from orchestrator.runs.status import read_results
 from trainer.data import load_data_config
 from trainer.results import RESULT_COLUMNS, ValidationResult, fitness
@@ -59,6 +64,15 @@ def parse_seeds(text: str) -> list[int]:
     if len(seeds) < 2:
         raise argparse.ArgumentTypeError(f"--seeds {text!r}: give at least two seeds, to see the spread they cause")
     return seeds
+
+
+def resolve_data(data: str, project: Path, **sizes: int) -> str:
+    """The data YAML our trainer reads. A comparison set's name (`mixed`, `textures`) becomes the
+    YAML of that set under `project`, generated there first if it is not yet; `sizes` are
+    make_dataset's train, val and size. Anything else (a path, `synthetic`) is passed on as it is."""
+    if data in RECIPES and not Path(data).is_file():
+        return str(make_dataset(data, project / "datasets" / data, **sizes))
+    return data
 
 
 def training_flags(args: argparse.Namespace, data_yaml: Path, seed: int, run_dir: Path) -> list[str]:
@@ -118,7 +132,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help='the command that runs YOLOv5 v7.0\'s train.py, e.g. "python ~/yolov5/train.py"')
     parser.add_argument("--seeds", type=parse_seeds, default=parse_seeds("0,1,2"), help="comma-separated, at least two")
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--data", default="synthetic", help="our data YAML path or bundled name")
+    parser.add_argument("--data", default="synthetic",
+                        help=f"our data YAML path or bundled name, or a generated comparison set: {', '.join(RECIPES)}")
     parser.add_argument("--cfg", default="yolov5n", help="model: yolov5n/s/m/l/x, or a YAML path both can read")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -135,10 +150,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_arguments()
     args.project.mkdir(parents=True, exist_ok=True)
+    our_data = resolve_data(args.data, args.project)
     yolov5_data = args.project / "yolov5-data.yaml"
-    write_yolov5_data(load_data_config(args.data), yolov5_data)  # generates a synthetic set on first use
+    write_yolov5_data(load_data_config(our_data), yolov5_data)  # generates a synthetic set on first use
     commands = {"ours": [sys.executable, "-m", "trainer"], "yolov5": args.yolov5}
-    data = {"ours": args.data, "yolov5": yolov5_data}
+    data = {"ours": our_data, "yolov5": yolov5_data}
     runs = []
     for seed in args.seeds:
         for trainer in TRAINERS:
@@ -155,8 +171,8 @@ def main() -> None:
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     result = {"bench": "compare_yolov5", "cfg": args.cfg, "imgsz": args.imgsz, "batch_size": args.batch_size,
               "epochs": args.epochs, "device": args.device, "workers": args.workers, "data": args.data,
-              "yolov5_command": shlex.join(args.yolov5), "seeds": args.seeds, "runs": runs, **compare(runs),
-              **machine_settings(device)}
+              "data_yaml": our_data, "yolov5_command": shlex.join(args.yolov5), "seeds": args.seeds, "runs": runs,
+              **compare(runs), **machine_settings(device)}
     print(json.dumps(result), flush=True)
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_ddp import process_counts
 from bench.bench_evolve import child_pids, resident_megabytes, summarise
 from bench.bench_train import TimedBatches
-from bench.compare_yolov5 import compare, parse_seeds, summarise_run
+from bench.compare_yolov5 import compare, parse_seeds, resolve_data, summarise_run
 from orchestrator.runs.status import read_results
 
 
@@ -199,6 +199,17 @@ def test_seeds_are_a_list_of_at_least_two_integers() -> None:
     for bad in ("0", "a,b", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="--seeds"):
             parse_seeds(bad)
+
+
+def test_compare_yolov5_generates_a_named_comparison_set_under_its_project(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "textures").mkdir()  # a folder of that name is not a data YAML: the name still counts
+    data_yaml = resolve_data("textures", tmp_path / "project", train=3, val=2, size=64)
+    assert data_yaml == str(tmp_path / "project" / "datasets" / "textures" / "data.yaml")
+    assert yaml.safe_load(Path(data_yaml).read_text())["names"] == ["disc", "cross", "triangle", "crescent"]
+    assert resolve_data("synthetic", tmp_path) == "synthetic" and resolve_data("my.yaml", tmp_path) == "my.yaml"
 
 
 @pytest.mark.slow
