@@ -17,8 +17,9 @@ it is generated on first use (seed 0, 256 training and 64 validation images of 3
 `<project>/datasets/<name>`, and the same folder is read by every run after.
 
 Runs go to `<project>/ours-seed<N>` and `<project>/yolov5-seed<N>`. A run whose results.csv
-already holds every epoch is read, not trained again, so the same command, repeated,
-completes an interrupted comparison; an unfinished run is started over. Each run's output
+already holds every epoch, trained by the same command line (`command.txt` beside it), is read,
+not trained again, so the same command, repeated, completes an interrupted comparison; an
+unfinished run, or one trained with other flags or data, is started over. Each run's output
 goes to `train.log` beside it. Prints one JSON line.
 """
 
@@ -27,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import shlex
 import shutil
 import statistics
@@ -48,6 +51,9 @@ from trainer.data import load_data_config
 from trainer.results import RESULT_COLUMNS, ValidationResult, fitness
 
 TRAINERS = ("ours", "yolov5")
+COMMAND_FILE = "command.txt"
+TIMELINE_FILE = "timeline.tsv"
+EXIT_MARK = "<exit>"
 METRICS = {name: ValidationResult.column(name) for name in ("map50", "map")}
 LOSSES = {**{name: f"train/{name}" for name in ("box_loss", "obj_loss", "cls_loss")},
           **{f"val_{name}": ValidationResult.column(name) for name in ("box_loss", "obj_loss", "cls_loss")}}
@@ -94,17 +100,81 @@ def summarise_run(rows: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def train(command: list[str], run_dir: Path) -> float:
-    """Train into a fresh run_dir; the seconds it took."""
+    """Train into a fresh run_dir; the seconds it took. The output goes to `train.log` as it is,
+    and to `timeline.tsv` as (seconds since the start, line) for every line or progress-bar
+    update, unbuffered, so that `run_phases` can time start-up, training and validation."""
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run: its results.csv would be appended to
     run_dir.mkdir(parents=True)
+    (run_dir / COMMAND_FILE).write_text(shlex.join(command))
     log = run_dir / "train.log"
     print(f"training {run_dir.name}: {shlex.join(command)}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    with log.open("w") as output:
-        finished = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, check=False)
-    if finished.returncode:
-        raise click.ClickException(f"{run_dir.name} failed with exit code {finished.returncode}; see {log}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as output, (run_dir / TIMELINE_FILE).open("w") as timeline:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        pending = b""
+        while chunk := os.read(process.stdout.fileno(), 65536):
+            output.write(chunk)
+            stamp = time.perf_counter() - started
+            *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+            timeline.writelines(f"{stamp:.3f}\t{line.decode(errors='replace')}\n" for line in lines if line.strip())
+        returncode = process.wait()
+        timeline.write(f"{time.perf_counter() - started:.3f}\t{EXIT_MARK}\n")
+    if returncode:
+        raise click.ClickException(f"{run_dir.name} failed with exit code {returncode}; see {log}")
     return time.perf_counter() - started
+
+
+# A training progress line of either trainer: "  12/60   0G   0.05 ...", the epoch first (YOLOv5
+# counts from 0 to epochs - 1, we count from 1 to epochs). The line that ends an epoch's validation: ours prints
+# "all P 0.5 R ...", YOLOv5 "all  64  365  0.5 ...".
+TRAIN_LINE = re.compile(r"^\s*(\d+)/(\d+)\s+\S*G\s")
+VAL_END = {"ours": re.compile(r"^\s*all P "), "yolov5": re.compile(r"^\s*all\s+\d+\s+\d+\s")}
+
+
+def run_phases(run_dir: Path, trainer: str, epochs: int) -> dict[str, float] | None:
+    """Seconds of start-up, training per epoch, validation per epoch and the end (final
+    validation, plots, saving) of one run, from its timeline; None without one.
+
+    Epoch e's training ends at its last progress line and its validation at the next
+    validation line; its training began where the previous validation ended. Start-up is
+    epoch 1's training time less the median of the later ones'."""
+    path = run_dir / TIMELINE_FILE
+    if not path.is_file():
+        return None
+    last_epoch = epochs if trainer == "ours" else epochs - 1  # YOLOv5 prints epoch 0/59 .. 59/59
+    train_end: list[float] = []
+    val_end: list[float] = []
+    current, ended = None, 0.0
+    for line in path.read_text().splitlines():
+        stamp, _, text = line.partition("\t")
+        if text == EXIT_MARK:
+            ended = float(stamp)
+        elif (match := TRAIN_LINE.match(text)) and int(match[2]) == last_epoch:
+            if current is not None and current != match[1] and len(val_end) < len(train_end):
+                return None  # an epoch without its validation line: not a timeline this reads
+            current = match[1]
+            if len(train_end) == len(val_end):
+                train_end.append(float(stamp))
+            else:
+                train_end[-1] = float(stamp)
+        elif VAL_END[trainer].match(text) and len(val_end) < len(train_end):
+            val_end.append(float(stamp))
+    if len(val_end) != epochs or not ended:
+        return None
+    starts = [0.0, *val_end[:-1]]
+    training = [end - start for start, end in zip(starts, train_end)]
+    validation = [end - start for start, end in zip(train_end, val_end)]
+    later = statistics.median(training[1:]) if epochs > 1 else 0.0
+    return {"startup_s": round(training[0] - later, 2), "train_epoch_s": round(later, 3),
+            "val_epoch_s": round(statistics.median(validation), 3), "end_s": round(ended - val_end[-1], 2),
+            "whole_s": round(ended, 1)}
+
+
+def recorded_command(run_dir: Path) -> str | None:
+    """The command a run folder was trained with; a finished run is reused only for the same one."""
+    path = run_dir / COMMAND_FILE
+    return path.read_text() if path.is_file() else None
 
 
 def describe(values: list[float]) -> dict[str, float | int]:
@@ -123,6 +193,10 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
         error = math.sqrt(sum(statistics.variance(values[trainer]) / len(values[trainer]) for trainer in TRAINERS))
         difference = statistics.fmean(values["ours"]) - statistics.fmean(values["yolov5"])
         summary["difference"][metric] = {"mean": round(difference, 5), "standard_error": round(error, 5)}
+    for trainer in TRAINERS:  # the mean of each phase over the runs that have a timeline
+        timed = [run["phases"] for run in runs if run["trainer"] == trainer and run.get("phases")]
+        summary[trainer]["phases"] = ({phase: round(statistics.fmean(timing[phase] for timing in timed), 3)
+                                       for phase in timed[0]} if timed else None)
     return summary
 
 
@@ -161,13 +235,14 @@ def main() -> None:
             run_dir = args.project / f"{trainer}-seed{seed}"
             command = commands[trainer] + training_flags(args, data[trainer], seed, run_dir)
             rows, seconds = read_results(run_dir), None
-            if len(rows) < args.epochs:  # not finished before: train it
+            if len(rows) < args.epochs or recorded_command(run_dir) != shlex.join(command):  # not this run, finished
                 seconds = train(command, run_dir)
                 rows = read_results(run_dir)
             if len(rows) < args.epochs:
                 raise click.ClickException(f"{run_dir}/results.csv has {len(rows)} of {args.epochs} epochs")
             runs.append({"trainer": trainer, "seed": seed, **summarise_run(rows),
-                         "run_s": None if seconds is None else round(seconds, 1), "dir": str(run_dir)})
+                         "run_s": None if seconds is None else round(seconds, 1),
+                         "phases": run_phases(run_dir, trainer, args.epochs), "dir": str(run_dir)})
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     result = {"bench": "compare_yolov5", "cfg": args.cfg, "imgsz": args.imgsz, "batch_size": args.batch_size,
               "epochs": args.epochs, "device": args.device, "workers": args.workers, "data": args.data,

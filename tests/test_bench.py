@@ -22,7 +22,15 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_ddp import process_counts
 from bench.bench_evolve import child_pids, resident_megabytes, summarise
 from bench.bench_train import TimedBatches
-from bench.compare_yolov5 import compare, parse_seeds, resolve_data, summarise_run
+from bench.compare_yolov5 import (
+    EXIT_MARK,
+    TIMELINE_FILE,
+    compare,
+    parse_seeds,
+    resolve_data,
+    run_phases,
+    summarise_run,
+)
 from orchestrator.runs.status import read_results
 
 
@@ -194,6 +202,27 @@ def test_comparison_gives_means_spreads_and_the_difference_with_its_standard_err
     assert summary["difference"]["val_box_loss"] == {"mean": 0.0, "standard_error": 0.0}
 
 
+@pytest.mark.parametrize(("trainer", "first_epoch", "val_line"), [
+    ("ours", 1, "                 all P 0.120  R 0.300  mAP50 0.100  mAP50-95 0.050"),
+    ("yolov5", 0, "                   all         64        365      0.120      0.300      0.100      0.050"),
+])
+def test_run_phases_time_startup_training_and_validation_from_the_output(
+    tmp_path: Path, trainer: str, first_epoch: int, val_line: str
+) -> None:
+    last = first_epoch + 2  # 3 epochs
+    lines = [(1.0, "Starting training for 3 epochs...")]
+    for epoch, (train_end, val_end) in enumerate([(7.0, 8.0), (10.0, 11.0), (13.5, 14.0)], start=first_epoch):
+        lines += [(train_end - 1.5, f"   {epoch}/{last}    0G    0.17   0.002   0.049   99   64: 1/4"),
+                  (train_end, f"   {epoch}/{last}    0G    0.17   0.002   0.049   99   64: 4/4"), (val_end, val_line)]
+    lines += [(17.0, val_line), (18.0, EXIT_MARK)]  # the final validation prints the line again
+    (tmp_path / TIMELINE_FILE).write_text("".join(f"{stamp}\t{text}\n" for stamp, text in lines))
+    phases = run_phases(tmp_path, trainer, 3)
+    # Training: 7, 2 and 2.5 s; start-up is the first epoch's excess over the median of the others.
+    assert phases == {"startup_s": 4.75, "train_epoch_s": 2.25, "val_epoch_s": 1.0, "end_s": 4.0, "whole_s": 18.0}
+    assert run_phases(tmp_path, trainer, 4) is None  # not the epochs it ran: nothing to read
+    assert run_phases(tmp_path / "missing", trainer, 3) is None
+
+
 def test_seeds_are_a_list_of_at_least_two_integers() -> None:
     assert parse_seeds("2,0,1,1") == [0, 1, 2]
     for bad in ("0", "a,b", ""):
@@ -228,9 +257,14 @@ def test_compare_yolov5_trains_both_sides_per_seed_and_reuses_finished_runs(tiny
         assert by_seed["ours", seed]["box_loss"] == by_seed["yolov5", seed]["box_loss"]
     assert by_seed["ours", 0]["box_loss"] != by_seed["ours", 1]["box_loss"]
     assert result["ours"]["map50"]["n"] == 2 and result["difference"]["map50"]["mean"] == 0.0
+    assert by_seed["ours", 0]["phases"]["train_epoch_s"] == 0.0  # one epoch: all of it is start-up
+    assert 0 < by_seed["ours", 0]["phases"]["startup_s"] < by_seed["ours", 0]["phases"]["whole_s"]
     # Repeated: finished runs are read back, not trained again; an unfinished one is trained anew.
     unfinished = project / "ours-seed1" / "results.csv"
     unfinished.write_text(unfinished.read_text().splitlines()[0] + "\n")
     again = run_bench("compare_yolov5.py", *args, cwd=tmp_path, timeout=600)
     assert [run["run_s"] is None for run in again["runs"]] == [True, True, False, True]
     assert [run["box_loss"] for run in again["runs"]] == [run["box_loss"] for run in runs]
+    # Other flags: no finished run is this run, so every one trains again.
+    other = run_bench("compare_yolov5.py", *args[:-4], "--workers", "1", *args[-2:], cwd=tmp_path, timeout=600)
+    assert all(run["run_s"] is not None for run in other["runs"])
