@@ -43,6 +43,7 @@ import trainer  # noqa: F401, I001  (sets OpenMP's wait policy before torch can 
 
 import numpy as np
 
+from orchestrator.evolution.elite import EliteSearch
 from orchestrator.evolution.journal import Journal, run_columns
 from orchestrator.evolution.loop import GenerationContext, Objective, run_worker
 from orchestrator.evolution.proposals import Proposal, SearchContext, UnitSpace, first_untaken
@@ -52,8 +53,8 @@ from orchestrator.evolution.search_space import SearchSpace
 from trainer.config import Hyp
 from trainer.results import ValidationResult
 
-METHODS = ("elite", "elite+pruning", "population", "population+pruning", "classic", "classic+pruning",
-           "random", "tpe")
+METHODS = ("elite", "elite+pruning", "elite-norepeat", "elite-norepeat+pruning", "population",
+           "population+pruning", "classic", "classic+pruning", "random", "tpe")
 REFERENCE = "classic"  # the method whose final best the others must reach
 LARGE_GENERATIONS = 10**6  # the time budget ends every run
 
@@ -127,6 +128,8 @@ class TpeSearch:
 
 
 PEERS: dict[str, type] = {"random": RandomSearch, "tpe": TpeSearch}
+# Our default without its repeats of the best rows at the end (repeats.py), to measure what they give.
+ABLATIONS: dict[str, Callable[[], Search]] = {"elite-norepeat": lambda: EliteSearch(confirm_share=0.0)}
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,8 @@ class TimedSearch:
 
 def make_search(method: str) -> Search:
     name = method.removesuffix("+pruning")
-    return PEERS[name]() if name in PEERS else SEARCHES[name]()
+    factory = PEERS.get(name) or ABLATIONS.get(name) or SEARCHES[name]
+    return factory()
 
 
 # --- Objective B: a synthetic landscape over the real search space ---------------------------

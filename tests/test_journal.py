@@ -195,10 +195,19 @@ def test_writers_killed_mid_append_lose_only_their_own_row(tmp_path: Path) -> No
 
 def test_best_row_is_the_fittest_and_nan_never_wins() -> None:
     results = np.array([[0, 0, 0.5, 0.3, 0, 0, 0], [0, 0, math.nan, 0.9, 0, 0, 0], [0, 0, 0.6, 0.4, 0, 0, 0]])
-    population = Population(KEYS, results, np.vstack([BASE] * 3))
+    population = Population(KEYS, results, np.vstack([BASE, BASE * 2, BASE * 3]))
     assert population.best_row() == 2
     empty = Population(KEYS, results[1:2], BASE[None])
     assert empty.best_row() is None
+
+
+def test_best_row_ranks_repeated_genes_by_their_mean() -> None:
+    results = np.zeros((3, 7))
+    results[:, 3] = [0.5, 0.1, 0.4]  # rows 0 and 1 share their genes: mean 0.3, below row 2
+    population = Population(KEYS, results, np.vstack([BASE, BASE, BASE * 2]))
+    assert population.best_row() == 2
+    assert list(population.ranked()) == [2, 0]
+    assert "row3" in artifacts.render_evolve_population(population).split("\n")[1]
 
 
 def test_a_file_that_is_not_an_evolve_csv_is_a_user_error() -> None:

@@ -1,4 +1,5 @@
-"""The search algorithms as pure functions: unit space, the population GA, elite sampling, pruning."""
+"""The search algorithms as pure functions: unit space, the population GA, elite sampling,
+repeats of a new best, pruning."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from orchestrator.evolution.ga import ClassicSearch
 from orchestrator.evolution.population import PopulationSearch
 from orchestrator.evolution.proposals import SearchContext, UnitSpace, is_taken
 from orchestrator.evolution.pruning import Pruning
+from orchestrator.evolution.repeats import distinct_ranked, pooled_fitness
 from orchestrator.evolution.search import DEFAULT_SEARCH, SEARCHES, search_named
 from trainer.errors import UserError
 
@@ -39,7 +41,9 @@ def rows(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return hyps, np.linspace(0.1, 0.5, count)
 
 
-SEARCH_OBJECTS = [EliteSearch(), PopulationSearch(), ClassicSearch()]
+# Elite's operators without its repeats of the best rows at the end, which have tests of their own.
+ELITE = EliteSearch(confirm_share=0.0)
+SEARCH_OBJECTS = [ELITE, PopulationSearch(), ClassicSearch()]
 
 
 # --- the unit space ------------------------------------------------------------------------
@@ -168,7 +172,7 @@ def test_elite_children_centre_on_the_elites_not_on_one_lucky_row() -> None:
     hyps[:, 1] = np.r_[np.full(19, 0.2), 0.95]  # 19 good rows agree; one lucky outlier far away
     hyps[:, 0] = np.geomspace(1e-4, 1e-2, 20)
     fitness = np.r_[np.linspace(0.40, 0.44, 19), 0.45]
-    children = np.array([EliteSearch().propose(context(hyps, fitness, 0.5), np.random.default_rng(seed)).child
+    children = np.array([ELITE.propose(context(hyps, fitness, 0.5), np.random.default_rng(seed)).child
                          for seed in range(200)])
     # The outlier weighs most, but the centre stays nearer the elites that agree.
     assert np.median(children[:, 1]) < 0.6
@@ -179,10 +183,48 @@ def test_elite_steps_shrink_over_the_budget() -> None:
     hyps[:, 1] = 0.5  # the elites agree on gene 1: its spread is the isotropic step alone
     spreads = []
     for progress in (0.0, 1.0):
-        children = np.array([EliteSearch().propose(context(hyps, fitness, progress), np.random.default_rng(seed)).child
+        children = np.array([ELITE.propose(context(hyps, fitness, progress), np.random.default_rng(seed)).child
                              for seed in range(300)])
         spreads.append(children[:, 1].std())
     assert spreads[0] == pytest.approx(0.15, rel=0.2) and spreads[1] == pytest.approx(0.03, rel=0.25)
+
+
+# --- repeats: a new best is trained again, and repeated genes rank by their mean ---------------
+
+def test_pooled_fitness_is_the_mean_over_rows_with_the_same_genes() -> None:
+    hyps, _ = rows(4)
+    hyps = np.vstack([hyps, hyps[1], hyps[1], hyps[2]])  # row 1 trained three times, row 2 twice
+    fitness = np.array([0.2, 0.6, 0.3, 0.1, 0.3, 0.3, math.nan])  # row 2's repeat failed
+    pooled, trainings = pooled_fitness(hyps, fitness)
+    np.testing.assert_allclose(pooled, [0.2, 0.4, 0.3, 0.1, 0.4, 0.4, math.nan])
+    assert list(trainings) == [1, 3, 1, 1, 3, 3, 0]
+    assert list(distinct_ranked(hyps, fitness)) == [1, 2, 0, 3]  # row 1 once, at its mean
+
+
+def test_a_lucky_best_falls_back_when_its_repeat_scores_lower() -> None:
+    hyps, _ = rows(5)
+    hyps = np.vstack([hyps, hyps[4]])
+    fitness = np.array([0.30, 0.35, 0.20, 0.10, 0.50, 0.16])  # row 4: 0.50, then 0.16 when trained again
+    assert list(distinct_ranked(hyps, fitness)[:2]) == [1, 4]
+    assert pooled_fitness(hyps, fitness)[0][4] == pytest.approx(0.33)
+
+
+def test_elite_trains_its_best_rows_again_at_the_end_of_the_budget() -> None:
+    hyps, fitness = rows(12)
+    order = list(np.argsort(-fitness))
+    assert not EliteSearch().propose(context(hyps, fitness, 0.9), np.random.default_rng(0)).repeat
+    proposal = EliteSearch().propose(context(hyps, fitness, 0.96), np.random.default_rng(0))
+    assert proposal.repeat and proposal.parents == (order[0],)
+    np.testing.assert_array_equal(proposal.child, hyps[order[0]])
+    # The best one's repeat in flight, or done: the next best.
+    for ongoing in (context(hyps, fitness, 0.96, in_flight=[hyps[order[0]]]),
+                    context(np.vstack([hyps, hyps[order[0]]]), np.r_[fitness, fitness[order[0]]], 0.96)):
+        assert EliteSearch().propose(ongoing, np.random.default_rng(0)).parents == (order[1],)
+    # The top 5 all trained twice: new children again.
+    top = hyps[order[:5]]
+    done = context(np.vstack([hyps, top]), np.r_[fitness, fitness[order[:5]]], 0.99)
+    proposal = EliteSearch().propose(done, np.random.default_rng(0))
+    assert not proposal.repeat and not is_taken(proposal.child, done.taken)
 
 
 # --- the registry and pruning ---------------------------------------------------------------

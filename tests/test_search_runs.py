@@ -40,9 +40,9 @@ def curve_objective(hyp: Hyp, context: GenerationContext, epoch_seconds: float =
     return ValidationResult(final, final, final, final, 1 - final, 1 - final, 0.1)
 
 
-def evolve(run_dir: Path, generations: int, worker_id: str = "w0", **options: object):
+def evolve(run_dir: Path, generations: int, worker_id: str = "w0", objective=curve_objective, **options: object):
     options = {"seed": 3, "lease_ttl": 5.0, "plot_interval": None, **options}
-    return run_worker(run_dir, Hyp(), SPACE, generations, curve_objective, worker_id, **options)
+    return run_worker(run_dir, Hyp(), SPACE, generations, objective, worker_id, **options)
 
 
 def records(run_dir: Path, status: str) -> list[dict]:
@@ -101,10 +101,40 @@ def test_pruned_generations_count_toward_the_budget_and_never_become_rows(tmp_pa
     assert_exact_budget_with_pruning(run_dir, 24)
     assert all(record["epoch"] in PRUNING.rungs and math.isfinite(record["fitness"]) for record in pruned)
     rungs = records(run_dir, "rung")
-    assert Counter(record["epoch"] for record in rungs)[1] == 24  # every generation reported at the first rung
+    repeats = [record for record in records(run_dir, "ok") if record["source"].startswith("repeat of row")]
+    # Every generation reported at the first rung, except repeats of a best row (never pruned).
+    assert Counter(record["epoch"] for record in rungs)[1] == 24 - len(repeats)
+    assert not {record["claim"] for record in repeats} & {record["claim"] for record in rungs}
     assert state(run_dir)["pruning"] == PRUNING.to_json()
     recorded = sorted(record["fitness"] for record in rungs if record["epoch"] == 1)
     assert sorted(state(run_dir)["rung_results"]["1"]) == pytest.approx(recorded, abs=1e-6)
+
+
+def test_the_best_rows_are_trained_again_with_the_next_seed_and_rank_by_their_mean(tmp_path: Path) -> None:
+    def lucky_first_training(hyp: Hyp, context: GenerationContext) -> ValidationResult:
+        result = curve_objective(hyp, context)
+        bonus = 0.2 if context.seed == 3 else 0.0  # the run seed is lucky; a repeat's seed is not
+        return ValidationResult(*(value + bonus for value in result.values()))
+
+    run_dir = tmp_path / "run"
+    evolve(run_dir, 40, pruning=PRUNING, objective=lucky_first_training)
+    ok = records(run_dir, "ok")
+    repeats = [record for record in ok if record["source"].startswith("repeat of row")]
+    assert [record["claim"] for record in repeats] == [38, 39]  # the last 5% of the budget
+    population = Journal(run_dir).read_population(KEYS)
+    for record in repeats:
+        row = int(record["source"].removeprefix("repeat of row "))
+        assert record["seed"] == 3 + 1 and population.hyp_at(record["row"]) == population.hyp_at(row)
+    assert all(record["seed"] == 3 for record in ok if record not in repeats)
+    # Each repeat lost its luck: the mean of the two trainings is what ranks, so the second
+    # repeat is of another row than the first.
+    assert repeats[0]["source"] != repeats[1]["source"]
+    pooled, trainings = population.pooled()
+    best = population.best_row()
+    assert pooled[best] == max(pooled) and set(trainings) == {1, 2}
+    header = (run_dir / "hyp_evolve.yaml").read_text()
+    assert f"# Best generation: {best}\n" in header
+    assert ("Mean fitness of its 2 trainings" in header) == (trainings[best] == 2)
 
 
 def test_a_joining_worker_prunes_as_the_run_does(tmp_path: Path) -> None:
@@ -112,7 +142,8 @@ def test_a_joining_worker_prunes_as_the_run_does(tmp_path: Path) -> None:
     evolve(run_dir, 6, pruning=PRUNING)
     evolve(run_dir, 12, "w1", pruning=None)  # its own setting does not change the run's
     assert state(run_dir)["pruning"] == PRUNING.to_json()
-    assert {record["claim"] for record in records(run_dir, "rung")} >= set(range(6, 12))
+    repeats = {record["claim"] for record in records(run_dir, "ok") if record["source"].startswith("repeat")}
+    assert {record["claim"] for record in records(run_dir, "rung")} >= set(range(6, 12)) - repeats
 
 
 def test_the_time_budget_stops_new_claims_and_lets_the_running_generation_finish(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -132,9 +131,8 @@ def render_status(report: StatusReport) -> RenderableType:
 
 def summary_table(population: Population, base_hyp: Hyp, top: int = 5) -> Table:
     """The `top` fittest rows with the hyperparameters that differ from the base hyp."""
-    fitness = population.fitness
-    ranked = [int(row) for row in np.argsort(-np.where(np.isfinite(fitness), fitness, -np.inf), kind="stable")]
-    ranked = [row for row in ranked if np.isfinite(fitness[row])][:top]
+    fitness, trainings = population.pooled()
+    ranked = [int(row) for row in population.ranked()[:top]]
     base = base_hyp.as_dict(include_unset=True)
     table = Table(title=f"Top {len(ranked)} of {len(population)} generations")
     for name in ("rank", "generation", "fitness", "mAP@0.5", "mAP@0.5:0.95"):
@@ -144,7 +142,7 @@ def summary_table(population: Population, base_hyp: Hyp, top: int = 5) -> Table:
         table.add_row(
             str(rank),
             str(row),
-            f"{fitness[row]:.4f}",
+            f"{fitness[row]:.4f}" + (f" (mean of {trainings[row]})" if trainings[row] > 1 else ""),
             f"{population.results[row, 2]:.4f}",
             f"{population.results[row, 3]:.4f}",
             _largest_changes(population.hyp_at(row), base),
@@ -162,10 +160,16 @@ def search_summary(population: Population, records: Sequence[dict[str, Any]], st
     base_rows = [record["row"] for record in records if record.get("status") == "ok" and record.get("source") == "base"]
     best = population.best_row()
     if base_rows and best is not None and base_rows[0] < len(population):
-        base_fitness, best_fitness = float(population.fitness[base_rows[0]]), float(population.fitness[best])
-        lines.append(f"best fitness {best_fitness:.4f} (generation {best}) against the base hyp's "
-                     f"{base_fitness:.4f} (generation {base_rows[0]}): {best_fitness - base_fitness:+.4f}")
+        pooled, trainings = population.pooled()
+        base_fitness, best_fitness = float(pooled[base_rows[0]]), float(pooled[best])
+        lines.append(f"best fitness {best_fitness:.4f}{_trainings(trainings[best])} (generation {best}) against "
+                     f"the base hyp's {base_fitness:.4f}{_trainings(trainings[base_rows[0]])} (generation "
+                     f"{base_rows[0]}): {best_fitness - base_fitness:+.4f}")
     return lines
+
+
+def _trainings(count: int) -> str:
+    return f", mean of {count} trainings" if count > 1 else ""
 
 
 def _largest_changes(hyp: dict[str, float], base: dict[str, float | None], shown: int = 4) -> str:

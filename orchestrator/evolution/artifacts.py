@@ -38,6 +38,9 @@ def render_hyp_evolve(population: Population) -> str | None:
         "# " + ", ".join(f"{name:>20s}" for name in RESULT_COLUMNS),
         "# " + ", ".join(f"{value:20.5g}" for value in population.results[best]),
     ]
+    pooled, trainings = population.pooled()
+    if trainings[best] > 1:
+        header.append(f"# Mean fitness of its {trainings[best]} trainings: {pooled[best]:.5g}")
     body = yaml.safe_dump(population.hyp_at(best), sort_keys=False)
     return "\n".join(header) + "\n\n" + body
 
@@ -57,14 +60,13 @@ def _write_text(path: Path, text: str | None) -> bool:
 def render_evolve_population(population: Population, size: int = POPULATION_SIZE) -> str | None:
     """The best `size` rows as YOLOv5's evolve_population.yaml: individual name -> hyp, best
     first. `--resume_evolve` (or `--evolve-population`) seeds a new run from it."""
-    fitness = population.fitness
-    ranked = [row for row in np.argsort(-np.nan_to_num(fitness, nan=-np.inf), kind="stable")[:size]
-              if math.isfinite(fitness[row])]
-    if not ranked:
+    ranked = population.ranked()[:size]
+    if not ranked.size:
         return None
     individuals = {f"row{row + 1}": {key: float(value) for key, value in population.hyp_at(int(row)).items()}
                    for row in ranked}
-    return f"# best {len(ranked)} rows of evolve.csv by fitness\n" + yaml.safe_dump(individuals, sort_keys=False)
+    return (f"# best {len(ranked)} rows of evolve.csv by fitness (repeated genes once, by their mean)\n"
+            + yaml.safe_dump(individuals, sort_keys=False))
 
 
 def write_evolve_population(run_dir: Path, population: Population) -> bool:

@@ -10,6 +10,8 @@ the run (the elites, a quarter of the finished rows, 3 to 12 of them), in the un
   step, σ × gain per gene, that shrinks from 0.15 to 0.03 of the range over the budget, so the
   search keeps exploring when the elites agree.
 Before that, children are mutations of the best row (or of the base hyp) with the same step.
+In the last 5% of the budget the best rows are trained again instead (`repeats.py`), best
+first, so that the row a run ends on is not one lucky training.
 
 Like the other searches it is a pure function of the shared journal and a generator seeded
 from (run seed, worker, claim), so any number of asynchronous workers cooperate and a run
@@ -31,6 +33,7 @@ from orchestrator.evolution.proposals import (
     UnitSpace,
     first_untaken,
 )
+from orchestrator.evolution.repeats import trainings_of
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class EliteSearch:
     elite_share: float = 0.25
     elite_count: tuple[int, int] = (3, 12)  # at least, at most
     sigma: tuple[float, float] = (0.15, 0.03)  # isotropic step in unit space, start and end of the budget
+    confirm_share: float = 0.05  # the last share of the budget trains the best rows again (repeats.py)
+    confirm_top: int = 5  # ... among this many best rows
 
     def propose(self, context: SearchContext, rng: np.random.Generator) -> Proposal:
         ranked = context.ranked()
@@ -52,6 +57,8 @@ class EliteSearch:
             centre = space.to_unit(centre_values)
             spread = np.diag((sigma * space.gains) ** 2)
             parents = tuple(int(row) for row in ranked[:1])
+        elif (row := self._to_confirm(context, ranked)) is not None:
+            return Proposal(context.hyps[row].copy(), (row,), repeat=True)
         else:
             count = int(np.clip(round(self.elite_share * ranked.size), *self.elite_count))
             elites = ranked[:count]
@@ -68,6 +75,13 @@ class EliteSearch:
             return space.genes(unit, centre_values)
 
         return Proposal(first_untaken(draw, context.taken), parents)
+
+    def _to_confirm(self, context: SearchContext, ranked: np.ndarray) -> int | None:
+        """At the end of the budget: the best of the top rows trained only once, with no repeat in flight."""
+        if self.confirm_share <= 0 or context.progress < 1 - self.confirm_share:
+            return None
+        once = [int(row) for row in ranked[: self.confirm_top] if trainings_of(context.hyps[row], context.taken) == 1]
+        return once[0] if once else None
 
 
 def _weighted_moments(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

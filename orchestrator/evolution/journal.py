@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, SoftFileLock, Timeout
 
+from orchestrator.evolution.repeats import distinct_ranked, pooled_fitness
 from trainer.config import Hyp
 from trainer.errors import UserError
 from trainer.files import read_yaml, write_atomic
@@ -83,12 +84,19 @@ class Population:
     def fitness(self) -> np.ndarray:
         return fitness(self.results)
 
+    def pooled(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per row: the mean fitness of the rows with its genes, and how many those are (repeats.py)."""
+        return pooled_fitness(self.hyps, self.fitness)
+
+    def ranked(self) -> np.ndarray:
+        """Rows best first by pooled fitness, one per distinct set of genes; NaN never ranks."""
+        return distinct_ranked(self.hyps, self.fitness)
+
     def best_row(self) -> int | None:
-        """Index of the fittest row; NaN never wins; None when no row has a finite fitness."""
-        values = self.fitness
-        if not np.any(np.isfinite(values)):
-            return None
-        return int(np.nanargmax(values))
+        """The fittest row by pooled fitness (the earliest of its repeats); None when no row has a
+        finite fitness."""
+        ranked = self.ranked()
+        return int(ranked[0]) if ranked.size else None
 
     def hyp_at(self, row: int) -> dict[str, float]:
         return {key: float(value) for key, value in zip(self.hyp_keys, self.hyps[row])}

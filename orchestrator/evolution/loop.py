@@ -13,6 +13,7 @@ any exception) when the generation diverges, runs out of memory or crashes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import math
@@ -48,6 +49,7 @@ from orchestrator.evolution.leases import (
 )
 from orchestrator.evolution.proposals import SearchContext
 from orchestrator.evolution.pruning import GenerationPruned, Pruning
+from orchestrator.evolution.repeats import trainings_of
 from orchestrator.evolution.search import Search, search_named
 from orchestrator.evolution.search_space import SearchSpace
 from trainer.config import Hyp
@@ -76,10 +78,10 @@ class GenerationContext:
     claim: int  # unique per run; also seeds the child's mutation
     attempt: int  # 1 for a slot's first try, more after failures or expired leases
     worker_id: str
-    seed: int  # the run seed: the same for every generation, so results compare fairly
+    seed: int  # the run seed, so results compare fairly; plus the earlier trainings of a repeat's genes
     gpu: str | None
     parents: tuple[int, ...]  # evolve.csv rows the child came from
-    source: str  # base, population:<file>, mutation, retry of claim N
+    source: str  # base, population:<file>, mutation, repeat of row N, retry of claim N
     rungs: tuple[int, ...] = ()  # epochs (from 1) after which the objective reports its fitness
     report: Callable[[int, float], bool] = lambda epoch, fitness: False  # True: stop (raise GenerationPruned)
 
@@ -222,7 +224,9 @@ def _claim(plan: _Plan) -> Lease | NoLease:
         if offer is not None:
             hyp, parents = offer.hyp, offer.parents
             if hyp is None:
-                hyp, parents = _draw_child(plan, state, offer.claim)
+                hyp, parents, repeat = _draw_child(plan, state, offer.claim)
+                if repeat:
+                    offer = dataclasses.replace(offer, source=f"repeat of row {parents[0]}")
             lease = start_lease(state, offer, hyp, parents, plan.identity, now, plan.lease_ttl)
         if lease is not None or expired:
             save_state(journal, state)
@@ -236,8 +240,9 @@ def _claim(plan: _Plan) -> Lease | NoLease:
     return lease
 
 
-def _draw_child(plan: _Plan, state: RunState, claim: int) -> tuple[dict[str, float], list[int]]:
-    """A new child of the population, unlike every row and every child in flight."""
+def _draw_child(plan: _Plan, state: RunState, claim: int) -> tuple[dict[str, float], list[int], bool]:
+    """A new child of the population, unlike every row and every child in flight, or a row to
+    train again (True)."""
     population = plan.journal.read_population(plan.hyp_keys)
     in_flight = [[child[key] for key in plan.hyp_keys] for child in state.children_in_flight()]
     taken = np.vstack([population.hyps, np.reshape(in_flight, (-1, len(plan.hyp_keys)))])
@@ -245,28 +250,33 @@ def _draw_child(plan: _Plan, state: RunState, claim: int) -> tuple[dict[str, flo
     context = SearchContext(population.hyps, population.fitness, taken, plan.base_values, *plan.bounds,
                             progress=state.progress(len(population.hyps), time.time()))
     proposal = plan.search.propose(context, rng)
-    return dict(zip(plan.hyp_keys, map(float, proposal.child))), list(proposal.parents)
+    return dict(zip(plan.hyp_keys, map(float, proposal.child))), list(proposal.parents), proposal.repeat
 
 
 def _run_generation(plan: _Plan, lease: Lease, objective: Objective) -> str:
-    """Train one child with its lease kept alive, then record how it ended; returns the status."""
+    """Train one child with its lease kept alive, then record how it ended; returns the status.
+
+    A child whose genes already have rows is a repeat (repeats.py): it trains with the run seed
+    plus their number, and is never pruned."""
+    rows = plan.journal.read_population(plan.hyp_keys).hyps  # lock-free: no other claim trains these genes now
+    repeat = trainings_of(np.array([lease.hyp[key] for key in plan.hyp_keys]), rows)
     context = GenerationContext(
         run_dir=plan.journal.run_dir,
         claim=lease.claim,
         attempt=lease.attempt,
         worker_id=plan.identity.worker_id,
-        seed=plan.seed,
+        seed=plan.seed + repeat,
         gpu=plan.identity.gpu,
         parents=tuple(lease.parents),
         source=lease.source,
-        rungs=plan.pruning.rungs if plan.pruning else (),
+        rungs=plan.pruning.rungs if plan.pruning and not repeat else (),
         report=lambda epoch, fitness: _report_rung(plan, lease, epoch, fitness),
     )
     hyp = Hyp.from_dict({**plan.base_hyp.as_dict(include_unset=True), **lease.hyp}, source=f"claim {lease.claim}")
     heartbeat_interval = min(plan.lease_ttl / 4, 5.0)
     with Heartbeat(plan.journal, lease.claim, plan.lease_ttl, heartbeat_interval):
         outcome = _evaluate(objective, hyp, context)
-    return _finish(plan, lease, outcome)
+    return _finish(plan, lease, outcome, context.seed)
 
 
 @dataclass(frozen=True)
@@ -326,13 +336,13 @@ def _report_rung(plan: _Plan, lease: Lease, epoch: int, fitness: float) -> bool:
     return not keeps
 
 
-def _finish(plan: _Plan, lease: Lease, outcome: _Outcome) -> str:
+def _finish(plan: _Plan, lease: Lease, outcome: _Outcome, seed: int) -> str:
     """Under the lock: close the lease, then append the row (or record the failure or the pruning)."""
     journal = plan.journal
     with journal.locked():
         state = load_state(journal)
         now = time.time()
-        common = {"seed": plan.seed, "hyp": lease.hyp}
+        common = {"seed": seed, "hyp": lease.hyp}
         if state is None or not reclaim_lease(state, lease):
             reason = "lease expired and its slot went to another worker; result dropped"
             journal.append_record(lease_record(lease, "stale", now, reason=reason, **common))
@@ -355,7 +365,7 @@ def _finish(plan: _Plan, lease: Lease, outcome: _Outcome) -> str:
         save_state(journal, state)
         child = np.array([lease.hyp[key] for key in plan.hyp_keys])
         row = journal.append_rows(outcome.values, child)
-        journal.append_record(lease_record(lease, "ok", now, row=row, seed=plan.seed))  # its hyp is the row
+        journal.append_record(lease_record(lease, "ok", now, row=row, seed=seed))  # its hyp is the row
         population = journal.read_population(plan.hyp_keys)
         artifacts.write_hyp_evolve(journal.run_dir, population)
         artifacts.write_evolve_population(journal.run_dir, population)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from orchestrator.evolution.repeats import distinct_ranked
+
 # A gene whose range is low > 0 and high/low >= LOG_RATIO evolves on a log scale.
 LOG_RATIO = 100.0
 REDRAW_ATTEMPTS = 100
@@ -40,15 +42,16 @@ class SearchContext:
         return self.gains, self.lows, self.highs
 
     def ranked(self) -> np.ndarray:
-        """Indices of the rows with a finite fitness and finite genes, best first (ties: earlier row)."""
-        usable = np.flatnonzero(np.isfinite(self.fitness) & np.all(np.isfinite(self.hyps), axis=1))
-        return usable[np.argsort(-self.fitness[usable], kind="stable")]
+        """Indices of the rows with a finite fitness and finite genes, best first (ties: earlier
+        row); repeated genes appear once, at their earliest row, ranked by their mean fitness."""
+        return distinct_ranked(self.hyps, self.fitness)
 
 
 @dataclass(frozen=True)
 class Proposal:
     child: np.ndarray
     parents: tuple[int, ...]  # the evolve.csv rows it came from
+    repeat: bool = False  # the child is a row trained once more (see repeats.py), not a new one
 
 
 @dataclass(frozen=True)

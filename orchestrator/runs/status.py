@@ -154,7 +154,7 @@ def collect_status(run: str, run_dir: Path, backend: str, workers: Sequence[Work
         done=done,
         failed_attempts=sum(record.get("status") == "failed" for record in records),
         in_flight=len(state.leases) if state else 0,
-        best_fitness=float(fitness[best]) if best is not None else None,
+        best_fitness=float(population.pooled()[0][best]) if best is not None else None,
         best_generation=best,
         seconds_per_generation=float(np.mean(seconds[-ETA_WINDOW:])) if seconds else None,
         eta_seconds=estimate_eta(generations - done, seconds, active) if generations is not None else None,
