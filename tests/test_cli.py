@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,12 +15,14 @@ from conftest import FakeBackend, assert_one_line_error, invoke, write_data_yaml
 from orchestrator.cli import commands as cli
 from orchestrator.evolution.journal import Journal, format_header, run_columns
 from orchestrator.evolution.leases import RunRequest, prepare_run
+from orchestrator.evolution.loop import run_worker
 from orchestrator.evolution.search_space import SearchSpace
 from orchestrator.runs.inputs import stage_local
 from orchestrator.runs.plan import TrainerOptions, parse_worker_key
 from trainer.checkpoint import save_checkpoint
 from trainer.config import Hyp
 from trainer.errors import UserError
+from trainer.results import ValidationResult
 
 COMMANDS = ("start", "ddp", "status", "attach", "logs", "stop", "kill-all", "results", "compose")
 MISSING_ENGINE = "unix:///nonexistent/docker.sock"
@@ -232,6 +235,46 @@ def test_results_without_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     (tmp_path / "runs" / "evolve" / "r1").mkdir(parents=True)
     result = invoke("results", "--name", "r1")
     assert result.exit_code == 0 and "no generation has finished yet" in result.output
+
+
+def _damaged_run(run_dir: Path) -> bytes:
+    """A finished 3-generation run whose evolve.csv has its second row torn in the middle of the file."""
+    space = SearchSpace.load()
+    run_worker(run_dir, Hyp(), space, 3, lambda hyp, context: ValidationResult(*[0.5] * 7), "w0", 0,
+               plot_interval=None)
+    lines = (run_dir / "evolve.csv").read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2][:60] + b"\n"
+    (run_dir / "evolve.csv").write_bytes(b"".join(lines))
+    records = (run_dir / "evolve_meta.jsonl").read_bytes().splitlines(keepends=True)
+    (run_dir / "evolve_meta.jsonl").write_bytes(b"".join([records[0], b"{oops\n", *records[1:]]))
+    return b"".join(lines)
+
+
+@pytest.mark.parametrize("command", ["results", "status"])
+def test_results_and_status_skip_a_damaged_row_with_one_warning(tmp_path: Path, command: str) -> None:
+    run_dir = tmp_path / "runs" / "evolve" / "exp"
+    before = _damaged_run(run_dir)
+    evolvectl = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
+    flags = ["--name", "exp", *(["--backend", "local"] if command == "status" else [])]
+    result = subprocess.run([*evolvectl, command, *flags], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stderr
+    csv_warning, meta_warning = result.stderr.splitlines()
+    assert csv_warning.startswith(f"Warning: {run_dir / 'evolve.csv'}: line 3: 3 values where the header has")
+    assert meta_warning == f"Warning: {run_dir / 'evolve_meta.jsonl'}: line 2: not a JSON object. Ignored and left in the file"
+    assert "Traceback" not in result.stderr and "numpy" not in result.stderr
+    assert (run_dir / "evolve.csv").read_bytes() == before
+
+
+def test_start_reports_damaged_rows_before_it_launches(fake_backend: FakeBackend, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    before = _damaged_run(tmp_path / "runs" / "evolve" / "exp")
+    with caplog.at_level(logging.WARNING):
+        result = invoke("start", "--cpu-workers", "1", "--generations", "5")
+    assert result.exit_code == 0, result.output
+    assert [plan.generations for plan in fake_backend.plans] == [5]
+    [warning] = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert "evolve.csv: line 3: 3 values where the header has" in warning
+    assert (tmp_path / "runs" / "evolve" / "exp" / "evolve.csv").read_bytes() == before
 
 
 def test_worker_keys() -> None:

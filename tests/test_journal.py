@@ -20,6 +20,9 @@ from orchestrator.evolution import artifacts
 from orchestrator.evolution.journal import (
     Journal,
     Population,
+    damage_report,
+    format_header,
+    format_rows,
     parse_evolve_csv,
     run_columns,
 )
@@ -213,9 +216,26 @@ def test_best_row_ranks_repeated_genes_by_their_mean() -> None:
 def test_a_file_that_is_not_an_evolve_csv_is_a_user_error() -> None:
     with pytest.raises(UserError, match="not an evolve.csv"):
         parse_evolve_csv(b"a,b,c\n1,2,3\n", "other.csv")
-    header = ",".join(f"{name:>20s}" for name in (*RESULT_COLUMNS, "lr0")).encode() + b"\n"
-    with pytest.raises(UserError, match="malformed row"):
-        parse_evolve_csv(header + b"1,2,3,4,5,6,7,oops\n", "bad.csv")
+
+
+def test_damaged_lines_become_nan_rows_in_place_and_are_named() -> None:
+    header = format_header(["lr0"])
+    row = format_rows(np.arange(7.0), np.array([0.01]))
+    data = header + row + header + row[:30] + b"\n" + b"\n" + row.replace(b"0.01", b"oops") + b"# tuned by hand\n" + row
+    population = parse_evolve_csv(data + row[:40], "evolve.csv")  # and a torn last line, still ignored
+    assert len(population) == 7 and population.hyp_keys == ("lr0",)
+    assert [row.describe() for row in population.damaged] == [
+        "line 3: a second header line",
+        "line 4: 2 values where the header has 8 columns",
+        "line 5: an empty line",
+        "line 6: value 8 ('oops') is not a number",
+        "line 7: 1 value where the header has 8 columns",
+    ]
+    assert list(population.whole()) == [0, 6]  # row numbers stay line - 2
+    assert np.isnan(population.results[1:6]).all() and population.best_row() == 0
+    report = damage_report("evolve.csv", population.damaged)
+    assert report.startswith("evolve.csv: line 3: a second header line; line 4: ") and "and 2 more" in report
+    assert parse_evolve_csv(header + row + row, "evolve.csv").damaged == ()  # the fast path
 
 
 def _small_population() -> Population:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -16,7 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.evolution.journal import Journal, run_columns
+from orchestrator.evolution.journal import (
+    Journal,
+    format_header,
+    format_rows,
+    run_columns,
+)
 from orchestrator.evolution.leases import (
     RunState,
     WorkerIdentity,
@@ -294,6 +300,55 @@ def test_a_yolov5_run_directory_with_matching_columns_is_continued(tmp_path: Pat
     population = Journal(run_dir).read_population((*KEYS, "anchors"))
     assert len(population) == 3  # its own row is kept as a result, then 2 new generations
     assert _state(run_dir)["imported_rows"] == 1
+
+
+def test_a_damaged_row_mid_file_is_skipped_with_one_warning_and_left_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    _evolve(run_dir, 3)
+    csv = run_dir / "evolve.csv"
+    lines = csv.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2][:60] + b"\n"  # row 1 torn by a hand edit or a writer without the lock
+    csv.write_bytes(b"".join(lines))
+    worker = FORK.Process(target=_worker_process, args=(run_dir, "w1", 6, 0.0, 5.0))  # a real worker process
+    worker.start()
+    worker.join(60)
+    assert worker.exitcode == 0
+    after = csv.read_bytes().splitlines(keepends=True)
+    assert after[:4] == lines and len(after) == 7  # nothing lost: the line is where it was, 3 rows after it
+    population = Journal(run_dir).read_population(KEYS)
+    assert [row.line for row in population.damaged] == [3] and 1 not in population.ranked()
+    new = _records(run_dir, "ok")[3:]
+    assert len(new) == 3 and all(1 not in record["parents"] for record in new)
+    with caplog.at_level(logging.WARNING):
+        _evolve(run_dir, 7)  # in this process: the warning names the file, the line and what to do
+    [warning] = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warning.startswith(f"{csv}: line 3: 3 values where the header has {len(lines[1].split(b','))} columns.")
+    assert "Ignored and left in the file; repair a line in place" in warning
+
+
+def test_a_racy_yolov5_csv_imports_every_whole_row_and_says_what_it_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Several YOLOv5 processes appending to one evolve.csv without a lock: repeated headers, a
+    torn row, and a NaN row from a training that diverged."""
+    header = format_header(KEYS)
+    hyps = np.repeat(BASE[None], 3, axis=0)
+    hyps[:, KEYS.index("lr0")] = [0.01, 0.011, 0.012]
+    rows = [format_rows(np.full(7, 0.1 * (i + 1)), hyps[i]) for i in range(3)]
+    nan_row = format_rows(np.full(7, math.nan), BASE)
+    racy = tmp_path / "racy.csv"
+    racy.write_bytes(header + rows[0] + header + rows[1][:100] + b"\n" + rows[1] + nan_row + header + rows[2])
+    with caplog.at_level(logging.WARNING):
+        _evolve(tmp_path / "run", 2, population=[racy])
+    [warning] = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warning == (f"{racy}: 3 whole rows to import, 4 skipped (1 with NaN values; line 3: a second header "
+                       "line; line 4: 5 values where the header has 35 columns; line 7: a second header line)")
+    population = Journal(tmp_path / "run").read_population(KEYS)
+    np.testing.assert_allclose(population.hyps[:3], hyps, rtol=1e-4)
+    assert len(population) == 5 and population.damaged == ()
+    assert _records(tmp_path / "run", "imported")[0]["rows"] == [0, 2]
 
 
 def test_leases_expire_into_retries_of_the_same_child_then_are_given_up() -> None:

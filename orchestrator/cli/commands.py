@@ -8,6 +8,7 @@ means runs/evolve and runs/train) and use the backend it was started with.
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,8 @@ class EvolvectlGroup(click.Group):
 @click.version_option(__version__, prog_name="evolvectl")
 def main() -> None:
     """Hyperparameter evolution for YOLO-family detectors: one worker per GPU, one shared evolve.csv."""
+    # What the run's files hold that a command works around (a damaged evolve.csv line) is one line each.
+    logging.basicConfig(format="Warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
 
 
 @main.command(context_settings=CONTEXT)

@@ -10,7 +10,9 @@ This module is the only writer of a run directory's journal:
 Appends are one `os.write` of whole lines on an O_APPEND descriptor, then fsync, all under
 the lock. A writer killed mid-write leaves a last line without a newline: readers ignore
 it and the next writer truncates it before appending. `claims.json` and derived files are
-replaced atomically (temporary file in the same folder, fsync, `os.replace`).
+replaced atomically (temporary file in the same folder, fsync, `os.replace`). A damaged line in
+the middle of a file (a hand edit, a writer without our lock) is skipped with one warning and
+left where it is, so row numbers keep matching the file's lines.
 
 NFS: `FileLock` uses flock(2). The kernel drops a flock when its holder dies, so a killed
 worker never blocks the others. On NFSv4 Linux maps flock to POSIX byte-range locks held
@@ -26,8 +28,10 @@ opens the files again after taking it (close-to-open consistency).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -50,6 +54,8 @@ STATE_NAME = "claims.json"
 LOCK_NAME = "evolve.lock"
 STOP_NAME = "STOP"
 
+logger = logging.getLogger(__name__)
+
 
 class JournalLockTimeout(RuntimeError):
     """The run directory's lock could not be taken in time."""
@@ -70,12 +76,25 @@ def format_rows(results: np.ndarray, hyps: np.ndarray) -> bytes:
 
 
 @dataclass(frozen=True)
+class DamagedRow:
+    """A line of an evolve.csv that is not a row of numbers: a hand edit, a torn write by a writer
+    without our lock, a second header where two runs were concatenated."""
+
+    line: int  # in the file, from 1 (the header)
+    reason: str
+
+    def describe(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+@dataclass(frozen=True)
 class Population:
     """The rows of evolve.csv: 7 results and the hyperparameters of each generation."""
 
     hyp_keys: tuple[str, ...]
     results: np.ndarray  # (rows, 7)
     hyps: np.ndarray  # (rows, len(hyp_keys))
+    damaged: tuple[DamagedRow, ...] = ()  # lines that are not rows: all NaN here, so row numbers stay line - 2
 
     def __len__(self) -> int:
         return len(self.results)
@@ -98,6 +117,11 @@ class Population:
         ranked = self.ranked()
         return int(ranked[0]) if ranked.size else None
 
+    def whole(self) -> np.ndarray:
+        """Rows whose results and genes are all numbers (not damaged lines, not NaN results)."""
+        finite = np.all(np.isfinite(self.results), axis=1) & np.all(np.isfinite(self.hyps), axis=1)
+        return np.flatnonzero(finite)
+
     def hyp_at(self, row: int) -> dict[str, float]:
         return {key: float(value) for key, value in zip(self.hyp_keys, self.hyps[row])}
 
@@ -107,22 +131,71 @@ class Population:
 
 
 def parse_evolve_csv(data: bytes, source: str) -> Population:
-    """Parse evolve.csv bytes, ignoring a torn last line (one without its newline)."""
+    """Parse evolve.csv bytes, ignoring a torn last line (one without its newline).
+
+    A line in the middle that is not a row of numbers (`DamagedRow`) does not stop the reading:
+    it becomes a row of NaN, which never ranks and is never a parent, and is listed in
+    `Population.damaged`. The file itself is left as it is.
+    """
     complete = data[: data.rfind(b"\n") + 1]
     header, _, body = complete.partition(b"\n")
-    names = [name.strip() for name in header.decode().split(",")] if header else []
+    names = [name.strip() for name in header.decode(errors="replace").split(",")] if header else []
     if tuple(names[: len(RESULT_COLUMNS)]) != RESULT_COLUMNS:
         raise UserError(f"{source} is not an evolve.csv: its header must start with {', '.join(RESULT_COLUMNS)}")
     hyp_keys = tuple(names[len(RESULT_COLUMNS) :])
     if not body:
         return Population.empty(hyp_keys)
+    lines = body.split(b"\n")[:-1]
     try:
-        table = np.loadtxt(io.BytesIO(body), delimiter=",", ndmin=2)
-    except ValueError as error:
-        raise UserError(f"{source} has a malformed row: {error}") from None
-    if table.shape[1] != len(names):
-        raise UserError(f"{source} has {table.shape[1]} values per row but {len(names)} columns")
-    return Population(hyp_keys, table[:, : len(RESULT_COLUMNS)], table[:, len(RESULT_COLUMNS) :])
+        table = np.loadtxt(io.BytesIO(body), delimiter=",", ndmin=2, comments=None)
+    except ValueError:
+        table = None
+    if table is None or table.shape != (len(lines), len(names)):  # an empty line is skipped by numpy, not here
+        table, damaged = _parse_lines(lines, len(names))
+    else:
+        damaged = ()
+    return Population(hyp_keys, table[:, : len(RESULT_COLUMNS)], table[:, len(RESULT_COLUMNS) :], damaged)
+
+
+def _parse_lines(lines: Sequence[bytes], width: int) -> tuple[np.ndarray, tuple[DamagedRow, ...]]:
+    """The slow path: every line on its own, damaged ones as NaN rows."""
+    table = np.full((len(lines), width), np.nan)
+    damaged = []
+    for index, line in enumerate(lines):
+        values, reason = _parse_line(line, width)
+        if reason is None:
+            table[index] = values
+        else:
+            damaged.append(DamagedRow(index + 2, reason))
+    return table, tuple(damaged)
+
+
+def _parse_line(line: bytes, width: int) -> tuple[list[float], str | None]:
+    fields = line.decode(errors="replace").split(",")
+    if not line.strip():
+        return [], "an empty line"
+    if fields[0].strip() == RESULT_COLUMNS[0]:
+        return [], "a second header line"
+    if len(fields) != width:
+        return [], f"{len(fields)} value{'s' if len(fields) > 1 else ''} where the header has {width} columns"
+    values = []
+    for column, field in enumerate(fields, start=1):
+        try:
+            values.append(float(field))
+        except ValueError:
+            shown = field.strip()
+            shown = shown if len(shown) <= 24 else shown[:21] + "..."
+            return [], f"value {column} ({shown!r}) is not a number"
+    return values, None
+
+
+def damage_report(source: str | Path, damaged: Sequence[DamagedRow], limit: int = 3) -> str:
+    """One line for the user: which lines are damaged (the first few), and what happens to them."""
+    shown = "; ".join(row.describe() for row in damaged[:limit])
+    more = f"; and {len(damaged) - limit} more" if len(damaged) > limit else ""
+    advice = "" if str(source).endswith(META_NAME) else (
+        "; repair a line in place to use its row (deleting a line renumbers the rows after it)")
+    return f"{source}: {shown}{more}. Ignored and left in the file{advice}"
 
 
 def read_evolve_csv(path: Path) -> Population:
@@ -155,7 +228,7 @@ def check_hyp_keys(found: Sequence[str], expected: Sequence[str], source: str) -
 def check_hyp_rows(population: Population, source: str) -> None:
     """A UserError naming the first row of a file not written by this run whose hyperparameters
     are outside their valid ranges: as a parent, it would pass them on to its children."""
-    for row in range(len(population)):
+    for row in population.whole():
         Hyp.from_dict(population.hyp_at(row), source=f"{source}, data row {row + 1}")
 
 
@@ -181,10 +254,10 @@ def load_population_seed(paths: Sequence[str | Path], base_hyp: Hyp, hyp_keys: S
             found = read_evolve_csv(path)
             if sorted(found.hyp_keys) == sorted(hyp_keys):  # same keys, maybe another order
                 order = [found.hyp_keys.index(key) for key in hyp_keys]
-                found = Population(tuple(hyp_keys), found.results, found.hyps[:, order])
+                found = dataclasses.replace(found, hyp_keys=tuple(hyp_keys), hyps=found.hyps[:, order])
             check_hyp_keys(found.hyp_keys, hyp_keys, str(path))
             check_hyp_rows(found, str(path))
-            imported.append((str(path), found))
+            imported.append((str(path), _whole_rows(found, path)))
             continue
         for name, given in _seed_hyps(path):
             if given.get("anchors") is not None and "anchors" not in hyp_keys:
@@ -192,6 +265,19 @@ def load_population_seed(paths: Sequence[str | Path], base_hyp: Hyp, hyp_keys: S
                                 "evolve it")
             queued.append((str(path), {key: float(given.get(key, base[key])) for key in hyp_keys}))
     return PopulationSeed(tuple(imported), tuple(queued))
+
+
+def _whole_rows(found: Population, path: Path) -> Population:
+    """The rows of a population file worth importing: a file written by several YOLOv5 processes
+    without a lock holds repeated headers and torn rows, and a diverged training leaves NaN."""
+    whole = found.whole()
+    skipped = len(found) - len(whole)
+    if skipped:
+        nan_rows = skipped - len(found.damaged)
+        reasons = [f"{nan_rows} with NaN values"] if nan_rows else []
+        reasons += [row.describe() for row in found.damaged[:3]] + (["..."] if len(found.damaged) > 3 else [])
+        logger.warning("%s: %d whole rows to import, %d skipped (%s)", path, len(whole), skipped, "; ".join(reasons))
+    return Population(found.hyp_keys, found.results[whole], found.hyps[whole])
 
 
 def _seed_hyps(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -265,6 +351,7 @@ class Journal:
         if b"\n" not in data:
             return Population.empty(hyp_keys or ())
         population = parse_evolve_csv(data, str(self.csv_path))
+        _warn_once(self.csv_path, population.damaged)
         if hyp_keys is not None:
             check_hyp_keys(population.hyp_keys, hyp_keys, str(self.csv_path))
         return population
@@ -289,7 +376,18 @@ class Journal:
             data = self.meta_path.read_bytes()
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line]
+        records, damaged = [], []
+        for number, line in enumerate(data[: data.rfind(b"\n") + 1].splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif line.strip():
+                damaged.append(DamagedRow(number, "not a JSON object"))
+        _warn_once(self.meta_path, damaged)
+        return records
 
     def stop_requested(self) -> bool:
         return self.stop_path.exists()
@@ -329,6 +427,17 @@ class Journal:
 
     def clear_stop(self) -> None:
         self.stop_path.unlink(missing_ok=True)
+
+
+_warned: set[tuple[str, tuple[int, ...]]] = set()
+
+
+def _warn_once(path: Path, damaged: Sequence[DamagedRow]) -> None:
+    """Log the damaged lines of a run's file once per process, and again when they change."""
+    key = (str(path), tuple(row.line for row in damaged))
+    if damaged and key not in _warned:
+        _warned.add(key)
+        logger.warning("%s", damage_report(path, damaged))
 
 
 def _append_lines(path: Path, lines: bytes, count_lines: bool = False) -> int:

@@ -239,8 +239,9 @@ def _check_existing_run(journal: Journal, hyp_keys: Sequence[str], search: str |
     header = journal.read_header()
     if header is not None:
         check_hyp_keys(header, hyp_keys, str(journal.csv_path))
+        population = journal.read_population(hyp_keys)  # warns about damaged lines, which the workers skip
         if values is None:  # an evolve.csv from elsewhere (a YOLOv5 run), about to be continued
-            check_hyp_rows(journal.read_population(hyp_keys), str(journal.csv_path))
+            check_hyp_rows(population, str(journal.csv_path))
 
 
 def _new_state(journal: Journal, hyp_keys: Sequence[str], seed: PopulationSeed, request: RunRequest) -> RunState:
@@ -253,6 +254,7 @@ def _new_state(journal: Journal, hyp_keys: Sequence[str], seed: PopulationSeed, 
             continue
         first = journal.append_rows(rows.results, rows.hyps)
         state.imported_rows += len(rows)
+        logger.info("%s: imported %d rows from %s", journal.csv_path, len(rows), source)
         span = [first, first + len(rows) - 1]
         journal.append_record({"status": "imported", "source": source, "rows": span, "end": timestamp(time.time())})
     state.queue = [{"hyp": hyp, "source": f"population:{source}"} for source, hyp in seed.queued]
