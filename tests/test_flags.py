@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import click
 import pytest
@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from trainer import cli, val
 from trainer.config import NO_FLAG, LaunchSettings, TrainConfig, flag
+from trainer.cpus import default_loader_workers
 from trainer.errors import UserError
 from trainer.flags import FrozenLayers, config_options, field_values, option_specs
 
@@ -30,7 +31,8 @@ def test_every_train_config_field_but_the_documented_ones_has_a_flag() -> None:
 def test_the_command_line_defaults_are_the_fields_defaults() -> None:
     training, launch = cli.split_training_options(cli.parse_arguments([]))
     assert training["cfg"] is None  # "the --weights' model, else yolov5n": build_config decides
-    assert cli.build_config(training) == TrainConfig()
+    assert training["workers"] is None  # sized to the machine's CPUs: build_config decides (test_cpus.py)
+    assert cli.build_config(training) == replace(TrainConfig(), workers=default_loader_workers(TrainConfig.batch_size))
     assert LaunchSettings(**field_values(LaunchSettings, launch)) == LaunchSettings()
     parsed = cli.parse_arguments(["--weights", "w.pt"], val.main, "python -m trainer.val")
     assert val.ValConfig(**field_values(val.ValConfig, parsed)) == val.ValConfig(weights="w.pt")

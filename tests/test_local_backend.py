@@ -23,6 +23,7 @@ from orchestrator.cli.commands import main
 from orchestrator.evolution.journal import Journal
 from orchestrator.runs.plan import LaunchPlan, TrainerOptions, WorkerSlot
 from orchestrator.runs.status import collect_status
+from trainer.cpus import WORKERS_ON_HOST, default_loader_workers
 from trainer.errors import UserError
 
 FAKE_WORKER = '''
@@ -250,7 +251,7 @@ def test_the_real_trainer_as_local_workers(tmp_path: Path, monkeypatch: pytest.M
     data = write_data_yaml(tmp_path, train=16, val=8, size=64)
     try:
         result = cli("start", "--backend", "local", "--cpu-workers", "2", "--generations", "4", "--data", str(data),
-                     "--epochs", "1", "--imgsz", "64", "--batch-size", "8", "--workers", "0", "--name", "real",
+                     "--epochs", "1", "--imgsz", "64", "--batch-size", "8", "--name", "real",
                      "--wait", "--", "--noautoanchor")
     finally:
         LocalBackend(tmp_path / "runs" / "evolve").remove_all(None)
@@ -262,3 +263,5 @@ def test_the_real_trainer_as_local_workers(tmp_path: Path, monkeypatch: pytest.M
     assert "budget reached" in result.output and "Top 4 of 4 generations" in result.output
     for key in ("cpu0", "cpu1"):  # both ran the real trainer on the shared run and saw the budget met
         assert f"Worker evolvectl-real-{key}: budget reached" in logs
+    loaders = default_loader_workers(8, {WORKERS_ON_HOST: "2"})  # the host's CPUs shared by 2 workers
+    assert logs.count(f", {loaders} loader workers per process") == 4, logs

@@ -17,8 +17,15 @@ import click
 
 from trainer import __version__, dist
 from trainer.config import DEFAULT_MODEL, Hyp, LaunchSettings, TrainConfig
+from trainer.cpus import default_loader_workers
 from trainer.errors import UserError
-from trainer.flags import CONTEXT_SETTINGS, Command, config_options, field_values, split_options
+from trainer.flags import (
+    CONTEXT_SETTINGS,
+    Command,
+    config_options,
+    field_values,
+    split_options,
+)
 from trainer.paths import resolve_config
 from trainer.progress import setup_logging
 
@@ -66,7 +73,11 @@ def build_config(options: Mapping[str, Any]) -> TrainConfig:
     weights = load_weights(values["weights"]) if values.get("weights") else None
     model = values.get("cfg") or (weights.model_name() if weights else DEFAULT_MODEL)
     resolve_config(model, "models")
-    return TrainConfig(**{**values, "cfg": model, "hyp": hyp, "hyp_path": hyp_path})
+    workers = values.get("workers")
+    if workers is None:
+        batch = values.get("batch_size", TrainConfig.batch_size)
+        workers = default_loader_workers(batch // max(1, int(os.environ.get("WORLD_SIZE", "1"))))
+    return TrainConfig(**{**values, "cfg": model, "hyp": hyp, "hyp_path": hyp_path, "workers": workers})
 
 
 def launch_ddp(devices: list[str], launch: LaunchSettings) -> int:

@@ -196,7 +196,9 @@ class TrainConfig:
     imgsz: int = field(default=640, metadata=flag("train and val image size (pixels)",
                                                   aliases=("--img", "--img-size"), low=32))
     device: str = field(default="", metadata=flag("cuda device, i.e. 0 or 0,1,2,3 (DDP) or cpu"))
-    workers: int = field(default=8, metadata=flag("dataloader workers per process", low=0))
+    workers: int = field(default=8, metadata=flag(
+        "dataloader workers per process; default: 8, at most the CPUs available over the processes sharing "
+        "them, and the batch per process", low=0, optional=True))
     project: str = field(default="runs/train", metadata=flag("save to project/name"))
     name: str = field(default="exp", metadata=flag("save to project/name"))
     exist_ok: bool = field(default=False, metadata=flag("existing project/name ok, do not increment"))

@@ -187,9 +187,9 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
 def ready_loop(parts: TrainingParts, cfg: TrainConfig, ctx: DistContext, prepared: PreparedData,
                start_epoch: int) -> MultiScale | None:
     """Say what will train, record CUDA graphs where they apply; returns --multi-scale's resizer."""
-    LOGGER.info("Training %s for %d epochs: %d images, batch %d (%d per process × %d), %s",
-                cfg.cfg, cfg.epochs, len(prepared.train_set), cfg.batch_size, cfg.batch_size // ctx.world_size,
-                ctx.world_size, ctx.device)
+    LOGGER.info("Training %s for %d epochs: %d images, batch %d (%d per process × %d), %s, %d loader workers "
+                "per process", cfg.cfg, cfg.epochs, len(prepared.train_set), cfg.batch_size,
+                cfg.batch_size // ctx.world_size, ctx.world_size, ctx.device, cfg.workers)
     if not (cfg.multi_scale or cfg.rect):  # graphs replay one input shape
         capture_graphs(parts, cfg.batch_size // ctx.world_size, cfg.imgsz, ctx.device,
                        steps=(cfg.epochs - start_epoch) * len(prepared.train_loader))

@@ -91,7 +91,8 @@ def _training_options(evolution: bool) -> list[Callable[..., Any]]:
                      help=None if evolution else "total batch size over all processes (the trainer's default: 16)"),
         click.option("--imgsz", type=click.IntRange(min=32), default=None, help="image size (pixels)"),
         click.option("--workers", type=click.IntRange(min=0), default=None,
-                     help="dataloader processes per " + ("worker" if evolution else "training process")),
+                     help="dataloader processes per " + ("worker" if evolution else "training process")
+                     + " (default: 8, at most the host's CPUs over the processes sharing them)"),
         click.option("--seed", type=int, default=None,
                      help="training seed of every generation" if evolution else "training seed"),
     ]

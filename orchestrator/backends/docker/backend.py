@@ -54,6 +54,7 @@ from orchestrator.runs.names import DDP_KEY
 from orchestrator.runs.plan import LaunchPlan, WorkerSlot
 from orchestrator.runs.record import is_ddp_run
 from orchestrator.runs.status import WorkerState
+from trainer.cpus import WORKERS_ON_HOST
 from trainer.errors import UserError
 
 PROJECT_ROOT = Path(orchestrator.__file__).resolve().parent.parent
@@ -85,7 +86,7 @@ def worker_specs(
     specs = []
     for slot in plan.slots:
         spec = worker_spec(plan.run, slot.gpu, slot.slot, image, plan.run_dir, staged.dataset_dir, arguments,
-                           environment=_environment(slot, user, cpu_workers), shm_size=shm_size,
+                           environment=_environment(slot, user, cpu_workers, len(plan.slots)), shm_size=shm_size,
                            max_restarts=max_restarts)
         # Only the run's own folder is mounted (at the /runs/evolve/<run> the trainer writes to), not a
         # whole runs volume, so one run's workers cannot touch another's files.
@@ -93,8 +94,8 @@ def worker_specs(
     return specs
 
 
-def _environment(slot: WorkerSlot, user: str, cpu_workers: int) -> dict[str, str]:
-    environment = {}
+def _environment(slot: WorkerSlot, user: str, cpu_workers: int, workers_on_host: int) -> dict[str, str]:
+    environment = {WORKERS_ON_HOST: str(workers_on_host)}  # loader processes share the host's CPUs
     if slot.gpu is not None:
         environment["EVOLVECTL_GPU"] = str(slot.gpu)  # the host's index, for provenance (inside it is GPU 0)
     else:

@@ -35,6 +35,7 @@ from orchestrator.runs.inputs import stage_local
 from orchestrator.runs.names import DDP_KEY
 from orchestrator.runs.plan import LaunchPlan, WorkerSlot
 from orchestrator.runs.status import ACTIVE_STATES, WorkerState
+from trainer.cpus import WORKERS_ON_HOST
 from trainer.errors import UserError
 from trainer.ranks import descendants, process_table, signal_ranks
 
@@ -292,6 +293,7 @@ def _local_environment() -> dict[str, str]:
 def _worker_environment(slot: WorkerSlot, plan: LaunchPlan) -> dict[str, str]:
     """This host's environment, with the project importable and CPU workers sharing the cores."""
     environment = _local_environment()
+    environment[WORKERS_ON_HOST] = str(len(plan.slots))  # loader processes share the host's CPUs
     if slot.gpu is not None:
         environment["EVOLVECTL_GPU"] = str(slot.gpu)
     else:
