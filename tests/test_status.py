@@ -146,6 +146,24 @@ def test_collect_status_joins_the_journal_with_the_workers(tmp_path: Path) -> No
     assert (cpu2.results, cpu2.best_fitness, cpu2.generation, cpu2.epoch) == (0, None, None, None)
 
 
+def test_a_worker_that_stopped_on_an_error_says_why(tmp_path: Path) -> None:
+    run_dir = tmp_path / "r1"
+    run_worker(run_dir, Hyp(), SearchSpace.load(), 1, smooth, "evolvectl-r1-cpu0", seed=0, plot_interval=None)
+    full = "Error: cannot write /runs/r1/claims.json: No space left on device (ENOSPC); free space there"
+    workers = [
+        WorkerState("cpu0", "evolvectl-r1-cpu0", "exited", exit_code=74, log_tail=f"Epoch 1/3\n{full}\n"),
+        WorkerState("cpu1", "evolvectl-r1-cpu1", "restarting", restarts=1, exit_code=1, log_tail="Traceback ...\n"),
+        WorkerState("cpu2", "evolvectl-r1-cpu2", "exited", exit_code=0, log_tail="Error: an old line\n"),
+        WorkerState("cpu3", "evolvectl-r1-cpu3", "exited", exit_code=74),  # its log was on the full disk
+    ]
+    report = collect_status("r1", run_dir, "local", workers)
+    assert [row.error for row in report.workers][:3] == [full.removeprefix("Error: "), None, None]
+    assert report.workers[3].error.startswith("cannot write (a full or read-only disk)")
+    console = Console(width=200, record=True)
+    console.print(render_status(report))
+    assert f"cpu0 stopped: {full.removeprefix('Error: ')}" in console.export_text()
+
+
 def test_collect_status_before_any_worker_wrote(tmp_path: Path) -> None:
     report = collect_status("r1", tmp_path, "docker", [WorkerState("gpu0", "evolvectl-r1-gpu0", "running")])
     assert report.progress.generations is None and report.progress.done == 0

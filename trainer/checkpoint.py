@@ -4,6 +4,7 @@ starting weights for `--weights`, from these or from YOLOv5's."""
 from __future__ import annotations
 
 import functools
+import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.errors import UserError
-from trainer.files import atomic_output, read_yaml
+from trainer.files import read_yaml, write_atomic
 from trainer.paths import CONFIGS
 from trainer.yolov5_weights import read_yolov5_weights
 
@@ -23,10 +24,13 @@ FORMAT_VERSION = 1
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write `state` to `path` so that a reader never sees a half-written file.
 
-    The temp file lives in the same folder so `os.replace` is an atomic rename.
+    The temp file lives in the same folder so `os.replace` is an atomic rename. The checkpoint
+    is serialized in memory first: torch.save writing to a full disk fails with its own
+    RuntimeError, where a plain write says ENOSPC and names the file.
     """
-    with atomic_output(path) as stream:
-        torch.save({"format_version": FORMAT_VERSION, **state}, stream)
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
+    write_atomic(path, buffer.getbuffer())
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import click
 from trainer import __version__, dist
 from trainer.config import DEFAULT_MODEL, Hyp, LaunchSettings, TrainConfig
 from trainer.cpus import default_loader_workers
-from trainer.errors import UserError
+from trainer.errors import CannotWrite, UserError
 from trainer.flags import (
     CONTEXT_SETTINGS,
     Command,
@@ -73,11 +73,15 @@ def build_config(options: Mapping[str, Any]) -> TrainConfig:
     weights = load_weights(values["weights"]) if values.get("weights") else None
     model = values.get("cfg") or (weights.model_name() if weights else DEFAULT_MODEL)
     resolve_config(model, "models")
-    workers = values.get("workers")
-    if workers is None:
-        batch = values.get("batch_size", TrainConfig.batch_size)
-        workers = default_loader_workers(batch // max(1, int(os.environ.get("WORLD_SIZE", "1"))))
+    workers = loader_workers(values.get("workers"), values.get("batch_size", TrainConfig.batch_size))
     return TrainConfig(**{**values, "cfg": model, "hyp": hyp, "hyp_path": hyp_path, "workers": workers})
+
+
+def loader_workers(given: int | None, batch_size: int) -> int:
+    """--workers as given, else sized to this machine's CPUs and the batch of each process (trainer.cpus)."""
+    if given is not None:
+        return given
+    return default_loader_workers(batch_size // max(1, int(os.environ.get("WORLD_SIZE", "1"))))
 
 
 def launch_ddp(devices: list[str], launch: LaunchSettings) -> int:
@@ -117,8 +121,8 @@ def train_command(options: Mapping[str, Any], dist_timeout: float) -> None:
         if options["resume"]:
             checkpoint = latest_checkpoint() if options["resume"] == "latest" else Path(options["resume"])
             resume_state = load_checkpoint(checkpoint)
-            cfg = TrainConfig.from_dict(resume_state["config"]).replace(
-                device=options["device"], workers=options["workers"])
+            cfg = TrainConfig.from_dict(resume_state["config"])
+            cfg = cfg.replace(device=options["device"], workers=loader_workers(options["workers"], cfg.batch_size))
             save_dir = checkpoint.parent.parent
         else:
             cfg = build_config(options)
@@ -128,6 +132,11 @@ def train_command(options: Mapping[str, Any], dist_timeout: float) -> None:
         result = run(cfg, ctx, save_dir, resume_state=resume_state, stop=stop)
         if ctx.is_main:
             LOGGER.info("Results saved to %s (best fitness %.4f)", save_dir, result.best_fitness)
+    except OSError as error:
+        full = CannotWrite.from_os_error(error)
+        if full is None:
+            raise
+        raise full from None
     finally:
         dist.cleanup()
 

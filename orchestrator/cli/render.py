@@ -126,7 +126,8 @@ def render_status(report: StatusReport) -> RenderableType:
     header = Text(f"{report.backend} workers of {report.progress.run_dir}", style="dim")
     if not report.workers:
         return Group(render_progress(report.progress), header, Text("no workers", style="yellow"))
-    return Group(render_progress(report.progress), header, render_workers(report.workers))
+    reasons = [Text(f"{row.key} stopped: {row.error}", style="red") for row in report.workers if row.error]
+    return Group(render_progress(report.progress), header, render_workers(report.workers), *reasons)
 
 
 def summary_table(population: Population, base_hyp: Hyp, top: int = 5) -> Table:

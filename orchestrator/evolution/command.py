@@ -28,7 +28,7 @@ from orchestrator.evolution.search import DEFAULT_SEARCH, SEARCHES
 from orchestrator.evolution.search_space import SearchSpace
 from trainer.cli import build_config, parse_arguments, split_training_options, training_options
 from trainer.config import TrainConfig
-from trainer.errors import UserError
+from trainer.errors import CannotWrite, UserError
 from trainer.paths import resolve_config
 
 LOGGER = logging.getLogger("trainer")
@@ -145,4 +145,10 @@ def main(**options: Any) -> None:
     total of generations is reached. Training flags are those of `python -m trainer`.
     """
     logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stderr)
-    evolve(evolution_inputs(options))
+    try:
+        evolve(evolution_inputs(options))
+    except OSError as error:  # the journal's own writes: a full or read-only disk is one line, and no restart
+        full = CannotWrite.from_os_error(error)
+        if full is None:
+            raise
+        raise full from None

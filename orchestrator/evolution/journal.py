@@ -449,10 +449,17 @@ def _append_lines(path: Path, lines: bytes, count_lines: bool = False) -> int:
     try:
         size = _truncate_torn_tail(descriptor)
         existing = os.pread(descriptor, size, 0).count(b"\n") if count_lines and size else 0
-        written = os.write(descriptor, lines)
-        while written < len(lines):  # a short write is rare on local disks but legal
-            written += os.write(descriptor, lines[written:])
-        os.fsync(descriptor)
+        try:
+            written = os.write(descriptor, lines)
+            while written < len(lines):  # a short write is rare on local disks but legal
+                written += os.write(descriptor, lines[written:])
+            os.fsync(descriptor)
+        except OSError:
+            os.ftruncate(descriptor, size)  # a full disk took some of the lines: none of them count
+            raise
+    except OSError as error:
+        error.filename = error.filename or str(path)  # a failed write names no file
+        raise
     finally:
         os.close(descriptor)
     return existing

@@ -53,7 +53,7 @@ from orchestrator.evolution.repeats import trainings_of
 from orchestrator.evolution.search import Search, search_named
 from orchestrator.evolution.search_space import SearchSpace
 from trainer.config import Hyp
-from trainer.errors import TrainingDiverged
+from trainer.errors import CannotWrite, TrainingDiverged
 from trainer.results import ValidationResult
 
 logger = logging.getLogger(__name__)
@@ -292,7 +292,8 @@ class _Outcome:
 
 
 def _evaluate(objective: Objective, hyp: Hyp, context: GenerationContext) -> _Outcome:
-    """Call the objective and classify how it ended. Never raises Exception."""
+    """Call the objective and classify how it ended. Raises only CannotWrite (a full or read-only
+    disk), which no retry can fix."""
     try:
         result = objective(hyp, context)
     except GenerationPruned as pruned:
@@ -302,6 +303,8 @@ def _evaluate(objective: Objective, hyp: Hyp, context: GenerationContext) -> _Ou
     except TrainingDiverged as error:
         return _Outcome("failed", kind="diverged", reason=str(error))
     except Exception as error:
+        if isinstance(error, OSError) and (full := CannotWrite.from_os_error(error, context.run_dir)) is not None:
+            raise full from None  # every later generation would fail the same way: the worker stops
         # torch.cuda.OutOfMemoryError is recognised by name so this module needs no torch.
         kind = "oom" if type(error).__name__ == "OutOfMemoryError" else "crash"
         logger.exception("claim %d: generation failed", context.claim)

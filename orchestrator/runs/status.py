@@ -20,6 +20,7 @@ import yaml
 
 from orchestrator.evolution.journal import Journal
 from orchestrator.evolution.leases import load_state
+from trainer.errors import CannotWrite
 from trainer.results import ValidationResult
 
 # States in which a worker is (or is about to be) training.
@@ -44,7 +45,7 @@ class WorkerState:
     state: str  # running, restarting, starting, exited, dead, created, ...
     restarts: int = 0
     exit_code: int | None = None
-    log_tail: str = ""
+    log_tail: str = ""  # the end of its output: while it runs, and after it failed
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class WorkerRow:
     results: int  # rows it added to evolve.csv
     last_fitness: float | None
     best_fitness: float | None
+    error: str | None = None  # why a worker that exited non-zero stopped: its last `Error:` line
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,19 @@ class StatusReport:
     workers: tuple[WorkerRow, ...]
 
 
+def stop_reason(worker: WorkerState) -> str | None:
+    """For a worker that exited (or is restarting) with a non-zero code: the last one-line
+    `Error: ...` it printed (a full disk, a bad input), if any."""
+    if worker.state == "running" or worker.exit_code in (0, None):
+        return None
+    errors = [line for line in worker.log_tail.splitlines() if line.startswith("Error: ")]
+    if errors:
+        return errors[-1].removeprefix("Error: ")
+    if worker.exit_code == CannotWrite.exit_code:  # its log may be on the disk that is full
+        return "cannot write (a full or read-only disk): free space or make the run folder writable, then start again"
+    return None
+
+
 def current_epoch(log_tail: str) -> str | None:
     """The last `epoch/epochs` the trainer printed, e.g. '3/10'."""
     matches = _EPOCH_LINE.findall(log_tail)
@@ -140,6 +155,7 @@ def collect_status(run: str, run_dir: Path, backend: str, workers: Sequence[Work
             results=len(mine),
             last_fitness=values[-1] if values else None,
             best_fitness=max(values) if values else None,
+            error=stop_reason(worker),
         ))
     best = population.best_row()
     done = state.done(len(population)) if state else 0
@@ -225,7 +241,7 @@ def collect_training_status(run: str, run_dir: Path, backend: str, workers: Sequ
     worker_rows = tuple(
         WorkerRow(key=worker.key, state=worker.state, restarts=worker.restarts, exit_code=worker.exit_code,
                   generation=None, epoch=current_epoch(worker.log_tail) if worker.state == "running" else None,
-                  results=done, last_fitness=None, best_fitness=None)
+                  results=done, last_fitness=None, best_fitness=None, error=stop_reason(worker))
         for worker in workers
     )
     return StatusReport(backend, progress, worker_rows)

@@ -200,13 +200,14 @@ class DockerBackend:
         for container in self._run_containers(run, run_dir):
             attributes = container.attrs
             running = container.status == "running"
+            exit_code = None if running else attributes.get("State", {}).get("ExitCode")
             states.append(WorkerState(
                 key=worker_key(container),
                 worker_id=container.name,
                 state=container.status,
                 restarts=int(attributes.get("RestartCount", 0)),
-                exit_code=None if running else attributes.get("State", {}).get("ExitCode"),
-                log_tail=log_tail(container, STATUS_LOG_LINES) if running else "",
+                exit_code=exit_code,
+                log_tail=log_tail(container, STATUS_LOG_LINES) if running or exit_code not in (0, None) else "",
             ))
         return sorted(states, key=lambda state: state.key)
 

@@ -177,7 +177,8 @@ class LocalBackend:
             name = state.get("state", "starting")
             if name in ACTIVE_STATES and not process_alive(int(state.get("pid", -1))):
                 name = "dead"  # killed without a chance to record it
-            tail = _log_tail(path.with_suffix(".log")) if name == "running" else ""
+            failed = state.get("exit_code") not in (0, None)
+            tail = _log_tail(path.with_suffix(".log")) if name == "running" or failed else ""
             states.append(WorkerState(path.stem, f"evolvectl-{run}-{path.stem}", name, int(state.get("restarts", 0)),
                                       state.get("exit_code"), tail))
         return states

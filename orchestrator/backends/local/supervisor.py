@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer.errors import CannotWrite
 from trainer.files import write_atomic
 
 # A short pause before a restart, so a worker that fails at once does not spin.
@@ -30,7 +31,8 @@ def write_state(path: Path, **state: Any) -> None:
 
 
 def supervise(command: list[str], state_path: Path, max_restarts: int) -> int:
-    """Run `command` until it exits 0, is stopped, or has failed `max_restarts` + 1 times."""
+    """Run `command` until it exits 0, is stopped, cannot write (exit 74), or has failed
+    `max_restarts` + 1 times."""
     stopping = False
     child: subprocess.Popen[bytes] | None = None
 
@@ -49,7 +51,7 @@ def supervise(command: list[str], state_path: Path, max_restarts: int) -> int:
             child.send_signal(signal.SIGTERM)
         write_state(state_path, state="running", pid=os.getpid(), child=child.pid, restarts=restarts)
         exit_code = child.wait()
-        if exit_code == 0 or stopping or restarts >= max_restarts:
+        if exit_code in (0, CannotWrite.exit_code) or stopping or restarts >= max_restarts:  # a full disk stays full
             break
         restarts += 1
         write_state(state_path, state="restarting", pid=os.getpid(), exit_code=exit_code, restarts=restarts)

@@ -1,0 +1,121 @@
+"""Real faults, met the way users meet them: a disk that fills up, a run folder that turns
+read-only. Each runs the real worker or trainer process on a small file system made here (a
+tmpfs; skipped with the reason where this machine cannot mount one) and checks the one-line
+message, the exit code, and that nothing written before was lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run_trainer, write_data_yaml
+
+from orchestrator.evolution.journal import Journal, run_columns
+from trainer.config import Hyp
+from trainer.errors import CannotWrite
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+KEYS = run_columns(Hyp())
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB file system of its own, mounted for this test."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'mount failed'}): needs root")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Write until the file system is full; returns the filler to delete later."""
+    filler = disk / f"filler-{uuid.uuid4().hex}"
+    with filler.open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def _worker(data: Path, project: Path, generations: int) -> subprocess.CompletedProcess:
+    """One evolution worker, as a container runs it: `python -m trainer --evolve N ...`."""
+    return run_trainer("--evolve", str(generations), "--data", str(data), "--epochs", "1", "--imgsz", "64",
+                       "--batch-size", "8", "--workers", "0", "--device", "cpu", "--noautoanchor",
+                       "--project", str(project), "--name", "run", cwd=data.parent, timeout=300)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, *parts: str) -> None:
+    assert result.returncode == CannotWrite.exit_code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: cannot write ") and all(part in last for part in parts), last
+
+
+def _journal_intact(run_dir: Path, rows: int) -> None:
+    population = Journal(run_dir).read_population(KEYS)
+    assert len(population) == rows and population.damaged == ()
+    json.loads((run_dir / "claims.json").read_text())
+    ok = [record for record in Journal(run_dir).read_records() if record["status"] == "ok"]
+    assert sorted(record["row"] for record in ok) == list(range(rows))
+
+
+def test_a_full_disk_stops_a_worker_with_one_line_and_loses_nothing(small_disk: Path, tmp_path: Path) -> None:
+    data = write_data_yaml(tmp_path, train=16, val=8, size=64)
+    assert _worker(data, small_disk, 1).returncode == 0  # the base hyp's generation
+    filler = _fill(small_disk)
+    full = _worker(data, small_disk, 3)
+    _assert_one_line_error(full, str(small_disk / "run"), "No space left on device (ENOSPC)", "free space there")
+    _journal_intact(small_disk / "run", 1)
+    filler.unlink()  # space again: the same command goes on where the run stood
+    resumed = _worker(data, small_disk, 3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _journal_intact(small_disk / "run", 3)
+
+
+def test_a_read_only_run_folder_stops_a_worker_with_one_line(small_disk: Path, tmp_path: Path) -> None:
+    data = write_data_yaml(tmp_path, train=16, val=8, size=64)
+    assert _worker(data, small_disk, 1).returncode == 0
+    before = (small_disk / "run" / "evolve.csv").read_bytes()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    read_only = _worker(data, small_disk, 3)
+    _assert_one_line_error(read_only, str(small_disk / "run"), "Read-only file system (EROFS)", "make it writable")
+    assert (small_disk / "run" / "evolve.csv").read_bytes() == before
+
+
+def test_a_full_disk_stops_a_training_with_one_line(small_disk: Path, tmp_path: Path) -> None:
+    """The 2 MiB disk cannot hold a yolov5n checkpoint: the first save fails, atomically."""
+    data = write_data_yaml(tmp_path, train=16, val=8, size=64)
+    result = run_trainer("--data", str(data), "--epochs", "1", "--imgsz", "64", "--batch-size", "8",
+                         "--workers", "0", "--device", "cpu", "--noautoanchor", "--noplots",
+                         "--project", str(small_disk), "--name", "train", cwd=tmp_path, timeout=300)
+    _assert_one_line_error(result, str(small_disk / "train" / "weights"), "(ENOSPC)")
+    assert not [path for path in (small_disk / "train" / "weights").iterdir() if path.suffix == ".tmp"]
+
+
+def test_the_local_supervisor_does_not_restart_a_worker_that_cannot_write(tmp_path: Path) -> None:
+    """A full disk stays full: restarting would only spin. Any other failure is restarted."""
+    state = tmp_path / "state.json"
+    starts = tmp_path / "starts"
+    for code, runs in ((CannotWrite.exit_code, 1), (1, 3)):
+        starts.unlink(missing_ok=True)
+        worker = [sys.executable, "-c", f"open({str(starts)!r}, 'a').write('x'); raise SystemExit({code})"]
+        supervisor = subprocess.run([sys.executable, "-m", "orchestrator.backends.local.supervisor", "--state",
+                                     str(state), "--max-restarts", "2", "--", *worker], check=False, timeout=60)
+        assert supervisor.returncode == code
+        assert len(starts.read_text()) == runs
+        assert json.loads(state.read_text())["exit_code"] == code
