@@ -19,6 +19,7 @@ import pytest
 
 from orchestrator.evolution.journal import (
     Journal,
+    JournalLockTimeout,
     format_header,
     format_rows,
     run_columns,
@@ -405,6 +406,42 @@ def test_three_workers_with_one_killed_mid_generation_end_with_exactly_the_budge
     ]
     population = Journal(run_dir).read_population(KEYS)
     assert population.hyp_at(resumed["row"]) == expired["hyp"]  # the lost child was trained, not dropped
+
+
+def _freeze_outside_the_lock(run_dir: Path, pid: int) -> None:
+    """SIGSTOP a worker while it trains, not while it holds the journal's lock (a frozen holder
+    would stall every worker until it thaws: the lock's timeout is for that)."""
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        journal = Journal(run_dir, lock_timeout=0.5)
+        try:
+            with journal.locked():
+                return
+        except JournalLockTimeout:
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.05)
+
+
+@pytest.mark.faults
+def test_a_frozen_worker_that_thaws_after_its_lease_has_its_result_dropped_as_stale(tmp_path: Path) -> None:
+    """`docker pause`, SIGSTOP or a stalled mount: the worker is not dead, only silent past its lease."""
+    run_dir = tmp_path / "run"
+    frozen = FORK.Process(target=_worker_process, args=(run_dir, "w1", 6, 1.5, 1.0))
+    frozen.start()
+    _wait_for(lambda: "w1" in _workers_seen(run_dir))
+    _freeze_outside_the_lock(run_dir, frozen.pid)
+    other = FORK.Process(target=_worker_process, args=(run_dir, "w0", 6, 0.1, 1.0))
+    other.start()  # takes the frozen worker's slot once its lease expires, then the rest of the budget
+    other.join(60)
+    assert other.exitcode == 0
+    os.kill(frozen.pid, signal.SIGCONT)  # it thaws and tries to record the generation it trained
+    frozen.join(60)
+    assert frozen.exitcode == 0
+    _assert_exact_budget(run_dir, 6)
+    [stale] = _records(run_dir, "stale")
+    [expired] = _records(run_dir, "expired")
+    assert stale["worker"] == expired["worker"] == "w1" and stale["claim"] == expired["claim"]
+    assert all(record["worker"] == "w0" for record in _records(run_dir, "ok"))
 
 
 def test_sigterm_then_restart_continues_at_the_right_count(tmp_path: Path) -> None:
