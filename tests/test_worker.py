@@ -239,9 +239,9 @@ BAD_INPUTS: dict[str, Callable[[Path, Path], object]] = {
     "nothing to evolve": lambda run, tmp: run_worker(
         run, Hyp(), SearchSpace.from_mapping({"lr0": [0, 0, 1]}), 3, smooth_objective, "w0", 0, plot_interval=None
     ),
-    "population csv header differs": lambda run, tmp: (
-        _yolov5_run(tmp / "old"),
-        _evolve(run, 3, population=[tmp / "old" / "evolve.csv"]),
+    "population csv with no hyp column of ours": lambda run, tmp: (
+        (tmp / "other.csv").write_text(",".join(f"{n:>20s}" for n in (*RESULT_COLUMNS, "lr")) + "\n"),
+        _evolve(run, 3, population=[tmp / "other.csv"]),
     ),
     "population csv row out of range": lambda run, tmp: (
         _yolov5_run(tmp / "old", momentum=1.5),
@@ -350,6 +350,26 @@ def test_a_racy_yolov5_csv_imports_every_whole_row_and_says_what_it_skipped(
     np.testing.assert_allclose(population.hyps[:3], hyps, rtol=1e-4)
     assert len(population) == 5 and population.damaged == ()
     assert _records(tmp_path / "run", "imported")[0]["rows"] == [0, 2]
+
+
+def test_a_csv_of_another_yolov5_version_is_imported_by_column_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An extra column (anchors, which this run does not evolve) is dropped; a missing one takes
+    the base hyp's value; the rest are matched by name, in any order."""
+    keys = [key for key in reversed(KEYS) if key != "fl_gamma"] + ["anchors"]
+    values = {**Hyp().as_dict(), "lr0": 0.02}
+    row = [0.5] * 7 + [values[key] for key in keys[:-1]] + [3.0]
+    old = tmp_path / "v6.csv"
+    old.write_text(",".join(f"{n:>20s}" for n in (*RESULT_COLUMNS, *keys)) + "\n"
+                   + ",".join(f"{v:20.5g}" for v in row) + "\n")
+    with caplog.at_level(logging.WARNING):
+        _evolve(tmp_path / "run", 1, population=[old])
+    [warning] = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warning == f"{old}: other hyperparameter columns than this run's: fl_gamma taken from the base hyp; " \
+                      "anchors ignored"
+    imported = Journal(tmp_path / "run").read_population(KEYS).hyp_at(0)
+    assert imported == pytest.approx({**Hyp().as_dict(), "lr0": 0.02}, rel=1e-4)
 
 
 def test_leases_expire_into_retries_of_the_same_child_then_are_given_up() -> None:

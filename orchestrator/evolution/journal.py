@@ -243,19 +243,16 @@ class PopulationSeed:
 def load_population_seed(paths: Sequence[str | Path], base_hyp: Hyp, hyp_keys: Sequence[str]) -> PopulationSeed:
     """Read YOLOv5 evolve.csv files (rows to import) and hyp YAMLs (children to queue).
 
-    A csv must have exactly the run's hyperparameter columns (any order); a YAML's missing
-    keys take the base hyp's values. Every problem is a UserError, raised before any write.
+    A csv's columns are matched by name: YOLOv5 versions differ, so a column the run lacks is
+    dropped and a column the csv lacks takes the base hyp's value, with a warning. A YAML's
+    missing keys take the base hyp's values. Every problem is a UserError, raised before any write.
     """
     imported: list[tuple[str, Population]] = []
     queued: list[tuple[str, dict[str, float]]] = []
     base = base_hyp.as_dict(include_unset=True)
     for path in map(Path, paths):
         if path.suffix == ".csv":
-            found = read_evolve_csv(path)
-            if sorted(found.hyp_keys) == sorted(hyp_keys):  # same keys, maybe another order
-                order = [found.hyp_keys.index(key) for key in hyp_keys]
-                found = dataclasses.replace(found, hyp_keys=tuple(hyp_keys), hyps=found.hyps[:, order])
-            check_hyp_keys(found.hyp_keys, hyp_keys, str(path))
+            found = _in_run_columns(read_evolve_csv(path), hyp_keys, base, path)
             check_hyp_rows(found, str(path))
             imported.append((str(path), _whole_rows(found, path)))
             continue
@@ -265,6 +262,24 @@ def load_population_seed(paths: Sequence[str | Path], base_hyp: Hyp, hyp_keys: S
                                 "evolve it")
             queued.append((str(path), {key: float(given.get(key, base[key])) for key in hyp_keys}))
     return PopulationSeed(tuple(imported), tuple(queued))
+
+
+def _in_run_columns(found: Population, hyp_keys: Sequence[str], base: dict[str, Any], path: Path) -> Population:
+    """The csv's rows in the run's hyperparameter columns, matched by name."""
+    if found.hyp_keys == tuple(hyp_keys):
+        return found
+    if not set(found.hyp_keys) & set(hyp_keys):
+        raise UserError(f"{path}: none of its columns {', '.join(found.hyp_keys) or '(none)'} is a hyperparameter "
+                        f"of this run: is it an evolve.csv of a YOLOv5 evolution?")
+    missing = [key for key in hyp_keys if key not in found.hyp_keys]
+    extra = [key for key in found.hyp_keys if key not in hyp_keys]
+    if missing or extra:
+        logger.warning("%s: other hyperparameter columns than this run's: %s", path, "; ".join(filter(None, [
+            f"{', '.join(missing)} taken from the base hyp" if missing else "",
+            f"{', '.join(extra)} ignored" if extra else ""])))
+    columns = [found.hyps[:, found.hyp_keys.index(key)] if key in found.hyp_keys else np.full(len(found), base[key])
+               for key in hyp_keys]
+    return dataclasses.replace(found, hyp_keys=tuple(hyp_keys), hyps=np.column_stack(columns))
 
 
 def _whole_rows(found: Population, path: Path) -> Population:
