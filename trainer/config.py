@@ -102,10 +102,11 @@ class Hyp:
         range are errors; missing keys keep their defaults so older or partial hyp files still load.
         """
         known = set(cls.keys())
-        unknown = sorted(set(values) - known)
+        unknown = [key for key in values if key not in known]
         if unknown:
+            shown = (key if isinstance(key, str) and key.isidentifier() else repr(key) for key in unknown)
             raise UserError(
-                f"{source}: unknown hyperparameter(s) {', '.join(unknown)}; "
+                f"{source}: unknown hyperparameter(s) {', '.join(shown)}; "
                 f"valid keys are: {', '.join(cls.keys())}"
             )
         clean: dict[str, float | None] = {}

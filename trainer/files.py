@@ -21,11 +21,22 @@ if TYPE_CHECKING:
 def read_yaml(path: Path, what: str) -> Any:
     """The parsed file; an unreadable file or invalid YAML is a UserError naming `what` and the path."""
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_bytes().decode("utf-8"))
     except OSError as error:
         raise UserError(f"cannot read {what} {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}): "
+                        "is it the right file?") from None
     except yaml.YAMLError as error:
-        raise UserError(f"{what} {path} is not valid YAML: {error}") from None
+        raise UserError(f"{what} {path} is not valid YAML: {yaml_problem(error)}") from None
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong and where (its own message spans several)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or getattr(error, "context", None) or str(error).split("\n")[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 @contextmanager

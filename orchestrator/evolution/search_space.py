@@ -51,7 +51,7 @@ class SearchSpace:
         genes: dict[str, Gene] = {}
         for key, entry in values.items():
             if key not in valid:
-                raise UserError(f"{source}: unknown hyperparameter '{key}'; valid keys are: {', '.join(valid)}")
+                raise UserError(f"{source}: unknown hyperparameter {key!r}; valid keys are: {', '.join(valid)}")
             genes[key] = _parse_gene(key, entry, source)
         return cls(MappingProxyType(genes))
 

@@ -16,7 +16,7 @@ def check_run_name(run: str) -> str:
     """A run name becomes part of container names, so it must follow Docker's naming rule."""
     if not _NAME_PATTERN.fullmatch(run):
         raise UserError(
-            f"run name '{run}' cannot name a container: use letters, digits, '_', '.' and '-', "
+            f"run name {run!r} cannot name a container: use letters, digits, '_', '.' and '-', "
             "starting with a letter or digit"
         )
     return run

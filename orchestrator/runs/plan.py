@@ -55,7 +55,7 @@ def parse_worker_key(text: str) -> str:
     """`3` or `gpu3` names the worker on GPU 3, `cpu0` the first CPU worker, `ddp` a DDP training."""
     match = _KEY_PATTERN.fullmatch(text.strip().lower())
     if match is None:
-        raise UserError(f"worker '{text}' is not a GPU index (3, gpu3), a CPU worker (cpu0) or ddp")
+        raise UserError(f"worker {text!r} is not a GPU index (3, gpu3), a CPU worker (cpu0) or ddp")
     if match.group(5):
         return DDP_KEY
     if match.group(3):
@@ -150,6 +150,9 @@ def run_directory(project: Path, run: str) -> Path:
     return (project / check_run_name(run)).absolute()
 
 
+MAX_GPU_INDEX = 1024  # far above any host's; a typo such as 0-99999 must not expand to a list that size
+
+
 def parse_gpu_spec(spec: str, available: list[int] | None) -> list[int]:
     """GPU indices from `all`, `3`, `0-7`, `0,2,5` or a mix such as `0-2,5`, in ascending order.
 
@@ -167,13 +170,13 @@ def parse_gpu_spec(spec: str, available: list[int] | None) -> list[int]:
     for part in text.split(","):
         for gpu in _parse_part(part.strip(), spec):
             if gpu in chosen:
-                raise UserError(f"--gpus '{spec}': GPU {gpu} is listed twice")
+                raise UserError(f"--gpus {spec!r}: GPU {gpu} is listed twice")
             chosen.append(gpu)
     if available is not None:
         missing = [gpu for gpu in chosen if gpu not in available]
         if missing:
             seen = ", ".join(map(str, sorted(available))) or "none"
-            raise UserError(f"--gpus '{spec}': no GPU {', '.join(map(str, missing))}; the engine sees: {seen}")
+            raise UserError(f"--gpus {spec!r}: no GPU {', '.join(map(str, missing))}; the engine sees: {seen}")
     return sorted(chosen)
 
 
@@ -181,9 +184,11 @@ def _parse_part(part: str, spec: str) -> range:
     """One comma-separated piece: `5` or `0-7`."""
     first, dash, last = part.partition("-")
     bounds = [first, last] if dash else [first]
-    if not all(bound.strip().isdigit() for bound in bounds):
-        raise UserError(f"--gpus '{spec}': '{part}' is not a GPU index or range; use e.g. 0-3, 0,2,5 or all")
+    if not all(bound.strip().isascii() and bound.strip().isdigit() for bound in bounds):
+        raise UserError(f"--gpus {spec!r}: {part!r} is not a GPU index or range; use e.g. 0-3, 0,2,5 or all")
     low, high = int(first), int(last if dash else first)
     if high < low:
-        raise UserError(f"--gpus '{spec}': range '{part}' runs backwards; write {high}-{low}")
+        raise UserError(f"--gpus {spec!r}: range {part!r} runs backwards; write {high}-{low}")
+    if high >= MAX_GPU_INDEX:
+        raise UserError(f"--gpus {spec!r}: GPU {high} is beyond any machine's; GPUs count from 0")
     return range(low, high + 1)
