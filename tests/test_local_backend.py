@@ -6,13 +6,20 @@ sleeps instead of training, so budgets, leases, stop files and restarts are all 
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 from conftest import wait_for, write_data_yaml
@@ -53,7 +60,7 @@ def objective(hyp, context):
     return ValidationResult(score, score, score, 0.5 * score, 1 - score, 1 - score, 0.1)
 
 run_worker(run_dir, Hyp(), SearchSpace.load(), int(options.generations), objective, options.worker_id, seed=0,
-           lease_ttl=10.0, plot_interval=None)
+           lease_ttl=float(os.environ.get("FAKE_TTL", "10.0")), plot_interval=None)
 '''
 
 @pytest.fixture
@@ -265,3 +272,91 @@ def test_the_real_trainer_as_local_workers(tmp_path: Path, monkeypatch: pytest.M
         assert f"Worker evolvectl-real-{key}: budget reached" in logs
     loaders = default_loader_workers(8, {WORKERS_ON_HOST: "2"})  # the host's CPUs shared by 2 workers
     assert logs.count(f", {loaders} loader workers per process") == 4, logs
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (this test is not its parent, so nobody here reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _signal(pid: int, number: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # killed while frozen
+        os.kill(pid, number)
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_soak_eight_workers_under_kills_freezes_and_supervisor_kills(
+    fake_worker: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 local workers share 300 generations while, every few tenths of a second, one worker is
+    SIGKILLed, frozen (SIGSTOP) past its lease and thawed, or loses its supervisor to SIGKILL, in
+    which case `start` is run again as a user would. Nothing may be lost or counted twice."""
+    monkeypatch.setenv("FAKE_DELAY", "0.05")
+    monkeypatch.setenv("FAKE_TTL", "1.0")
+    generations = 300
+    backend = LocalBackend(tmp_path / "runs", max_restarts=1000)
+    plan = plan_for(tmp_path, tiny_data, generations=generations, workers=8)
+    backend.start(plan, print)
+    rng = random.Random(0)
+    faults: collections.Counter[str] = collections.Counter()
+    thaw: list[threading.Timer] = []
+    orphans: list[int] = []  # workers whose supervisor was killed under them
+    journal = Journal(plan.run_dir)
+    deadline = time.monotonic() + 120
+    while journal.count_rows() < generations - 30 and time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.1, 0.4))
+        state = json.loads((plan.run_dir / "workers" / f"cpu{rng.randrange(8)}.json").read_text() or "{}")
+        fault = rng.choice(["SIGKILL worker", "SIGSTOP worker past its lease", "SIGKILL supervisor"])
+        try:
+            if fault == "SIGKILL supervisor":
+                os.kill(state["pid"], signal.SIGKILL)
+                if "child" in state:  # the worker goes too, after its generation: never an orphan beside a new one
+                    wait_for(lambda: not _running(state["child"]), timeout_s=15, what="the orphan to exit",
+                             poll_s=0.05)
+                    orphans.append(state["child"])
+                backend.start(plan, print)  # the user runs start again: only the missing worker starts
+            elif "child" in state:
+                os.kill(state["child"], signal.SIGKILL if fault == "SIGKILL worker" else signal.SIGSTOP)
+                if fault.startswith("SIGSTOP"):
+                    thaw.append(threading.Timer(1.5, _signal, (state["child"], signal.SIGCONT)))
+                    thaw[-1].start()
+            else:
+                continue
+        except ProcessLookupError:  # it was between two lives
+            continue
+        faults[fault] += 1
+    for timer in thaw:
+        timer.join()
+    backend.start(plan, print)  # whatever the last faults left missing
+    wait_for(lambda: all(state == "exited" for state in states(backend, plan).values()), timeout_s=180,
+             what="every worker to exit")
+    print(f"soak: {dict(faults)} over {generations} generations")
+    assert sum(faults.values()) >= 20 and all(faults[name] >= 3 for name in faults)
+
+    assert orphans
+    population = journal.read_population()
+    records = journal.read_records()
+    given_up = sum(bool(record.get("slot_given_up")) for record in records)  # 3 attempts lost: counts, no row
+    assert len(population) + given_up == generations and given_up <= 10 and population.damaged == ()
+    ok = [record for record in records if record["status"] == "ok"]
+    assert sorted(record["row"] for record in ok) == list(range(len(population)))  # each row once
+    assert len({record["claim"] for record in ok}) == len(population)  # from claims of their own
+    ended = collections.Counter((record["claim"], record["attempt"]) for record in records
+                                if record["status"] in ("ok", "failed", "expired", "stale"))
+    assert set(ended.values()) <= {1, 2}  # an attempt ends once, or expires and then comes back stale
+    stale = {(record["claim"], record["attempt"]) for record in records if record["status"] == "stale"}
+    assert all(ended[attempt] == 2 for attempt in stale)
+    expired = {record["claim"] for record in records if record["status"] == "expired"}
+    accounted = ({record["claim"] for record in ok}  # thawed in time: nobody had taken the slot yet
+                 | {int(record["source"].removeprefix("retry of claim ")) for record in records
+                    if record.get("source", "").startswith("retry of claim ")}  # its child trained again
+                 | {record["claim"] for record in records if record.get("slot_given_up")})
+    assert expired <= accounted and len(expired) >= 10
+    state = json.loads((plan.run_dir / "claims.json").read_text())
+    assert state["leases"] == {} and state["retry"] == []
+    table = np.loadtxt(plan.run_dir / "evolve.csv", ndmin=2, delimiter=",", skiprows=1)  # YOLOv5's own reader
+    assert table.shape == (len(population), 7 + len(population.hyp_keys))

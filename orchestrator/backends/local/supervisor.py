@@ -4,12 +4,15 @@ The local backend starts this detached, in its own session, with the worker's co
 `--`. It records the worker's state in a JSON file (pid, restarts, exit code) that status,
 stop and kill-all read. A clean exit (0: budget reached or stop requested) ends it; a
 failure restarts the worker up to `--max-restarts` times, and the journal's leases hand the
-lost generation out again.
+lost generation out again. A supervisor that is killed takes its worker with it (SIGTERM, so
+the generation in progress is finished and recorded): `start` then runs a new pair, never a
+second worker beside an orphan.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import signal
@@ -24,6 +27,15 @@ from trainer.files import write_atomic
 
 # A short pause before a restart, so a worker that fails at once does not spin.
 RESTART_DELAY_S = 1.0
+
+
+def _terminate_with_parent() -> None:
+    """In the worker, before it runs: Linux sends it SIGTERM when the supervisor dies."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def write_state(path: Path, **state: Any) -> None:
@@ -46,7 +58,7 @@ def supervise(command: list[str], state_path: Path, max_restarts: int) -> int:
     signal.signal(signal.SIGINT, stop)
     restarts = 0
     while True:
-        child = subprocess.Popen(command)
+        child = subprocess.Popen(command, preexec_fn=_terminate_with_parent)  # noqa: PLW1509 - no threads here
         if stopping:  # the stop came while the previous child was gone and this one not yet started
             child.send_signal(signal.SIGTERM)
         write_state(state_path, state="running", pid=os.getpid(), child=child.pid, restarts=restarts)
