@@ -132,6 +132,44 @@ def test_cli_evolution_in_cpu_containers(
         foreign.remove(force=True)
 
 
+@pytest.mark.faults
+def test_a_paused_container_past_its_lease_has_its_late_result_dropped(
+    docker_client: docker.DockerClient, worker_image: str, run_name: str, tmp_path: Path
+) -> None:
+    """`docker pause` freezes a worker (and its heartbeat) mid-generation; another takes its slot;
+    unpaused, it finishes training and its result is recorded as stale, not as a row."""
+    data = write_data_yaml(tmp_path, train=32, val=16, size=64)
+    project = tmp_path / "runs"
+    run_dir = project / run_name
+    names = [f"evolvectl-{run_name}-cpu0", f"evolvectl-{run_name}-cpu1"]
+    result = cli("start", "--backend", "docker", "--image", worker_image, "--cpu-workers", "2", "--generations",
+                 "4", "--data", str(data), *TINY_TRAINING, "--project", str(project), "--name", run_name,
+                 "--", "--noautoanchor", "--lease-ttl", "3")
+    assert result.exit_code == 0, result.output
+
+    def leased_to(worker: str) -> bool:
+        state = Journal(run_dir).read_state() or {}
+        return any(lease["worker"] == worker for lease in state.get("leases", {}).values())
+
+    wait_for(lambda: leased_to(names[1]), 180, "cpu1 to hold a lease")
+    paused = container(docker_client, names[1])
+    paused.pause()
+    try:
+        wait_for(lambda: any(record["status"] == "expired" for record in Journal(run_dir).read_records()), 180,
+                 "cpu0 to take over the paused worker's slot", poll_s=0.2)
+    finally:
+        paused.unpause()
+    wait_for(lambda: all(container(docker_client, name).status == "exited" for name in names), 300, "the budget")
+    records = Journal(run_dir).read_records()
+    [expired] = [record for record in records if record["status"] == "expired"]
+    [stale] = [record for record in records if record["status"] == "stale"]
+    assert expired["worker"] == stale["worker"] == names[1] and expired["claim"] == stale["claim"]
+    ok = [record for record in records if record["status"] == "ok"]
+    assert sorted(record["row"] for record in ok) == [0, 1, 2, 3] and len({record["claim"] for record in ok}) == 4
+    assert len(Journal(run_dir).read_population()) == 4
+    assert [container(docker_client, name).attrs["State"]["ExitCode"] for name in names] == [0, 0]
+
+
 def test_a_failed_start_removes_the_workers_it_made(
     docker_client: docker.DockerClient, worker_image: str, base_image: str, run_name: str, tmp_path: Path
 ) -> None:

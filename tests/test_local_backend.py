@@ -274,6 +274,38 @@ def test_the_real_trainer_as_local_workers(tmp_path: Path, monkeypatch: pytest.M
     assert logs.count(f", {loaders} loader workers per process") == 4, logs
 
 
+@pytest.mark.slow
+@pytest.mark.faults
+def test_evolvectl_killed_mid_start_leaves_a_run_that_start_picks_up(tmp_path: Path) -> None:
+    """SIGKILL `evolvectl start --wait` while it follows its workers (a closed terminal, an OOM kill):
+    the workers go on, `start` again adds none beside them, and the run ends on its exact budget."""
+    data = write_data_yaml(tmp_path, train=16, val=8, size=64)
+    command = [sys.executable, "-m", "orchestrator", "start", "--backend", "local", "--cpu-workers", "2",
+               "--generations", "10", "--data", str(data), "--epochs", "3", "--imgsz", "64", "--batch-size", "8",
+               "--workers", "0", "--name", "killed"]
+    run_dir = tmp_path / "runs" / "evolve" / "killed"
+    environment = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    try:
+        first = subprocess.Popen([*command, "--wait", "--", "--noautoanchor"], cwd=tmp_path, env=environment,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: len(list((run_dir / "workers").glob("*.json"))) == 2, 60, "both workers to start", 0.1)
+        first.kill()
+        first.wait()
+        again = subprocess.run([*command, "--", "--noautoanchor"], cwd=tmp_path, env=environment, capture_output=True,
+                               text=True, timeout=120, check=False)
+        assert again.returncode == 0, again.stderr
+        assert "started 0 local worker(s), 2 already running" in again.stdout, again.stdout
+        backend = LocalBackend(tmp_path / "runs" / "evolve")
+        wait_for(lambda: all(worker.state == "exited" for worker in backend.workers("killed", run_dir)), 300,
+                 "the budget")
+        assert [worker.exit_code for worker in backend.workers("killed", run_dir)] == [0, 0]
+    finally:
+        LocalBackend(tmp_path / "runs" / "evolve").remove_all(None)
+    assert Journal(run_dir).count_rows() == 10
+    ok = [record for record in Journal(run_dir).read_records() if record["status"] == "ok"]
+    assert sorted(record["row"] for record in ok) == list(range(10))
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie (this test is not its parent, so nobody here reaps it)."""
     try:
