@@ -347,7 +347,7 @@ def test_soak_eight_workers_under_kills_freezes_and_supervisor_kills(
             if fault == "SIGKILL supervisor":
                 os.kill(state["pid"], signal.SIGKILL)
                 if "child" in state:  # the worker goes too, after its generation: never an orphan beside a new one
-                    wait_for(lambda: not _running(state["child"]), timeout_s=15, what="the orphan to exit",
+                    wait_for(lambda pid=state["child"]: not _running(pid), timeout_s=15, what="the orphan to exit",
                              poll_s=0.05)
                     orphans.append(state["child"])
                 backend.start(plan, print)  # the user runs start again: only the missing worker starts
