@@ -14,6 +14,7 @@ import torch
 import yaml
 from torchvision.io import encode_jpeg, write_file
 
+from trainer import dist
 from trainer.dist import free_port
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
@@ -115,6 +116,24 @@ def test_ddp_training_writes_from_rank_zero_only_and_resumes(tiny_data, tmp_path
     assert "Resuming from epoch 2 of 2" in result.stderr
     assert f"Validating {resumed_dir / 'best.pt'} (epoch 1)" in result.stderr
     assert len((tmp_path / "runs" / "ddp" / "results.csv").read_text().splitlines()) == 4
+
+
+def test_the_guides_torchrun_command_without_device_trains(tiny_data, tmp_path):
+    """`torchrun --nproc_per_node 2 train.py --batch 16 --data ... --weights ''`, as YOLOv5's DDP guide
+    writes it, names no --device: on a CPU host both ranks train with gloo."""
+    result = torchrun(2, "-m", "trainer", "--batch", "8", "--data", str(tiny_data), "--weights", "", "--img", "64",
+                      "--epochs", "1", "--workers", "0", "--project", str(tmp_path / "runs"), "--name", "guide",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batch 8 (4 per process × 2)" in result.stderr
+
+
+def test_torchrun_without_device_gives_rank_r_gpu_r(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert dist.torchrun_devices("") == ["0", "1", "2", "3"]
+    assert dist.torchrun_devices("2,3") == ["2", "3"]  # --device narrows it, as before
+    assert dist.torchrun_devices("cpu") == ["cpu"]
 
 
 def test_two_nodes_on_localhost_train_and_finish(tiny_data, tmp_path):

@@ -56,6 +56,15 @@ def parse_devices(device: str) -> list[str]:
     return ids
 
 
+def torchrun_devices(device: str) -> list[str]:
+    """The GPUs the processes of a torchrun launch pick from by local rank. Without `--device`
+    that is every visible GPU, so `torchrun --nproc_per_node 4 -m trainer ...` (the DDP guides'
+    command, which names no device) puts rank r on GPU r, as YOLOv5 does; `--device` narrows it."""
+    if device.strip().lower() in ("", "auto") and torch.cuda.is_available():
+        return [str(index) for index in range(torch.cuda.device_count())]
+    return parse_devices(device)
+
+
 def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -64,11 +73,13 @@ def init_distributed(device: str, timeout_minutes: float = 30.0) -> DistContext:
     """Build the context for this process, joining the process group when launched by torchrun.
 
     NCCL on CUDA, gloo on CPU. Under torchrun each process takes GPU `local_rank` from the
-    `--device` list, so `--device 2,3` trains on GPUs 2 and 3.
+    `--device` list, so `--device 2,3` trains on GPUs 2 and 3; without `--device`, from every
+    visible GPU (`torchrun_devices`).
     """
     devices = parse_devices(device)
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistContext(device=_torch_device(devices[0]))
+    devices = torchrun_devices(device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     if devices == ["cpu"]:
