@@ -168,7 +168,6 @@ def test_start_without_workers_or_with_a_bad_name(fake_backend: FakeBackend) -> 
     ({"seed.yaml": "fliplr: 2\n"}, ["--evolve-population", "seed.yaml"], "seed.yaml: fliplr=2 is out of range"),
     ({}, ["--", "--bogus"], "trainer flags --generations 300 --data synthetic --bogus: No such option '--bogus'"),
     ({}, ["--", "--weights", "gone.pt"], "checkpoint gone.pt not found"),
-    ({}, ["--", "--resume"], "--evolve runs one process per GPU: drop --resume"),
 ])
 def test_what_every_worker_would_refuse_stops_start_before_any_worker(
     fake_backend: FakeBackend, tmp_path: Path, files: dict[str, str], flags: list[str], message: str

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from orchestrator.evolution.command import evolution_inputs
+from orchestrator.evolution.command import main as evolution_main
 from orchestrator.evolution.journal import (
     Journal,
     JournalLockTimeout,
@@ -38,6 +40,7 @@ from orchestrator.evolution.loop import (
     run_worker,
 )
 from orchestrator.evolution.search_space import SearchSpace
+from trainer.cli import parse_arguments
 from trainer.config import Hyp
 from trainer.errors import UserError
 from trainer.results import RESULT_COLUMNS, ValidationResult
@@ -370,6 +373,14 @@ def test_a_csv_of_another_yolov5_version_is_imported_by_column_name(
                       "anchors ignored"
     imported = Journal(tmp_path / "run").read_population(KEYS).hyp_at(0)
     assert imported == pytest.approx({**Hyp().as_dict(), "lr0": 0.02}, rel=1e-4)
+
+
+def test_the_articles_per_container_command_joins_the_run(tmp_path: Path) -> None:
+    """`train.py --project gbr --name search --exist-ok --resume --evolve 60`, one per container in
+    the Docker evolution article: --resume is ignored, as YOLOv5 does when it evolves."""
+    inputs = evolution_inputs(parse_arguments(["--project", str(tmp_path), "--name", "search", "--exist-ok", "--resume",
+                                               "--evolve", "60"], command=evolution_main))
+    assert inputs.cfg.resume == "" and inputs.cfg.exist_ok and inputs.request.generations == 60
 
 
 def test_leases_expire_into_retries_of_the_same_child_then_are_given_up() -> None:

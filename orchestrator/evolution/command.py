@@ -99,8 +99,9 @@ def evolution_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def evolution_inputs(options: Mapping[str, Any]) -> EvolutionInputs:
     training, own = split_training_options(options)
-    if training["resume"]:
-        raise UserError("--evolve runs one process per GPU: drop --resume (evolutions resume by themselves)")
+    if training["resume"]:  # YOLOv5's train.py ignores it too when it evolves
+        LOGGER.info("--resume is ignored with --evolve: an evolution resumes by itself, at the run's count")
+        training = {**training, "resume": ""}
     cfg = build_config(training)
     space = SearchSpace.load(resolve_config(own["search_space"], "evolve") if own["search_space"] else None)
     rungs = parse_rungs(own["prune_rungs"]) if own["prune_rungs"] else None
