@@ -52,11 +52,11 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
-def _worker(data: Path, project: Path, generations: int) -> subprocess.CompletedProcess:
+def _worker(data: Path, project: Path, generations: int, *more: str) -> subprocess.CompletedProcess:
     """One evolution worker, as a container runs it: `python -m trainer --evolve N ...`."""
     return run_trainer("--evolve", str(generations), "--data", str(data), "--epochs", "1", "--imgsz", "64",
                        "--batch-size", "8", "--workers", "0", "--device", "cpu", "--noautoanchor",
-                       "--project", str(project), "--name", "run", cwd=data.parent, timeout=300)
+                       "--project", str(project), "--name", "run", *more, cwd=data.parent, timeout=300)
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, *parts: str) -> None:
@@ -119,3 +119,22 @@ def test_the_local_supervisor_does_not_restart_a_worker_that_cannot_write(tmp_pa
         assert supervisor.returncode == code
         assert len(starts.read_text()) == runs
         assert json.loads(state.read_text())["exit_code"] == code
+
+
+def test_a_racy_yolov5_evolve_csv_seeds_a_run_with_its_whole_rows(tmp_path: Path) -> None:
+    """Weeks of results from YOLOv5 containers that appended to one evolve.csv without a lock:
+    repeated headers, a torn row, a NaN row. A real worker imports every whole row and says
+    what it skipped."""
+    data = write_data_yaml(tmp_path, train=16, val=8, size=64)
+    assert _worker(data, tmp_path / "old", 2).returncode == 0
+    header, *rows = (tmp_path / "old" / "run" / "evolve.csv").read_bytes().splitlines(keepends=True)
+    nan_row = b",".join([b"%20s" % b"nan"] * 7 + rows[0].split(b",")[7:])
+    racy = tmp_path / "racy.csv"
+    racy.write_bytes(header + rows[0] + header + rows[1][:50] + b"\n" + nan_row + rows[1])
+    result = _worker(data, tmp_path / "new", 3, "--evolve-population", str(racy))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{racy}: 2 whole rows to import, 3 skipped (1 with NaN values; line 3: a second header line; " \
+           "line 4: 3 values where the header has" in result.stderr
+    population = Journal(tmp_path / "new" / "run").read_population(KEYS)
+    assert len(population) == 5 and population.damaged == ()  # 2 imported, then the budget of 3
+    assert population.results[:2].tolist() == Journal(tmp_path / "old" / "run").read_population(KEYS).results.tolist()
