@@ -114,3 +114,15 @@ def test_the_trainer_does_not_import_the_orchestrator() -> None:
             "assert not [name for name in sys.modules if name.startswith('orchestrator')], 'orchestrator imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_an_imgsz_off_the_stride_is_rounded_up_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """YOLOv5's train.py trains `--imgsz 3000` at 3008 and says so; so do we."""
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert cli.build_config({"imgsz": 3000}).imgsz == 3008
+        assert cli.build_config({"imgsz": 20}).imgsz == 32
+        assert cli.build_config({"imgsz": 640}).imgsz == 640
+    assert [record.getMessage() for record in caplog.records] == [
+        "--imgsz 3000 must be a multiple of the model's stride 32: training at 3008",
+        "--imgsz 20 must be a multiple of the model's stride 32: training at 32",
+    ]

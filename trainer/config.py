@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-
 from trainer.errors import UserError
 from trainer.files import read_yaml
 
@@ -172,6 +171,7 @@ def flag(help: str = "", **details: Any) -> dict[str, Flag]:
 
 
 DEFAULT_MODEL = "yolov5n"
+MODEL_STRIDE = 32  # the largest stride of every bundled model (outputs at strides 8, 16 and 32)
 
 
 @dataclass(frozen=True)

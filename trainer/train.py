@@ -19,7 +19,7 @@ from trainer import dist
 from trainer.autoanchor import check_anchors
 from trainer.checkpoint import Checkpoint, load_weights
 from trainer.coco import write_predictions_json
-from trainer.config import TrainConfig
+from trainer.config import MODEL_STRIDE, TrainConfig
 from trainer.data import DataConfig, build_dataloader, build_datasets, load_data_config
 from trainer.data.augment import MultiScale
 from trainer.dist import DistContext
@@ -219,7 +219,7 @@ def next_run_dir(project: str | Path, name: str, exist_ok: bool) -> Path:
     return candidate
 
 
-def prepare_data(cfg: TrainConfig, ctx: DistContext, stride: int = 32) -> PreparedData:
+def prepare_data(cfg: TrainConfig, ctx: DistContext, stride: int = MODEL_STRIDE) -> PreparedData:
     """Verify labels, fill caches and start loader workers: once per process, not per generation."""
     data = load_data_config(cfg.data)
     if cfg.batch_size % ctx.world_size:
