@@ -102,3 +102,43 @@ def test_learning_rate_per_epoch_follows_yolov5():
     bias, weights, norm = zip(*logged)
     assert bias == pytest.approx([0.07012, 0.038803, 0.0061653, 0.00406, 0.00406], rel=1e-4)
     assert weights == norm == pytest.approx([0.00332, 0.005336, 0.0060319, 0.00406, 0.00406], rel=1e-4)
+
+
+def test_sgdr_restarts_each_cycle_at_lr0_and_lengthens_cycles_by_its_multiplier():
+    lf = lr_lambda(epochs=100, lrf=0.1, cosine=False, restart=2, restart_mult=2)
+    factors = [lf(epoch) for epoch in range(14)]  # cycles: epochs 0-1, 2-5, 6-13
+    starts = [0, 2, 6]
+    assert [factors[start] for start in starts] == [1.0, 1.0, 1.0]
+    assert factors[1] == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 2)) / 2)
+    assert factors[5] == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * 3 / 4)) / 2)
+    assert all(factors[e] > factors[e + 1] for e in range(13) if e + 1 not in starts)  # falls within a cycle
+    assert lr_lambda(10, 0.1, False, restart=3)(7) == pytest.approx(lr_lambda(10, 0.1, False, restart=3)(1))
+
+
+def test_sgdr_resumes_exactly_from_the_schedulers_state():
+    """A resumed run rebuilds the schedule and loads the scheduler's state: the lr goes on as if uninterrupted."""
+    cfg = TrainConfig(epochs=12, batch_size=16, imgsz=320, sgdr=3, sgdr_mult=2)
+
+    def lrs(parts, epochs):
+        seen = []
+        for _ in range(epochs):
+            parts.optimizer.step()
+            parts.scheduler.step()
+            seen.append(parts.optimizer.param_groups[0]["lr"])
+        return seen
+
+    whole = lrs(build_training_parts(cfg, DistContext(), DetectionModel("yolov5n", nc=2), batches_per_epoch=10), 12)
+    first = build_training_parts(cfg, DistContext(), DetectionModel("yolov5n", nc=2), batches_per_epoch=10)
+    head = lrs(first, 5)
+    resumed = build_training_parts(cfg, DistContext(), DetectionModel("yolov5n", nc=2), batches_per_epoch=10)
+    resumed.scheduler.load_state_dict(first.scheduler.state_dict())
+    assert head + lrs(resumed, 7) == pytest.approx(whole)
+    assert whole[3] == pytest.approx(cfg.hyp.lr0) and whole[2] < whole[3]  # the restart after the first 3 epochs
+
+
+def test_sgdr_and_cos_lr_together_are_refused():
+    from trainer.cli import build_config
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match="--cos-lr and --sgdr 5 are two schedules"):
+        build_config({"cos_lr": True, "sgdr": 5})

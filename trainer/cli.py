@@ -74,6 +74,8 @@ def build_config(options: Mapping[str, Any]) -> TrainConfig:
     weights = load_weights(values["weights"]) if values.get("weights") else None
     model = values.get("cfg") or (weights.model_name() if weights else DEFAULT_MODEL)
     resolve_config(model, "models")
+    if values.get("cos_lr") and values.get("sgdr"):
+        raise UserError(f"--cos-lr and --sgdr {values['sgdr']} are two schedules: pick one (--sgdr restarts a cosine)")
     workers = loader_workers(values.get("workers"), values.get("batch_size", TrainConfig.batch_size))
     imgsz = stride_multiple(values.get("imgsz", TrainConfig.imgsz))
     return TrainConfig(**{**values, "cfg": model, "hyp": hyp, "hyp_path": hyp_path, "workers": workers,

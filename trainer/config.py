@@ -214,6 +214,11 @@ class TrainConfig:
                               metadata=flag("vary the training image size by ±50% from batch to batch"))
     optimizer: str = field(default="SGD", metadata=flag(choices=("SGD", "Adam", "AdamW")))
     cos_lr: bool = field(default=False, metadata=flag("cosine LR schedule"))
+    sgdr: int = field(default=0, metadata=flag(
+        "cosine annealing with warm restarts (SGDR): epochs of the first cycle, over which lr falls from lr0 to "
+        "lr0·lrf before it restarts; 0: off", low=0))
+    sgdr_mult: int = field(default=1, metadata=flag("SGDR: each cycle this many times as long as the one before",
+                                                    low=1))
     label_smoothing: float = field(default=0.0, metadata=flag(low=0.0, high=1.0))
     seed: int = field(default=0, metadata=flag("global training seed"))
     patience: int = field(default=100, metadata=flag("early stopping patience (0 = off)", low=0))

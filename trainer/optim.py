@@ -48,11 +48,24 @@ def scaled_weight_decay(weight_decay: float, batch_size: int) -> float:
     return weight_decay * batch_size * accumulate / NOMINAL_BATCH
 
 
-def lr_lambda(epochs: int, lrf: float, cosine: bool) -> Callable[[int], float]:
-    """Multiplier of lr0 at each epoch: linear `(1 - x/epochs)(1 - lrf) + lrf` or one-cycle cosine to lrf."""
+def lr_lambda(epochs: int, lrf: float, cosine: bool, restart: int = 0, restart_mult: int = 1
+              ) -> Callable[[int], float]:
+    """Multiplier of lr0 at each epoch: linear `(1 - x/epochs)(1 - lrf) + lrf`, one-cycle cosine to
+    lrf, or with `restart` > 0 cosine annealing with warm restarts (SGDR, Loshchilov and Hutter):
+    cycles of `restart`, `restart·restart_mult`, ... epochs, each from 1 down to lrf."""
+    if restart > 0:
+        return lambda epoch: _sgdr_factor(epoch, lrf, restart, restart_mult)
     if cosine:
         return lambda epoch: ((1 - math.cos(epoch * math.pi / epochs)) / 2) * (lrf - 1) + 1
     return lambda epoch: (1 - epoch / epochs) * (1.0 - lrf) + lrf
+
+
+def _sgdr_factor(epoch: int, lrf: float, first: int, mult: int) -> float:
+    """The SGDR multiplier at `epoch` (from 0): where the epoch falls in its cycle."""
+    start, length = 0, first
+    while epoch >= start + length:
+        start, length = start + length, length * mult
+    return lrf + (1 - lrf) * (1 + math.cos(math.pi * (epoch - start) / length)) / 2
 
 
 def scheduler_lambda(lr_factor: Callable[[int], float]) -> Callable[[int], float]:

@@ -127,7 +127,7 @@ def build_training_parts(cfg: TrainConfig, ctx: DistContext, model: DetectionMod
     """
     weight_decay = scaled_weight_decay(cfg.hyp.weight_decay, cfg.batch_size)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.hyp.lr0, cfg.hyp.momentum, weight_decay)
-    lr_factor = lr_lambda(cfg.epochs, cfg.hyp.lrf, cfg.cos_lr)
+    lr_factor = lr_lambda(cfg.epochs, cfg.hyp.lrf, cfg.cos_lr, cfg.sgdr, cfg.sgdr_mult)
     amp_dtype = amp_dtype_for(ctx.device)
     return TrainingParts(
         model=model,
