@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # a missing engine or base image is a failure: .ci/docker-setup.sh must have provided them.
 
 BASE_IMAGE = os.environ.get("EVOLVECTL_BASE_IMAGE", "evolvectl-base:torch")
-TEST_IMAGE = "evolvectl:test"
+# A tag of its own (EVOLVECTL_TEST_IMAGE) keeps two checkouts that test on one engine from
+# replacing each other's image mid-run.
+TEST_IMAGE = os.environ.get("EVOLVECTL_TEST_IMAGE", "evolvectl:test")
 
 
 def docker_unavailable(reason: str) -> NoReturn:

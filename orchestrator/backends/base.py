@@ -1,6 +1,7 @@
 """Where workers run: Docker containers or local processes, behind one interface.
 
-`auto` takes Docker when an engine answers and falls back to local processes with a notice.
+`auto` takes Docker when an engine answers and falls back to local processes with a notice;
+it never picks `swarm` (services across a swarm's servers), which is named explicitly.
 Commands on an existing run take the backend recorded in its `launch.json`, so `status`
 never looks for containers of a run that was started as local processes.
 """
@@ -27,7 +28,7 @@ DEFAULT_SHM_SIZE = "8g"
 # A crashed worker comes back on its own a few times; its lost generation is retried by the
 # journal's leases, so a restart resumes the evolution instead of starting over.
 DEFAULT_MAX_RESTARTS = 3
-CHOICES = ("auto", "docker", "local")
+CHOICES = ("auto", "docker", "local", "swarm")
 
 
 class Backend(Protocol):
@@ -70,6 +71,7 @@ class WorkerSettings:
     build: bool = False  # rebuild the image even if the engine has it
     shm_size: str = DEFAULT_SHM_SIZE
     max_restarts: int = DEFAULT_MAX_RESTARTS
+    constraints: tuple[str, ...] = ()  # Swarm placement constraints (swarm only)
 
 
 def open_backend(choice: str, project: Path, settings: WorkerSettings, say: Write) -> Backend:
@@ -86,10 +88,16 @@ def open_backend(choice: str, project: Path, settings: WorkerSettings, say: Writ
     try:
         client = connect()
     except UserError as error:
-        if choice == "docker":
+        if choice != "auto":
             raise
         say(f"{error.message.split(';')[0]}: running workers as local processes (--backend local)")
         return LocalBackend(project, max_restarts=settings.max_restarts)
+    if choice == "swarm":
+        from orchestrator.backends.docker.swarm import SwarmBackend, check_manager
+
+        check_manager(client)
+        return SwarmBackend(client, settings.image, settings.base_image, settings.build, settings.shm_size,
+                            settings.max_restarts, settings.constraints)
     return DockerBackend(client, settings.image, settings.base_image, settings.build, settings.shm_size,
                          settings.max_restarts)
 

@@ -28,6 +28,7 @@ from orchestrator.backends.base import (
 from orchestrator.cli.options import (
     DEFAULT_RUN,
     backend_option,
+    constraint_option,
     ddp_options,
     ddp_trainer_options,
     launch_options,
@@ -81,8 +82,11 @@ def choose_gpus(spec: str | None, backend: Backend) -> list[int]:
         return []
     available = backend.visible_gpus()
     if available == []:
-        where = ("the Docker engine cannot hand out GPUs (no NVIDIA runtime: install the NVIDIA Container Toolkit)"
-                 if backend.name == "docker" else "PyTorch sees no CUDA GPU on this host")
+        where = {
+            "docker": "the Docker engine cannot hand out GPUs (no NVIDIA runtime: install the NVIDIA Container Toolkit)",
+            "swarm": "no ready node of the swarm advertises an NVIDIA-GPU generic resource (see the README's "
+                     "Swarm section)",
+        }.get(backend.name, "PyTorch sees no CUDA GPU on this host")
         raise UserError(f"--gpus {spec}: {where}; run CPU workers with --cpu-workers N")
     return parse_gpu_spec(spec, available)
 
@@ -129,6 +133,7 @@ def main() -> None:
 @main.command(context_settings=CONTEXT)
 @launch_options
 @backend_option
+@constraint_option
 @click.option("--build", is_flag=True, help="rebuild the image even if it exists")
 @click.option("--wait", is_flag=True, help="stay in the foreground until the budget is reached, then show results")
 def start(project: Path, name: str | None, backend: str, build: bool, wait: bool, **values: Any) -> None:
@@ -169,6 +174,10 @@ def ddp(project: Path, name: str | None, backend: str, build: bool, wait: bool, 
     resumes from its weights/last.pt. Several hosts: run it on each with --nnodes, --node-rank,
     --master-addr and --master-port. Other trainer flags go after `--`.
     """
+    if backend == "swarm":
+        from orchestrator.backends.docker.swarm import NOT_ON_SWARM
+
+        raise UserError(NOT_ON_SWARM)
     run = check_run_name(name or DEFAULT_RUN)
     rendezvous = Rendezvous(values["nnodes"], values["node_rank"], values["master_addr"], values["master_port"])
     _check_ddp_request(values["gpus"], values["cpu_procs"], values["batch_size"], rendezvous.nnodes)
@@ -206,6 +215,10 @@ class _Launch:
 
     @classmethod
     def open(cls, project: Path, run: str, backend: str, build: bool, values: dict[str, Any], what: str) -> _Launch:
+        if backend == "auto" and _recorded_backend(run_directory(project, run)) == "swarm":
+            backend = "swarm"  # auto never picks the swarm, but a swarm run is resumed there, not beside it
+        if values.get("constraints") and backend != "swarm":
+            raise UserError("--constraint places Swarm services: use it with --backend swarm")
         console, notices = _console(), _console(stderr=True)
         workers = open_backend(backend, project, settings_from(values, build), lambda text: notices.print(text))
         with console.status(f"preparing {what.format(backend=workers.name)}") as spinner:
@@ -218,7 +231,7 @@ class _Launch:
 
     def record(self, run_dir: Path, keys: tuple[str, ...], generations: int, search_space: str | None,
                **ddp: Any) -> None:
-        image = self.values["image"] if self.workers.name == "docker" else None
+        image = self.values["image"] if self.workers.name in ("docker", "swarm") else None
         LaunchRecord(self.run, self.workers.name, keys, generations, _host_file(self.values["hyp"]),
                      _host_file(search_space), image, **ddp).save(run_dir)
 
@@ -230,6 +243,11 @@ class _Launch:
         for what, command in (("watch", "status --watch"), ("attach", f"attach {first_key}"), ("stop", "stop")):
             self.console.print(f"  {what:<7} evolvectl {command} {where}")
         return None
+
+
+def _recorded_backend(run_dir: Path) -> str | None:
+    record = LaunchRecord.load(run_dir)
+    return record.backend if record is not None else None
 
 
 def _check_evolution_flags(options: TrainerOptions, generations: int, run_dir: Path) -> None:
@@ -363,7 +381,8 @@ def _stop_training(workers: Backend, run: str, run_dir: Path, now: bool) -> None
 @click.option("--project", type=click.Path(path_type=Path), default=DEFAULT_PROJECT, envvar="EVOLVECTL_PROJECT",
               help="folder holding the runs of local workers (the default covers runs/train too)")
 @click.option("--backend", type=click.Choice(CHOICES), default="auto", envvar="EVOLVECTL_BACKEND",
-              help="auto: containers (when an engine answers) and local workers")
+              help="auto: containers (when an engine answers), Swarm services (when it is a swarm manager) "
+                   "and local workers")
 def kill_all(run: str | None, project: Path, backend: str) -> None:
     """Kill and remove every evolvectl worker (of one run with --run); nothing else is touched."""
     if run is not None:
@@ -371,6 +390,8 @@ def kill_all(run: str | None, project: Path, backend: str) -> None:
     removed: list[str] = []
     if backend in ("auto", "docker"):
         removed += _remove_containers(run, required=backend == "docker")
+    if backend in ("auto", "swarm"):
+        removed += _remove_services(run, required=backend == "swarm")
     if backend in ("auto", "local"):
         for place in searched_projects(project):
             removed += open_backend("local", place, WorkerSettings(), lambda text: None).remove_all(run)
@@ -388,6 +409,28 @@ def _remove_containers(run: str | None, required: bool) -> list[str]:
             raise
         return []  # no engine, no containers
     return remove_containers(client, run)
+
+
+def _remove_services(run: str | None, required: bool) -> list[str]:
+    """Our Swarm services, where this engine manages a swarm (required: it must)."""
+    from orchestrator.backends.docker.engine import connect
+    from orchestrator.backends.docker.swarm import (
+        check_manager,
+        remove_services,
+        swarm_role,
+    )
+
+    try:
+        client = connect()
+    except UserError:
+        if required:
+            raise
+        return []
+    if required:
+        check_manager(client)
+    elif swarm_role(client) != "manager":
+        return []
+    return remove_services(client, run)
 
 
 @main.command(context_settings=CONTEXT)

@@ -56,9 +56,29 @@ class MemorySize(click.ParamType):
         return text
 
 
+class PlacementConstraint(click.ParamType):
+    """A Swarm placement constraint, `KEY==VALUE` or `KEY!=VALUE` (e.g. node.labels.gpu==true)."""
+
+    name = "CONSTRAINT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from orchestrator.backends.docker.service import check_constraint
+        from trainer.errors import UserError
+
+        try:
+            return check_constraint(str(value))
+        except UserError:
+            self.fail(f"{value!r} is not KEY==VALUE or KEY!=VALUE, e.g. node.labels.gpu==true", param, ctx)
+
+
 backend_option = click.option(
     "--backend", type=click.Choice(CHOICES), default="auto", envvar="EVOLVECTL_BACKEND",
-    help="docker, local processes, or auto (docker when an engine answers; for a run: the one it started with)",
+    help="docker, local processes, swarm (services over a swarm's servers; run on a manager), or auto "
+         "(docker when an engine answers; for a run: the one it started with)",
+)
+constraint_option = click.option(
+    "--constraint", "constraints", type=PlacementConstraint(), multiple=True,
+    help="with --backend swarm: where workers may run, e.g. node.labels.gpu==true (repeatable)",
 )
 
 
@@ -165,4 +185,5 @@ def ddp_trainer_options(values: dict[str, Any]) -> TrainerOptions:
 
 
 def settings_from(values: dict[str, Any], build: bool = False) -> WorkerSettings:
-    return WorkerSettings(values["image"], values["base_image"], build, values["shm_size"], values["max_restarts"])
+    return WorkerSettings(values["image"], values["base_image"], build, values["shm_size"], values["max_restarts"],
+                          tuple(values.get("constraints", ())))

@@ -126,7 +126,8 @@ def render_status(report: StatusReport) -> RenderableType:
     header = Text(f"{report.backend} workers of {report.progress.run_dir}", style="dim")
     if not report.workers:
         return Group(render_progress(report.progress), header, Text("no workers", style="yellow"))
-    reasons = [Text(f"{row.key} stopped: {row.error}", style="red") for row in report.workers if row.error]
+    reasons = [Text(f"{row.key} {'waits' if row.state in ACTIVE_STATES else 'stopped'}: {row.error}", style="red")
+               for row in report.workers if row.error]
     return Group(render_progress(report.progress), header, render_workers(report.workers), *reasons)
 
 

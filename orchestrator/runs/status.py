@@ -46,6 +46,7 @@ class WorkerState:
     restarts: int = 0
     exit_code: int | None = None
     log_tail: str = ""  # the end of its output: while it runs, and after it failed
+    error: str | None = None  # why the platform holds or dropped it before it ran (a Swarm task no node takes)
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,13 @@ class StatusReport:
 
 def stop_reason(worker: WorkerState) -> str | None:
     """For a worker that exited (or is restarting) with a non-zero code: the last one-line
-    `Error: ...` it printed (a full disk, a bad input), if any."""
-    if worker.state == "running" or worker.exit_code in (0, None):
+    `Error: ...` it printed (a full disk, a bad input), if any. For one the platform could not
+    start (no node fits, a mount is missing): the platform's reason."""
+    if worker.state == "running":
+        return None
+    if worker.error:
+        return worker.error
+    if worker.exit_code in (0, None):
         return None
     errors = [line for line in worker.log_tail.splitlines() if line.startswith("Error: ")]
     if errors:

@@ -36,12 +36,12 @@ from orchestrator.backends.docker.spec import (
     DDP_ROLE,
     GPU_LABEL,
     ROLE_LABEL,
-    SLOT_LABEL,
     WORKER_USER,
     Mount,
     WorkerSpec,
     dataset_mount,
     ddp_spec,
+    labelled_key,
     worker_spec,
 )
 from orchestrator.runs.ddp import DdpPlan
@@ -106,13 +106,7 @@ def _environment(slot: WorkerSlot, user: str, cpu_workers: int, workers_on_host:
 
 
 def worker_key(container: Container) -> str:
-    if container.labels.get(ROLE_LABEL) == DDP_ROLE:
-        return DDP_KEY
-    gpu = container.labels.get(GPU_LABEL, "")
-    if gpu.isdigit():
-        return f"gpu{gpu}"
-    slot = container.labels.get(SLOT_LABEL)
-    return f"cpu{slot}" if slot is not None else container.name  # compose replicas carry no slot
+    return labelled_key(container.labels, container.name)
 
 
 class DockerBackend:

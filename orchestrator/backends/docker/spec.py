@@ -36,7 +36,13 @@ from orchestrator.runs.inputs import (
     container_dataset_path,
     container_run_dir,
 )
-from orchestrator.runs.names import PROJECT, check_run_name, ddp_name, worker_name
+from orchestrator.runs.names import (
+    DDP_KEY,
+    PROJECT,
+    check_run_name,
+    ddp_name,
+    worker_name,
+)
 from orchestrator.runs.plan import TrainerOptions
 
 PROJECT_LABEL = "org.evolvectl.project"
@@ -123,6 +129,17 @@ class WorkerSpec:
         if self.network_mode is not None:
             kwargs["network_mode"] = self.network_mode
         return kwargs
+
+
+def labelled_key(labels: Mapping[str, str], name: str) -> str:
+    """`gpu3`, `cpu0` or `ddp`: a worker's key from its labels (`name` for compose replicas, which have no slot)."""
+    if labels.get(ROLE_LABEL) == DDP_ROLE:
+        return DDP_KEY
+    gpu = labels.get(GPU_LABEL, "")
+    if gpu.isdigit():
+        return f"gpu{gpu}"
+    slot = labels.get(SLOT_LABEL)
+    return f"cpu{slot}" if slot is not None else name
 
 
 def run_labels(run: str | None = None) -> dict[str, str]:

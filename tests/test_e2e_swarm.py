@@ -1,0 +1,247 @@
+"""End to end on a real single-node Docker Swarm: CPU workers as services of the real worker image.
+
+A module fixture makes this engine a swarm manager (`docker swarm init`) when it is in no
+swarm, and leaves the swarm afterwards only if it made it. Several nodes are not tested here:
+the machines running the tests have one engine each.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker.errors
+import pytest
+from conftest import cli, wait_for, write_data_yaml
+from docker.models.services import Service
+
+import docker
+from orchestrator.backends.docker.swarm import list_services, remove_services
+from orchestrator.evolution.journal import Journal
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+# As tests/test_e2e_docker.py: four epochs a generation, so a worker is still training when it is killed.
+TINY_TRAINING = ("--epochs", "4", "--imgsz", "64", "--batch-size", "8", "--workers", "0")
+GATEWAY_NETWORK = "docker_gwbridge"  # made by the engine for the first task of a swarm
+
+
+@pytest.fixture(scope="module")
+def swarm(docker_client: docker.DockerClient) -> Iterator[docker.DockerClient]:
+    """This engine as a swarm manager; a swarm made here is left again, with the network it made."""
+    state = docker_client.info().get("Swarm", {})
+    if state.get("LocalNodeState") == "active" and not state.get("ControlAvailable"):
+        pytest.skip("this engine is a swarm worker; the tests need a manager")
+    made = state.get("LocalNodeState") != "active"
+    had_gateway = bool(docker_client.networks.list(names=[GATEWAY_NETWORK]))
+    if made:
+        docker_client.swarm.init(advertise_addr="127.0.0.1", listen_addr="127.0.0.1:2377")
+    try:
+        yield docker_client
+    finally:
+        if made:
+            docker_client.swarm.leave(force=True)
+            if not had_gateway:
+                for network in docker_client.networks.list(names=[GATEWAY_NETWORK]):
+                    network.remove()
+
+
+@pytest.fixture
+def run_name(swarm: docker.DockerClient) -> Iterator[str]:
+    run = f"sw-{uuid.uuid4().hex[:8]}"
+    yield run
+    remove_services(swarm, run)
+
+
+def service(client: docker.DockerClient, name: str) -> Service:
+    return client.services.get(name)
+
+
+def tasks(client: docker.DockerClient, name: str) -> list[dict[str, Any]]:
+    return sorted(service(client, name).tasks(), key=lambda task: task["CreatedAt"])
+
+
+def task_states(client: docker.DockerClient, name: str) -> list[str]:
+    return [task["Status"]["State"] for task in tasks(client, name)]
+
+
+def leased_to(run_dir: Path, worker: str) -> bool:
+    state = Journal(run_dir).read_state() or {}
+    return any(lease["worker"] == worker for lease in state.get("leases", {}).values())
+
+
+def finished(client: docker.DockerClient, names: list[str]) -> bool:
+    return all(task_states(client, name)[-1] in ("complete", "failed", "shutdown", "rejected") for name in names)
+
+
+def start_arguments(image: str, data: Path, project: Path, run: str, workers: int, generations: int,
+                    *extra: str, backend: tuple[str, ...] = ("--backend", "swarm")) -> list[str]:
+    return ["start", *backend, "--image", image, "--cpu-workers", str(workers), "--generations",
+            str(generations), "--data", str(data), *TINY_TRAINING, "--project", str(project), "--name", run,
+            "--", "--noautoanchor", *extra]
+
+
+def ok_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The journal's results, after checking that evolve.csv holds exactly their rows under one header."""
+    lines = (run_dir / "evolve.csv").read_text().splitlines()
+    ok = [record for record in Journal(run_dir).read_records() if record["status"] == "ok"]
+    assert len(lines) == len(ok) + 1 and sum(line.lstrip().startswith("metrics/precision") for line in lines) == 1
+    return ok
+
+
+def test_two_cpu_services_reach_an_exact_budget(
+    swarm: docker.DockerClient, worker_image: str, run_name: str, tmp_path: Path
+) -> None:
+    data = write_data_yaml(tmp_path, train=32, val=16, size=64)
+    project = tmp_path / "runs"
+    run_dir = project / run_name
+    names = [f"evolvectl-{run_name}-cpu0", f"evolvectl-{run_name}-cpu1"]
+    result = cli(*start_arguments(worker_image, data, project, run_name, 2, 4))
+    assert result.exit_code == 0, result.output
+    assert "started 2 swarm worker(s)" in result.output
+    assert [item.name for item in list_services(swarm, run_name)] == names
+    template = service(swarm, names[0]).attrs["Spec"]["TaskTemplate"]
+    assert template["RestartPolicy"]["Condition"] == "on-failure" and not template.get("Resources")
+    mounts = {mount["Target"]: mount for mount in template["ContainerSpec"]["Mounts"]}
+    assert mounts[f"/runs/evolve/{run_name}"]["Source"] == str(run_dir)
+    assert not mounts[f"/runs/evolve/{run_name}"].get("ReadOnly") and mounts["/datasets/data"]["ReadOnly"]
+
+    wait_for(lambda: finished(swarm, names), 240, "the budget", poll_s=1.0)
+    assert [task_states(swarm, name) for name in names] == [["complete"], ["complete"]]
+    ok = ok_records(run_dir)
+    assert sorted(record["row"] for record in ok) == [0, 1, 2, 3] and len({record["claim"] for record in ok}) == 4
+    assert {record["worker"] for record in ok} <= set(names)  # the service names are the worker ids
+    assert os.stat(run_dir / "evolve.csv").st_uid == os.getuid()  # the host user owns what workers wrote
+    results = cli("results", "--project", str(project), "--name", run_name)
+    assert "Top 4 of 4 generations" in results.output and str(run_dir / "hyp_evolve.yaml") in results.output
+
+
+@pytest.mark.faults
+def test_a_killed_task_is_replaced_and_the_budget_stays_exact(
+    swarm: docker.DockerClient, worker_image: str, run_name: str, tmp_path: Path
+) -> None:
+    """A task's container killed mid-generation: the swarm starts a new task under the same worker id,
+    the lost generation is trained again, and the budget stays exact."""
+    data = write_data_yaml(tmp_path, train=32, val=16, size=64)
+    project = tmp_path / "runs"
+    run_dir = project / run_name
+    names = [f"evolvectl-{run_name}-cpu0", f"evolvectl-{run_name}-cpu1"]
+    result = cli(*start_arguments(worker_image, data, project, run_name, 2, 4, "--lease-ttl", "3"))
+    assert result.exit_code == 0, result.output
+
+    wait_for(lambda: leased_to(run_dir, names[1]), 180, "cpu1 to hold a lease")
+    [running] = [task for task in tasks(swarm, names[1]) if task["Status"]["State"] == "running"]
+    swarm.containers.get(running["Status"]["ContainerStatus"]["ContainerID"]).kill()
+    wait_for(lambda: len(tasks(swarm, names[1])) == 2, 60, "the swarm to replace the killed task")
+    status = cli("status", "--project", str(project), "--name", run_name)
+    assert status.exit_code == 0 and "swarm workers of" in status.output
+    wait_for(lambda: finished(swarm, names), 240, "the budget", poll_s=1.0)
+
+    assert [task_states(swarm, name) for name in names] == [["complete"], ["failed", "complete"]]
+    assert tasks(swarm, names[1])[0]["Status"]["ContainerStatus"]["ExitCode"] == 137
+    ok = ok_records(run_dir)
+    assert sorted(record["row"] for record in ok) == [0, 1, 2, 3] and len({record["claim"] for record in ok}) == 4
+    expired = [record for record in Journal(run_dir).read_records() if record["status"] == "expired"]
+    assert [record["worker"] for record in expired] == [names[1]]  # its lost generation was trained again
+    status = cli("status", "--project", str(project), "--name", run_name)
+    assert "4/4 generations (100%)" in status.output and "budget reached" in status.output
+    rows = {cells[0]: cells[1:4] for cells in map(str.split, status.output.splitlines()) if cells[:1] in (["cpu0"], ["cpu1"])}
+    assert rows == {"cpu0": ["exited", "(0)", "0"], "cpu1": ["exited", "(0)", "1"]}  # state, exit code, restarts
+
+
+def attach_until(arguments: list[str], marker: str, timeout_s: float) -> tuple[str, str, int]:
+    """Run `evolvectl attach ...` until `marker` appears, then press Ctrl-C; returns (stdout, stderr, exit code)."""
+    environment = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen([sys.executable, "-m", "orchestrator", "attach", *arguments], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=environment)
+    seen = b""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while marker.encode() not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([process.stdout], [], [], 1.0)
+            if ready:
+                seen += os.read(process.stdout.fileno(), 65536)
+        process.send_signal(signal.SIGINT)
+        rest, errors = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    return (seen + rest).decode(errors="replace"), errors.decode(errors="replace"), process.returncode
+
+
+def test_status_logs_attach_stop_and_kill_all_on_the_swarm(
+    swarm: docker.DockerClient, worker_image: str, base_image: str, run_name: str, tmp_path: Path
+) -> None:
+    data = write_data_yaml(tmp_path, train=32, val=16, size=64)
+    project = tmp_path / "runs"
+    where = ("--project", str(project), "--name", run_name)
+    name = f"evolvectl-{run_name}-cpu0"
+    result = cli(*start_arguments(worker_image, data, project, run_name, 1, 50))
+    assert result.exit_code == 0, result.output
+    again = cli(*start_arguments(worker_image, data, project, run_name, 1, 50))  # a live service is left alone
+    assert "started 0 swarm worker(s), 1 already running" in again.output
+    assert len(tasks(swarm, name)) == 1
+
+    output, errors, exit_code = attach_until(["cpu0", *where], "Epoch", timeout_s=120)
+    assert exit_code == 0, errors
+    assert "Generation" in output and "detached from cpu0; it keeps running" in errors
+    status = cli("status", *where)
+    assert status.exit_code == 0 and "swarm workers of" in status.output and "running" in status.output
+
+    stopped = cli("stop", *where)
+    assert "workers exit after their current generation" in stopped.output
+    # attach follows until the worker's last task ends, then returns by itself.
+    followed = subprocess.run([sys.executable, "-m", "orchestrator", "attach", "cpu0", *where], check=False,
+                              capture_output=True, text=True, timeout=180, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert "cpu0 is exited (exit code 0)" in followed.stderr, followed.stderr
+    assert task_states(swarm, name) == ["complete"]  # a stopped worker is not restarted
+    logs = cli("logs", "cpu0", "--tail", "5", *where)
+    assert logs.exit_code == 0 and logs.output.count("\n") <= 5 and logs.output.strip()
+    status = cli("status", *where)
+    assert "exited (0)" in status.output
+
+    foreign = swarm.services.create(base_image, ["sleep", "300"], name=f"not-{run_name}",
+                                    labels={"org.evolvectl.project": "evolvectl", "org.evolvectl.run": run_name})
+    try:
+        removed = cli("kill-all", "--run", run_name, "--backend", "swarm")
+        assert removed.exit_code == 0 and f"removed 1 worker(s): {name}" in removed.output
+        assert list_services(swarm, run_name) == []
+        with pytest.raises(docker.errors.NotFound):
+            service(swarm, name)
+        assert service(swarm, foreign.name).name == foreign.name  # same run label, not our worker: untouched
+    finally:
+        foreign.remove()
+
+
+def test_a_worker_no_node_takes_waits_with_the_reason_until_stopped_now(
+    swarm: docker.DockerClient, worker_image: str, run_name: str, tmp_path: Path
+) -> None:
+    data = write_data_yaml(tmp_path, train=32, val=16, size=64)
+    project = tmp_path / "runs"
+    where = ("--project", str(project), "--name", run_name)
+    name = f"evolvectl-{run_name}-cpu0"
+    placed = ("--backend", "swarm", "--constraint", "node.labels.evolvectl-test==nowhere")
+    result = cli(*start_arguments(worker_image, data, project, run_name, 1, 4, backend=placed))
+    assert result.exit_code == 0, result.output
+    assert service(swarm, name).attrs["Spec"]["TaskTemplate"]["Placement"]["Constraints"] == [
+        "node.labels.evolvectl-test==nowhere"]
+    wait_for(lambda: "cpu0 waits: no suitable node" in cli("status", *where).output, 30, "the scheduler's reason")
+
+    killed = cli("stop", "--now", *where)
+    assert killed.exit_code == 0 and "killed cpu0" in killed.output
+    assert service(swarm, name).attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 0
+    wait_for(lambda: " exited " in cli("status", *where).output, 30, "cpu0 to be reported exited")
+
+    # `start` without --backend resumes a swarm run on the swarm (auto alone never picks it).
+    resumed = cli(*start_arguments(worker_image, data, project, run_name, 1, 4, backend=()))
+    assert "started 1 swarm worker(s)" in resumed.output, resumed.output
+    template = service(swarm, name).attrs["Spec"]["TaskTemplate"]
+    assert not template.get("Placement", {}).get("Constraints")
