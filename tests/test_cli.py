@@ -76,6 +76,17 @@ def test_a_bad_shm_size_is_refused_before_any_engine_is_asked(fake_backend: Fake
     assert fake_backend.plans == []
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--memory", "lots"], "Invalid value for '--memory': 'lots' is not a size"),
+    (["--cpus", "0"], "Invalid value for '--cpus'"),
+])
+def test_bad_container_limits_are_refused_before_any_engine_is_asked(fake_backend: FakeBackend, flags: list[str],
+                                                                     message: str) -> None:
+    result = invoke("start", "--cpu-workers", "1", *flags)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert fake_backend.plans == []
+
+
 def test_a_gpu_the_engine_lacks_lists_the_ones_it_has(fake_backend: FakeBackend) -> None:
     result = invoke("start", "--gpus", "2-5")
     assert_one_line_error(result, "--gpus '2-5': no GPU 4, 5; the engine sees: 0, 1, 2, 3")

@@ -92,11 +92,12 @@ def test_compose_command_writes_the_file_and_prepares_the_run(tmp_path: Path, mo
     save_checkpoint({"model": {}, "config": {"cfg": "yolov5s"}}, tmp_path / "start.pt")
     result = CliRunner().invoke(main, ["compose", "--gpus", "0-2", "--generations", "50", "--data", "shapes.yaml",
                                        "--hyp", "my_hyp.yaml", "--cfg", "yolov5s", "--weights", "start.pt",
-                                       "--name", "big"])
+                                       "--name", "big", "--memory", "20g", "--cpus", "4"])
     assert result.exit_code == 0, result.output
     assert "docker compose -f compose.big.yaml up -d" in result.output
     document = yaml.safe_load((tmp_path / "compose.big.yaml").read_text())
     assert list(document["services"]) == ["worker-gpu0", "worker-gpu1", "worker-gpu2"]
+    assert {(service["mem_limit"], service["cpus"]) for service in document["services"].values()} == {("20g", 4.0)}
     command = document["services"]["worker-gpu1"]["command"]
     assert command[command.index("--hyp") + 1] == "/runs/evolve/big/inputs/hyps/my_hyp.yaml"
     assert command[command.index("--cfg") + 1] == "yolov5s"  # bundled: the image has it

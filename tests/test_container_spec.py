@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from orchestrator.backends.base import ContainerLimits
+from orchestrator.backends.docker.backend import container_limits, size_text
 from orchestrator.backends.docker.spec import WorkerSpec, worker_spec
 from orchestrator.runs.plan import parse_gpu_spec
 from trainer.errors import UserError
@@ -151,3 +154,11 @@ def test_parse_gpu_spec_all_needs_known_gpus() -> None:
         parse_gpu_spec("all", available=[])
     with pytest.raises(UserError, match="the engine sees: none"):
         parse_gpu_spec("0", available=[])
+
+
+def test_memory_and_cpu_limits_reach_the_engine_and_status() -> None:
+    kwargs = replace(make_spec(), limits=ContainerLimits("8g", "20g", 2.5)).to_run_kwargs()
+    assert (kwargs["mem_limit"], kwargs["nano_cpus"]) == ("20g", 2_500_000_000)
+    assert "mem_limit" not in make_spec().to_run_kwargs() and "nano_cpus" not in make_spec().to_run_kwargs()
+    assert container_limits({"Memory": 20 * 1024**3, "NanoCpus": 2_500_000_000}) == "memory 20g, 2.5 CPUs"
+    assert container_limits({"Memory": 0, "NanoCpus": 0}) == "" and size_text(1536 * 1024**2) == "1536m"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import FakeBackend, assert_one_line_error, invoke
 
+from orchestrator.backends.base import ContainerLimits
 from orchestrator.backends.docker.spec import ddp_spec
 from orchestrator.backends.local import backend as local
 from orchestrator.cli import commands as cli
@@ -43,7 +44,7 @@ def make_plan(gpus: tuple[int, ...] = (2, 5, 7), cpu_procs: int = 0, batch_size:
 
 def make_spec(plan: DdpPlan, user: str = "1000:1000"):  # noqa: ANN201 - a WorkerSpec
     staged = StagedInputs(plan.options, Path("/data/coco128"))
-    return ddp_spec(plan, staged, "evolvectl:latest", user=user, shm_size="16g", max_restarts=2)
+    return ddp_spec(plan, staged, "evolvectl:latest", user=user, limits=ContainerLimits("16g"), max_restarts=2)
 
 
 # --- the container ----------------------------------------------------------------------------

@@ -144,8 +144,12 @@ def test_a_paused_container_past_its_lease_has_its_late_result_dropped(
     names = [f"evolvectl-{run_name}-cpu0", f"evolvectl-{run_name}-cpu1"]
     result = cli("start", "--backend", "docker", "--image", worker_image, "--cpu-workers", "2", "--generations",
                  "4", "--data", str(data), *TINY_TRAINING, "--project", str(project), "--name", run_name,
-                 "--", "--noautoanchor", "--lease-ttl", "3")
+                 "--memory", "2g", "--cpus", "1.5", "--", "--noautoanchor", "--lease-ttl", "3")
     assert result.exit_code == 0, result.output
+    host = container(docker_client, names[0]).attrs["HostConfig"]  # the limits reach the engine and status
+    assert (host["Memory"], host["NanoCpus"]) == (2 * 1024**3, 1_500_000_000)
+    status = cli("status", "--project", str(project), "--name", run_name)
+    assert "each limited to memory 2g, 1.5 CPUs" in " ".join(status.output.split()), status.output
 
     def leased_to(worker: str) -> bool:
         state = Journal(run_dir).read_state() or {}

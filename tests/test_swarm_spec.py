@@ -12,6 +12,7 @@ import docker.errors
 import pytest
 from conftest import assert_one_line_error, invoke
 
+from orchestrator.backends.base import ContainerLimits
 from orchestrator.backends.docker import engine, swarm
 from orchestrator.backends.docker.backend import worker_specs
 from orchestrator.backends.docker.service import (
@@ -32,12 +33,16 @@ PROJECT = Path("/shared/runs/evolve")
 DATASET = Path("/shared/datasets/coco128")
 
 
-def make_service(gpu: int | None = 3, max_restarts: int = 3, constraints: tuple[str, ...] = ()) -> ServiceSpec:
+TWO_GIB_SHM = ContainerLimits("2g")
+
+
+def make_service(gpu: int | None = 3, max_restarts: int = 3, constraints: tuple[str, ...] = (),
+                 limits: ContainerLimits = TWO_GIB_SHM) -> ServiceSpec:
     """As the Swarm backend builds it: the Docker backend's worker spec (one GPU worker, two CPU workers)."""
     plan = LaunchPlan("exp1", PROJECT, tuple(worker_slots([3], 2)), 20, TrainerOptions(epochs=10))
     staged = StagedInputs(plan.options, DATASET)
     workers = {spec.labels[GPU_LABEL] + spec.labels[SLOT_LABEL]: spec for spec in worker_specs(
-        plan, staged, "registry.example/evolvectl:1", "1234:1234", "2g", max_restarts)}
+        plan, staged, "registry.example/evolvectl:1", "1234:1234", limits, max_restarts)}
     return service_spec(workers["30" if gpu is not None else "cpu1"], constraints)
 
 
@@ -228,3 +233,10 @@ def test_gpus_are_counted_over_the_nodes_that_take_tasks() -> None:
         {"Status": {"State": "ready"}, "Spec": {"Availability": "active"}, "Description": {"Resources": {}}},
     ]
     assert advertised_gpus(nodes) == 6
+
+
+def test_memory_and_cpu_limits_are_the_services_limits() -> None:
+    resources = make_service(gpu=None, limits=ContainerLimits("2g", "20g", 2.5)).to_create_kwargs()["resources"]
+    assert resources["Limits"] == {"MemoryBytes": 20 * 1024**3, "NanoCPUs": 2_500_000_000}
+    gpu = make_service(gpu=3, limits=ContainerLimits("2g", None, 4)).to_create_kwargs()["resources"]
+    assert gpu["Limits"] == {"NanoCPUs": 4_000_000_000} and gpu["Reservations"]["GenericResources"]

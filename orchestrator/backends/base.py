@@ -63,13 +63,31 @@ class Backend(Protocol):
 
 
 @dataclass(frozen=True)
+class ContainerLimits:
+    """What each worker container may use: `docker run --shm-size`, `--memory` and `--cpus`.
+    A CPU quota also sizes the worker's default loader processes (trainer.cpus)."""
+
+    shm_size: str = DEFAULT_SHM_SIZE
+    memory: str | None = None  # None: no limit
+    cpus: float | None = None  # None: no limit
+
+    def describe(self) -> str:
+        """`memory 20g, 4 CPUs`, or "" without limits (shared memory is always set: not named)."""
+        return ", ".join(part for part in (f"memory {self.memory}" if self.memory else "",
+                                           f"{self.cpus:g} CPUs" if self.cpus else "") if part)
+
+
+DEFAULT_LIMITS = ContainerLimits()
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """How workers are built and run; only `max_restarts` matters to local workers."""
 
     image: str = DEFAULT_IMAGE
     base_image: str | None = None  # the Dockerfile's default when None
     build: bool = False  # rebuild the image even if the engine has it
-    shm_size: str = DEFAULT_SHM_SIZE
+    limits: ContainerLimits = DEFAULT_LIMITS
     max_restarts: int = DEFAULT_MAX_RESTARTS
     constraints: tuple[str, ...] = ()  # Swarm placement constraints (swarm only)
 
@@ -96,9 +114,9 @@ def open_backend(choice: str, project: Path, settings: WorkerSettings, say: Writ
         from orchestrator.backends.docker.swarm import SwarmBackend, check_manager
 
         check_manager(client)
-        return SwarmBackend(client, settings.image, settings.base_image, settings.build, settings.shm_size,
+        return SwarmBackend(client, settings.image, settings.base_image, settings.build, settings.limits,
                             settings.max_restarts, settings.constraints)
-    return DockerBackend(client, settings.image, settings.base_image, settings.build, settings.shm_size,
+    return DockerBackend(client, settings.image, settings.base_image, settings.build, settings.limits,
                          settings.max_restarts)
 
 

@@ -474,7 +474,8 @@ def compose(project: Path, name: str | None, output: Path | None, **values: Any)
     plan = LaunchPlan(run, project, tuple(worker_slots(gpus, values["cpu_workers"])), values["generations"],
                       trainer_options(values))
     staged = stage_for_containers(plan.options, run, plan.run_dir)
-    specs = worker_specs(plan, staged, values["image"], host_user(), values["shm_size"], values["max_restarts"])
+    specs = worker_specs(plan, staged, values["image"], host_user(), settings_from(values).limits,
+                         values["max_restarts"])
     context = PROJECT_ROOT if (PROJECT_ROOT / DOCKERFILE).is_file() else None  # else the image must exist
     document = compose_document(run, specs, context, values["base_image"])
     output = output or Path(f"compose.{run}.yaml")

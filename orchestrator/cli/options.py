@@ -16,6 +16,7 @@ from orchestrator.backends.base import (
     DEFAULT_IMAGE,
     DEFAULT_MAX_RESTARTS,
     DEFAULT_SHM_SIZE,
+    ContainerLimits,
     WorkerSettings,
 )
 from orchestrator.evolution.search import DEFAULT_SEARCH, SEARCHES
@@ -124,6 +125,9 @@ def _container_options() -> list[Callable[..., Any]]:
         click.option("--base-image", default=None, envvar="BASE_IMAGE",
                      help="PyTorch base image for the build (default: the Dockerfile's)"),
         click.option("--shm-size", type=MemorySize(), default=DEFAULT_SHM_SIZE, help="shared memory per container"),
+        click.option("--memory", type=MemorySize(), default=None, help="RAM limit per container (e.g. 20g)"),
+        click.option("--cpus", type=click.FloatRange(min=0.01), default=None,
+                     help="CPU limit per container (e.g. 4, or 2.5); it also caps the default --workers"),
         click.option("--max-restarts", type=click.IntRange(min=0), default=DEFAULT_MAX_RESTARTS,
                      help="restarts of a failing worker"),
         click.argument("trainer_args", nargs=-1, type=click.UNPROCESSED),
@@ -185,5 +189,6 @@ def ddp_trainer_options(values: dict[str, Any]) -> TrainerOptions:
 
 
 def settings_from(values: dict[str, Any], build: bool = False) -> WorkerSettings:
-    return WorkerSettings(values["image"], values["base_image"], build, values["shm_size"], values["max_restarts"],
+    limits = ContainerLimits(values["shm_size"], values["memory"], values["cpus"])
+    return WorkerSettings(values["image"], values["base_image"], build, limits, values["max_restarts"],
                           tuple(values.get("constraints", ())))

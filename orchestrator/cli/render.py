@@ -123,7 +123,9 @@ def render_progress(progress: RunProgress | TrainingProgress) -> Text:
 
 def render_status(report: StatusReport) -> RenderableType:
     """The whole status view: the progress line, then one row per worker."""
-    header = Text(f"{report.backend} workers of {report.progress.run_dir}", style="dim")
+    limits = sorted({row.limits for row in report.workers if row.limits})
+    header = Text(f"{report.backend} workers of {report.progress.run_dir}"
+                  + (f", each limited to {'; '.join(limits)}" if limits else ""), style="dim")
     if not report.workers:
         return Group(render_progress(report.progress), header, Text("no workers", style="yellow"))
     reasons = [Text(f"{row.key} {'waits' if row.state in ACTIVE_STATES else 'stopped'}: {row.error}", style="red")

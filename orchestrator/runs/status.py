@@ -47,6 +47,7 @@ class WorkerState:
     exit_code: int | None = None
     log_tail: str = ""  # the end of its output: while it runs, and after it failed
     error: str | None = None  # why the platform holds or dropped it before it ran (a Swarm task no node takes)
+    limits: str = ""  # what its container may use beyond the defaults: "memory 20g, 4 CPUs"
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class WorkerRow:
     last_fitness: float | None
     best_fitness: float | None
     error: str | None = None  # why a worker that exited non-zero stopped: its last `Error:` line
+    limits: str = ""  # its container's memory and CPU limits, if any
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ def collect_status(run: str, run_dir: Path, backend: str, workers: Sequence[Work
             last_fitness=values[-1] if values else None,
             best_fitness=max(values) if values else None,
             error=stop_reason(worker),
+            limits=worker.limits,
         ))
     best = population.best_row()
     done = state.done(len(population)) if state else 0
@@ -247,7 +250,8 @@ def collect_training_status(run: str, run_dir: Path, backend: str, workers: Sequ
     worker_rows = tuple(
         WorkerRow(key=worker.key, state=worker.state, restarts=worker.restarts, exit_code=worker.exit_code,
                   generation=None, epoch=current_epoch(worker.log_tail) if worker.state == "running" else None,
-                  results=done, last_fitness=None, best_fitness=None, error=stop_reason(worker))
+                  results=done, last_fitness=None, best_fitness=None, error=stop_reason(worker),
+                  limits=worker.limits)
         for worker in workers
     )
     return StatusReport(backend, progress, worker_rows)

@@ -13,13 +13,14 @@ import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import docker.errors
 from docker.models.containers import Container
 
 import docker
 import orchestrator
-from orchestrator.backends.base import DEFAULT_MAX_RESTARTS, DEFAULT_SHM_SIZE
+from orchestrator.backends.base import DEFAULT_LIMITS, DEFAULT_MAX_RESTARTS, ContainerLimits
 from orchestrator.backends.docker.engine import (
     ALIVE_STATES,
     DOCKERFILE,
@@ -75,7 +76,7 @@ def worker_specs(
     staged: StagedInputs,
     image: str,
     user: str,
-    shm_size: str = DEFAULT_SHM_SIZE,
+    limits: ContainerLimits = DEFAULT_LIMITS,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
 ) -> list[WorkerSpec]:
     """The containers of a run: its folder bind-mounted read-write, its dataset read-only."""
@@ -86,7 +87,7 @@ def worker_specs(
     specs = []
     for slot in plan.slots:
         spec = worker_spec(plan.run, slot.gpu, slot.slot, image, plan.run_dir, staged.dataset_dir, arguments,
-                           environment=_environment(slot, user, cpu_workers, len(plan.slots)), shm_size=shm_size,
+                           environment=_environment(slot, user, cpu_workers, len(plan.slots)), limits=limits,
                            max_restarts=max_restarts)
         # Only the run's own folder is mounted (at the /runs/evolve/<run> the trainer writes to), not a
         # whole runs volume, so one run's workers cannot touch another's files.
@@ -105,6 +106,21 @@ def _environment(slot: WorkerSlot, user: str, cpu_workers: int, workers_on_host:
     return environment
 
 
+def container_limits(host_config: dict[str, Any]) -> str:
+    """`memory 20g, 4 CPUs` from a container's HostConfig; "" when neither is limited."""
+    memory, nano_cpus = host_config.get("Memory") or 0, host_config.get("NanoCpus") or 0
+    return ContainerLimits(memory=size_text(memory) if memory else None,
+                           cpus=nano_cpus / 1e9 if nano_cpus else None).describe()
+
+
+def size_text(size: int) -> str:
+    """Bytes as `docker run --memory` takes them: 21474836480 → 20g, 1536m, 123456b."""
+    for unit, scale in (("g", 1024**3), ("m", 1024**2), ("k", 1024)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size}b"
+
+
 def worker_key(container: Container) -> str:
     return labelled_key(container.labels, container.name)
 
@@ -118,7 +134,7 @@ class DockerBackend:
         image: str,
         base_image: str | None = None,
         build: bool = False,
-        shm_size: str = DEFAULT_SHM_SIZE,
+        limits: ContainerLimits = DEFAULT_LIMITS,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
         context: Path = PROJECT_ROOT,
     ) -> None:
@@ -126,7 +142,7 @@ class DockerBackend:
         self.image = image
         self.base_image = base_image
         self.build = build
-        self.shm_size = shm_size
+        self.limits = limits
         self.max_restarts = max_restarts
         self.context = context
 
@@ -154,7 +170,7 @@ class DockerBackend:
     def start(self, plan: LaunchPlan, say: Write) -> list[str]:
         """Start the run's missing workers; live ones are left alone. Returns the keys started."""
         staged = stage_for_containers(plan.options, plan.run, plan.run_dir)
-        specs = worker_specs(plan, staged, self.image, host_user(), self.shm_size, self.max_restarts)
+        specs = worker_specs(plan, staged, self.image, host_user(), self.limits, self.max_restarts)
         alive = {container.name for container in list_workers(self.client, plan.run)
                  if container.status in ALIVE_STATES}
         made: list[Container] = []
@@ -174,7 +190,7 @@ class DockerBackend:
     def start_ddp(self, plan: DdpPlan, say: Write) -> list[str]:
         """Start the training's container unless it runs; returns ["ddp"] when it was started."""
         staged = stage_for_containers(plan.options, plan.run, plan.run_dir)
-        spec = ddp_spec(plan, staged, self.image, host_user(), self.shm_size, self.max_restarts)
+        spec = ddp_spec(plan, staged, self.image, host_user(), self.limits, self.max_restarts)
         alive = {container.name for container in list_workers(self.client, plan.run)
                  if container.status in ALIVE_STATES}
         start_worker(self.client, spec)
@@ -202,6 +218,7 @@ class DockerBackend:
                 restarts=int(attributes.get("RestartCount", 0)),
                 exit_code=exit_code,
                 log_tail=log_tail(container, STATUS_LOG_LINES) if running or exit_code not in (0, None) else "",
+                limits=container_limits(attributes.get("HostConfig", {})),
             ))
         return sorted(states, key=lambda state: state.key)
 

@@ -50,12 +50,16 @@ def compose_service(spec: WorkerSpec, build: dict[str, Any] | None) -> dict[str,
             for mount in spec.mounts
         ],
         "labels": dict(spec.labels),
-        "shm_size": spec.shm_size,
+        "shm_size": spec.limits.shm_size,
         "restart": f"on-failure:{spec.max_restarts}",
         "init": True,
         "user": spec.user,
         "working_dir": spec.working_dir,
     })
+    if spec.limits.memory is not None:
+        service["mem_limit"] = spec.limits.memory
+    if spec.limits.cpus is not None:
+        service["cpus"] = spec.limits.cpus
     if spec.entrypoint is not None:
         service["entrypoint"] = list(spec.entrypoint)
     if spec.gpu_ids is not None:

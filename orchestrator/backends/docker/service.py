@@ -6,7 +6,7 @@ command, mounts, environment, user and labels are the same. What differs:
   "no limit", so no restarts is the `none` condition);
 - a GPU worker asks the swarm for one `NVIDIA-GPU` generic resource instead of naming a device:
   the swarm picks the node and the GPU;
-- `/dev/shm` is a tmpfs of `shm_size`, since services have no `--shm-size`;
+- `/dev/shm` is a tmpfs of `--shm-size`, since services have no `--shm-size`;
 - the labels go on the service, not on its task containers, so that the Docker backend (which
   finds workers by container label) never touches containers that the swarm would replace.
 
@@ -68,13 +68,20 @@ class ServiceSpec:
         return docker.types.RestartPolicy(condition="on-failure", max_attempts=self.worker.max_restarts)
 
     def resources(self) -> docker.types.Resources | None:
-        """One `NVIDIA-GPU` per GPU the worker uses; None (no reservation) for a CPU worker."""
-        if self.worker.gpu_ids is None:
-            return None
-        return docker.types.Resources(generic_resources={GPU_RESOURCE: len(self.worker.gpu_ids)})
+        """One `NVIDIA-GPU` reserved per GPU the worker uses, and `--memory` / `--cpus` as limits;
+        None when there is nothing to ask for."""
+        limits = self.worker.limits
+        settings: dict[str, Any] = {}
+        if self.worker.gpu_ids is not None:
+            settings["generic_resources"] = {GPU_RESOURCE: len(self.worker.gpu_ids)}
+        if limits.memory is not None:
+            settings["mem_limit"] = memory_bytes(limits.memory)
+        if limits.cpus is not None:
+            settings["cpu_limit"] = round(limits.cpus * 1e9)
+        return docker.types.Resources(**settings) if settings else None
 
     def mounts(self) -> list[docker.types.Mount]:
-        shm = docker.types.Mount(SHM_DIR, None, type="tmpfs", tmpfs_size=memory_bytes(self.worker.shm_size))
+        shm = docker.types.Mount(SHM_DIR, None, type="tmpfs", tmpfs_size=memory_bytes(self.worker.limits.shm_size))
         return [mount.to_docker() for mount in self.worker.mounts] + [shm]
 
     def to_create_kwargs(self) -> dict[str, Any]:

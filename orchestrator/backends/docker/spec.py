@@ -22,7 +22,7 @@ import docker.types
 import docker.utils
 from docker.errors import DockerException
 
-from orchestrator.backends.base import DEFAULT_MAX_RESTARTS, DEFAULT_SHM_SIZE
+from orchestrator.backends.base import DEFAULT_LIMITS, DEFAULT_MAX_RESTARTS, ContainerLimits
 from orchestrator.runs.ddp import (
     CHECKPOINT,
     DdpPlan,
@@ -92,7 +92,7 @@ class WorkerSpec:
     mounts: tuple[Mount, ...] = ()
     gpu_ids: tuple[int, ...] | None = None  # None: a CPU worker, no device request at all
     labels: Mapping[str, str] = field(default_factory=dict)
-    shm_size: str = DEFAULT_SHM_SIZE
+    limits: ContainerLimits = DEFAULT_LIMITS
     max_restarts: int = DEFAULT_MAX_RESTARTS
     working_dir: str = WORKDIR
     user: str = WORKER_USER
@@ -115,13 +115,17 @@ class WorkerSpec:
             "environment": dict(self.environment),
             "mounts": [mount.to_docker() for mount in self.mounts],
             "labels": dict(self.labels),
-            "shm_size": self.shm_size,
+            "shm_size": self.limits.shm_size,
             "restart_policy": {"Name": "on-failure", "MaximumRetryCount": self.max_restarts},
             "working_dir": self.working_dir,
             "user": self.user,
             # A real init reaps dataloader processes and forwards `docker stop`'s SIGTERM.
             "init": True,
         }
+        if self.limits.memory is not None:
+            kwargs["mem_limit"] = self.limits.memory
+        if self.limits.cpus is not None:
+            kwargs["nano_cpus"] = round(self.limits.cpus * 1e9)
         if self.gpu_ids is not None:
             kwargs["device_requests"] = self.device_requests()
         if self.entrypoint is not None:
@@ -173,7 +177,7 @@ def worker_spec(
     trainer_args: list[str],
     environment: Mapping[str, str] | None = None,
     role: str = EVOLVE_ROLE,
-    shm_size: str = DEFAULT_SHM_SIZE,
+    limits: ContainerLimits = DEFAULT_LIMITS,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
 ) -> WorkerSpec:
     """The container of one evolution worker: on GPU `gpu`, or a CPU worker number `slot`.
@@ -206,7 +210,7 @@ def worker_spec(
         mounts=tuple(mounts),
         gpu_ids=(gpu,) if gpu is not None else None,
         labels=labels,
-        shm_size=shm_size,
+        limits=limits,
         max_restarts=max_restarts,
         entrypoint=EVOLUTION_ENTRYPOINT,
     )
@@ -222,7 +226,7 @@ def ddp_spec(
     staged: StagedInputs,
     image: str,
     user: str = WORKER_USER,
-    shm_size: str = DEFAULT_SHM_SIZE,
+    limits: ContainerLimits = DEFAULT_LIMITS,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
 ) -> WorkerSpec:
     """The container of a DDP job: all its GPUs in one device request, the run folder read-write."""
@@ -240,7 +244,7 @@ def ddp_spec(
         mounts=mounts,
         gpu_ids=plan.gpus or None,
         labels=labels,
-        shm_size=shm_size,
+        limits=limits,
         max_restarts=max_restarts,
         user=user,
         entrypoint=resuming(f"{inside}/{CHECKPOINT}"),

@@ -21,7 +21,7 @@ import docker.errors
 from docker.models.services import Service
 
 import docker
-from orchestrator.backends.base import DEFAULT_MAX_RESTARTS, DEFAULT_SHM_SIZE
+from orchestrator.backends.base import DEFAULT_LIMITS, DEFAULT_MAX_RESTARTS, ContainerLimits
 from orchestrator.backends.docker.backend import DockerBackend, host_user, worker_specs
 from orchestrator.backends.docker.engine import (
     ALIVE_STATES,
@@ -207,16 +207,16 @@ class SwarmBackend:
         image: str,
         base_image: str | None = None,
         build: bool = False,
-        shm_size: str = DEFAULT_SHM_SIZE,
+        limits: ContainerLimits = DEFAULT_LIMITS,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
         constraints: tuple[str, ...] = (),
     ) -> None:
         self.client = client
         self.image = image
-        self.shm_size = shm_size
+        self.limits = limits
         self.max_restarts = max_restarts
         self.constraints = constraints
-        self.images = DockerBackend(client, image, base_image, build, shm_size, max_restarts)
+        self.images = DockerBackend(client, image, base_image, build, limits, max_restarts)
 
     def prepare(self, say: Write) -> None:
         """Build the image on this node if it lacks it; every other node needs it too."""
@@ -234,7 +234,7 @@ class SwarmBackend:
         """Create the run's missing services; live ones are left alone, ended ones made anew."""
         self._check_no_containers(plan.run)
         staged = stage_for_containers(plan.options, plan.run, plan.run_dir)
-        workers = worker_specs(plan, staged, self.image, host_user(), self.shm_size, self.max_restarts)
+        workers = worker_specs(plan, staged, self.image, host_user(), self.limits, self.max_restarts)
         specs = [service_spec(worker, self.constraints) for worker in workers]
         existing = {service.name: service for service in list_services(self.client, plan.run)}
         made: list[Service] = []
