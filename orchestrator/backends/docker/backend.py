@@ -20,7 +20,11 @@ from docker.models.containers import Container
 
 import docker
 import orchestrator
-from orchestrator.backends.base import DEFAULT_LIMITS, DEFAULT_MAX_RESTARTS, ContainerLimits
+from orchestrator.backends.base import (
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_RESTARTS,
+    ContainerLimits,
+)
 from orchestrator.backends.docker.engine import (
     ALIVE_STATES,
     DOCKERFILE,

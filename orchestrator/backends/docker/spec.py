@@ -22,7 +22,11 @@ import docker.types
 import docker.utils
 from docker.errors import DockerException
 
-from orchestrator.backends.base import DEFAULT_LIMITS, DEFAULT_MAX_RESTARTS, ContainerLimits
+from orchestrator.backends.base import (
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_RESTARTS,
+    ContainerLimits,
+)
 from orchestrator.runs.ddp import (
     CHECKPOINT,
     DdpPlan,
