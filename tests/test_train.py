@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import run_trainer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 TINY = ["--imgsz", "64", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--seed", "3"]
 
@@ -67,7 +68,8 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
     table = result.stderr[result.stderr.index("Class     Images  Instances"):].splitlines()
     assert [line.split()[0] for line in table[1:3]] == ["all", "disc"]  # then a row per labelled class
     run = tmp_path / "exp"
-    assert sorted(p.name for p in run.iterdir()) == [
+    [events] = run.glob("events.out.tfevents.*")  # TensorBoard's, as YOLOv5 writes by default
+    assert sorted(p.name for p in run.iterdir() if p != events) == [
         "F1_curve.png", "PR_curve.png", "P_curve.png", "R_curve.png", "confusion_matrix.png",
         "hyp.yaml", "labels.jpg", "opt.yaml", "predictions.json", "results.csv", "results.png",
         "train_batch0.jpg", "train_batch1.jpg", "train_batch2.jpg",  # 4 batches of 8
@@ -79,6 +81,11 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
     assert header[4:8] == ["metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]
     assert yaml.safe_load((run / "hyp.yaml").read_text())["lr0"] == 0.01
     assert yaml.safe_load((run / "opt.yaml").read_text())["epochs"] == 1
+    scalars = EventAccumulator(str(events))
+    scalars.Reload()
+    logged = {tag: [(event.step, event.value) for event in scalars.Scalars(tag)] for tag in scalars.Tags()["scalars"]}
+    row = [float(cell) for cell in (run / "results.csv").read_text().splitlines()[1].split(",")]
+    assert logged == {name: [(0, pytest.approx(value, rel=1e-4, abs=1e-6))] for name, value in zip(header[1:], row[1:])}
     again = run_trainer("--data", str(tiny_data), *TINY, "--epochs", "1", "--project", str(tmp_path),
                         "--name", "exp", "--noval", "--nosave", "--noplots", "--noautoanchor", "--multi-scale",
                         "--cache", "disk", "--rect", cwd=tmp_path)
@@ -87,7 +94,8 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
     assert len(sizes) > 1 and sizes <= {32, 64, 96}  # the batches' sizes: 64 px ± 50%, in steps of 32
     images = tiny_data.parent / "data" / "images"
     assert [len(list((images / f"{split}-cache" / "64").glob("*.npy"))) for split in ("train", "val")] == [32, 16]
-    assert sorted(p.name for p in (tmp_path / "exp2").iterdir()) == ["hyp.yaml", "opt.yaml", "results.csv", "weights"]
+    assert sorted(p.name for p in (tmp_path / "exp2").iterdir() if not p.name.startswith("events.")) == [
+        "hyp.yaml", "opt.yaml", "results.csv", "weights"]
 
 
 def test_a_run_stopped_by_patience_reports_its_best_epoch_as_yolov5_does(tiny_data, tmp_path, monkeypatch, caplog):

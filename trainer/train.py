@@ -41,8 +41,9 @@ from trainer.plots import (
     plot_training_batches,
     plot_validation,
 )
-from trainer.progress import EpochProgress, append_results, class_table
+from trainer.progress import RESULTS_COLUMNS, EpochProgress, append_results, class_table
 from trainer.results import ValidationResult
+from trainer.tensorboard import Scalars
 
 LOGGER = logging.getLogger("trainer")
 MIN_GRAPHED_STEPS = 50
@@ -153,27 +154,32 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
     rescale = ready_loop(parts, cfg, ctx, prepared, state.start_epoch)
     batches = EpochBatches(prepared, state.start_epoch)
     stopped = False
-    for epoch in range(state.start_epoch, cfg.epochs):
-        state.epoch, final_epoch = epoch, epoch + 1 == cfg.epochs
-        train_losses, learning_rates = train_epoch(parts, batches, epoch, cfg, ctx, folder, names, rescale)
-        validated = not cfg.noval or final_epoch or epoch + 1 in rungs
-        if validated:
-            state.validated(validate(parts, prepared.val_loader, len(names), ctx, cfg.save_json and final_epoch,
-                                     folder.validation_plots(names, drawn=final_epoch)))
-        if on_rung is not None and epoch + 1 in rungs:
-            on_rung(epoch + 1, state.latest_result())
-        # Decided on every rank alike before anything is saved: the epoch a run ends on is saved even with --nosave.
-        no_progress = dist.broadcast_object(validated and 0 < cfg.patience <= epoch - state.best_epoch, ctx)
-        stopped = dist.broadcast_object(stop is not None and stop.is_set() and not final_epoch, ctx)
-        if folder.writes:
-            append_results(save_dir / "results.csv", [epoch, *train_losses.values(), *state.latest_result().values(),
-                                                      *learning_rates])
-            if not cfg.nosave or final_epoch or no_progress or stopped:
-                save_checkpoints(save_dir / "weights", state.checkpoint(parts, cfg, prepared.data.names),
-                                 cfg.save_period)
-        if no_progress or stopped:
-            log_early_end(state, cfg, save_dir, patience=no_progress)
-            break
+    scalars = Scalars(save_dir if folder.writes else None, RESULTS_COLUMNS)  # TensorBoard, as YOLOv5 logs
+    try:
+        for epoch in range(state.start_epoch, cfg.epochs):
+            state.epoch, final_epoch = epoch, epoch + 1 == cfg.epochs
+            train_losses, learning_rates = train_epoch(parts, batches, epoch, cfg, ctx, folder, names, rescale)
+            validated = not cfg.noval or final_epoch or epoch + 1 in rungs
+            if validated:
+                state.validated(validate(parts, prepared.val_loader, len(names), ctx, cfg.save_json and final_epoch,
+                                         folder.validation_plots(names, drawn=final_epoch)))
+            if on_rung is not None and epoch + 1 in rungs:
+                on_rung(epoch + 1, state.latest_result())
+            # Decided on every rank alike before anything is saved: the epoch a run ends on is saved even with --nosave.
+            no_progress = dist.broadcast_object(validated and 0 < cfg.patience <= epoch - state.best_epoch, ctx)
+            stopped = dist.broadcast_object(stop is not None and stop.is_set() and not final_epoch, ctx)
+            if folder.writes:
+                row = [epoch, *train_losses.values(), *state.latest_result().values(), *learning_rates]
+                append_results(save_dir / "results.csv", row)
+                scalars.epoch(row)
+                if not cfg.nosave or final_epoch or no_progress or stopped:
+                    save_checkpoints(save_dir / "weights", state.checkpoint(parts, cfg, prepared.data.names),
+                                     cfg.save_period)
+            if no_progress or stopped:
+                log_early_end(state, cfg, save_dir, patience=no_progress)
+                break
+    finally:
+        scalars.close()
     if save_dir is not None and not stopped and state.best_epoch != state.epoch:
         revalidate_best(parts, prepared.val_loader, names, ctx, folder, state, cfg)
     if folder.writes and state.validation is not None:  # none when a signal ended the run before any
