@@ -136,21 +136,22 @@ def run_phases(run_dir: Path, trainer: str, epochs: int) -> dict[str, float] | N
     """Seconds of start-up, training per epoch, validation per epoch and the end (final
     validation, plots, saving) of one run, from its timeline; None without one.
 
-    Epoch e's training ends at its last progress line and its validation at the next
-    validation line; its training began where the previous validation ended. Start-up is
-    epoch 1's training time less the median of the later ones'."""
+    Start-up ends at the first progress line of training. Epoch e's training ends at its last
+    progress line and its validation at the next validation line; its training began where the
+    previous validation ended (epoch 1's where start-up ended)."""
     path = run_dir / TIMELINE_FILE
     if not path.is_file():
         return None
     last_epoch = epochs if trainer == "ours" else epochs - 1  # YOLOv5 prints epoch 0/59 .. 59/59
     train_end: list[float] = []
     val_end: list[float] = []
-    current, ended = None, 0.0
+    current, ended, started = None, 0.0, None
     for line in path.read_text().splitlines():
         stamp, _, text = line.partition("\t")
         if text == EXIT_MARK:
             ended = float(stamp)
         elif (match := TRAIN_LINE.match(text)) and int(match[2]) == last_epoch:
+            started = float(stamp) if started is None else started
             if current is not None and current != match[1] and len(val_end) < len(train_end):
                 return None  # an epoch without its validation line: not a timeline this reads
             current = match[1]
@@ -160,13 +161,12 @@ def run_phases(run_dir: Path, trainer: str, epochs: int) -> dict[str, float] | N
                 train_end[-1] = float(stamp)
         elif VAL_END[trainer].match(text) and len(val_end) < len(train_end):
             val_end.append(float(stamp))
-    if len(val_end) != epochs or not ended:
+    if len(val_end) != epochs or not ended or started is None:
         return None
-    starts = [0.0, *val_end[:-1]]
+    starts = [started, *val_end[:-1]]
     training = [end - start for start, end in zip(starts, train_end)]
     validation = [end - start for start, end in zip(train_end, val_end)]
-    later = statistics.median(training[1:]) if epochs > 1 else 0.0
-    return {"startup_s": round(training[0] - later, 2), "train_epoch_s": round(later, 3),
+    return {"startup_s": round(started, 2), "train_epoch_s": round(statistics.median(training), 3),
             "val_epoch_s": round(statistics.median(validation), 3), "end_s": round(ended - val_end[-1], 2),
             "whole_s": round(ended, 1)}
 

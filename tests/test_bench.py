@@ -217,8 +217,8 @@ def test_run_phases_time_startup_training_and_validation_from_the_output(
     lines += [(17.0, val_line), (18.0, EXIT_MARK)]  # the final validation prints the line again
     (tmp_path / TIMELINE_FILE).write_text("".join(f"{stamp}\t{text}\n" for stamp, text in lines))
     phases = run_phases(tmp_path, trainer, 3)
-    # Training: 7, 2 and 2.5 s; start-up is the first epoch's excess over the median of the others.
-    assert phases == {"startup_s": 4.75, "train_epoch_s": 2.25, "val_epoch_s": 1.0, "end_s": 4.0, "whole_s": 18.0}
+    # Start-up: until the first progress line (5.5 s). Training: 1.5, 2 and 2.5 s, a median of 2.
+    assert phases == {"startup_s": 5.5, "train_epoch_s": 2.0, "val_epoch_s": 1.0, "end_s": 4.0, "whole_s": 18.0}
     assert run_phases(tmp_path, trainer, 4) is None  # not the epochs it ran: nothing to read
     assert run_phases(tmp_path / "missing", trainer, 3) is None
 
