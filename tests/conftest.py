@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -177,3 +179,22 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0, what: str =
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(poll_s)
+
+
+def attach_until(arguments: list[str], marker: str, timeout_s: float) -> tuple[str, str, int]:
+    """Run `evolvectl attach ...` until `marker` appears, then press Ctrl-C; returns (stdout, stderr, exit code)."""
+    environment = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen([sys.executable, "-m", "orchestrator", "attach", *arguments], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=environment)
+    seen = b""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while marker.encode() not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([process.stdout], [], [], 1.0)
+            if ready:
+                seen += os.read(process.stdout.fileno(), 65536)
+        process.send_signal(signal.SIGINT)
+        rest, errors = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    return (seen + rest).decode(errors="replace"), errors.decode(errors="replace"), process.returncode

@@ -7,11 +7,7 @@ The worker image is the real docker/Dockerfile built on the local PyTorch base (
 from __future__ import annotations
 
 import os
-import select
-import signal
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +15,7 @@ from pathlib import Path
 import docker.errors
 import pytest
 from click.testing import CliRunner
-from conftest import cli, wait_for, write_data_yaml
+from conftest import attach_until, cli, wait_for, write_data_yaml
 
 import docker
 from orchestrator.backends.docker.engine import kill_all, list_workers
@@ -44,25 +40,6 @@ def container(client: docker.DockerClient, name: str) -> docker.models.container
     found = client.containers.get(name)
     found.reload()
     return found
-
-
-def attach_until(arguments: list[str], marker: str, timeout_s: float) -> tuple[str, str, int]:
-    """Run `evolvectl attach ...` until `marker` appears, then press Ctrl-C; returns (stdout, stderr, exit code)."""
-    environment = dict(os.environ, PYTHONPATH=str(ROOT))
-    process = subprocess.Popen([sys.executable, "-m", "orchestrator", "attach", *arguments], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, env=environment)
-    seen = b""
-    deadline = time.monotonic() + timeout_s
-    try:
-        while marker.encode() not in seen and time.monotonic() < deadline:
-            ready, _, _ = select.select([process.stdout], [], [], 1.0)
-            if ready:
-                seen += os.read(process.stdout.fileno(), 65536)
-        process.send_signal(signal.SIGINT)
-        rest, errors = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    return (seen + rest).decode(errors="replace"), errors.decode(errors="replace"), process.returncode
 
 
 def kill_trainer(client: docker.DockerClient, name: str) -> None:

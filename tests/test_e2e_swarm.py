@@ -8,11 +8,8 @@ the machines running the tests have one engine each.
 from __future__ import annotations
 
 import os
-import select
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +17,7 @@ from typing import Any
 
 import docker.errors
 import pytest
-from conftest import cli, wait_for, write_data_yaml
+from conftest import attach_until, cli, wait_for, write_data_yaml
 from docker.models.services import Service
 
 import docker
@@ -156,25 +153,6 @@ def test_a_killed_task_is_replaced_and_the_budget_stays_exact(
     assert "4/4 generations (100%)" in status.output and "budget reached" in status.output
     rows = {cells[0]: cells[1:4] for cells in map(str.split, status.output.splitlines()) if cells[:1] in (["cpu0"], ["cpu1"])}
     assert rows == {"cpu0": ["exited", "(0)", "0"], "cpu1": ["exited", "(0)", "1"]}  # state, exit code, restarts
-
-
-def attach_until(arguments: list[str], marker: str, timeout_s: float) -> tuple[str, str, int]:
-    """Run `evolvectl attach ...` until `marker` appears, then press Ctrl-C; returns (stdout, stderr, exit code)."""
-    environment = dict(os.environ, PYTHONPATH=str(ROOT))
-    process = subprocess.Popen([sys.executable, "-m", "orchestrator", "attach", *arguments], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, env=environment)
-    seen = b""
-    deadline = time.monotonic() + timeout_s
-    try:
-        while marker.encode() not in seen and time.monotonic() < deadline:
-            ready, _, _ = select.select([process.stdout], [], [], 1.0)
-            if ready:
-                seen += os.read(process.stdout.fileno(), 65536)
-        process.send_signal(signal.SIGINT)
-        rest, errors = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    return (seen + rest).decode(errors="replace"), errors.decode(errors="replace"), process.returncode
 
 
 def test_status_logs_attach_stop_and_kill_all_on_the_swarm(

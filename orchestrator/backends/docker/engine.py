@@ -10,7 +10,7 @@ from __future__ import annotations
 import codecs
 import collections
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import docker.errors
@@ -204,11 +204,18 @@ def stream_logs(container: Container, write: Callable[[str], None], follow: bool
     With `follow` this returns when the container stops. Ctrl-C only stops the copying:
     the container keeps running.
     """
+    with engine_errors(f"reading logs of {container.name}"):
+        chunks = container.logs(stream=True, follow=follow, tail="all" if tail is None else tail)
+    copy_chunks(chunks, write, container.name)
+
+
+def copy_chunks(chunks: Iterable[bytes], write: Callable[[str], None], name: str) -> None:
+    """Decode a log stream into `write` until it ends or Ctrl-C stops the copying (not the worker)."""
     # Chunks can split a multi-byte character; the incremental decoder joins the halves.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
-        with engine_errors(f"reading logs of {container.name}"):
-            for chunk in container.logs(stream=True, follow=follow, tail="all" if tail is None else tail):
+        with engine_errors(f"reading logs of {name}"):
+            for chunk in chunks:
                 write(decoder.decode(chunk))
     except KeyboardInterrupt:
         return

@@ -11,7 +11,6 @@ Only services labelled as our evolution workers are ever listed, scaled or remov
 
 from __future__ import annotations
 
-import codecs
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -21,10 +20,15 @@ import docker.errors
 from docker.models.services import Service
 
 import docker
-from orchestrator.backends.base import DEFAULT_LIMITS, DEFAULT_MAX_RESTARTS, ContainerLimits
+from orchestrator.backends.base import (
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_RESTARTS,
+    ContainerLimits,
+)
 from orchestrator.backends.docker.backend import DockerBackend, host_user, worker_specs
 from orchestrator.backends.docker.engine import (
     ALIVE_STATES,
+    copy_chunks,
     engine_errors,
     list_workers,
 )
@@ -150,17 +154,8 @@ def follow_service_logs(service: Service, write: Write, follow: bool, tail: int 
     With `follow` this returns once `live()` says no task is left to run: the engine's own
     follow never ends. Ctrl-C only stops the copying; the service keeps running.
     """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks can split a character
     chunks = _log_chunks(service, follow, "all" if tail is None else tail)
-    try:
-        with engine_errors(f"reading logs of {service.name}"):
-            for chunk in chunks if not follow else _until_idle(chunks, live):
-                write(decoder.decode(chunk))
-    except KeyboardInterrupt:
-        return
-    rest = decoder.decode(b"", final=True)
-    if rest:
-        write(rest)
+    copy_chunks(chunks if not follow else _until_idle(chunks, live), write, service.name)
 
 
 def _log_chunks(service: Service, follow: bool, tail: int | str) -> Iterator[bytes]:
