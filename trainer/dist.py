@@ -76,9 +76,8 @@ def init_distributed(device: str, timeout_minutes: float = 30.0) -> DistContext:
     `--device` list, so `--device 2,3` trains on GPUs 2 and 3; without `--device`, from every
     visible GPU (`torchrun_devices`).
     """
-    devices = parse_devices(device)
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        return DistContext(device=_torch_device(devices[0]))
+        return DistContext(device=_torch_device(parse_devices(device)[0]))
     devices = torchrun_devices(device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
