@@ -146,10 +146,12 @@ def parse_evolve_csv(data: bytes, source: str) -> Population:
     if not body:
         return Population.empty(hyp_keys)
     lines = body.split(b"\n")[:-1]
-    try:
-        table = np.loadtxt(io.BytesIO(body), delimiter=",", ndmin=2, comments=None)
-    except ValueError:
-        table = None
+    table = None
+    if body.strip():  # numpy warns on a body of blank lines; those are damaged rows, read below
+        try:
+            table = np.loadtxt(io.BytesIO(body), delimiter=",", ndmin=2, comments=None)
+        except ValueError:
+            pass
     if table is None or table.shape != (len(lines), len(names)):  # an empty line is skipped by numpy, not here
         table, damaged = _parse_lines(lines, len(names))
     else:

@@ -68,18 +68,34 @@ def load_data_config(name_or_path: str | Path) -> DataConfig:
 def _resolve_root(value: Any, config: Path, generated: bool) -> Path:
     """The dataset root. A relative `path` is looked up from the working directory, then
     from the config's folder; a generated dataset's relative path is under datasets_dir()."""
+    if value is not None and not isinstance(value, str | int | float):
+        raise UserError(f"{config}: path={value!r} must be a folder name, not a {type(value).__name__}")
     root = Path(str(value)) if value not in (None, "") else Path()
     if root.is_absolute():
         return root
     if generated:
         return datasets_dir() / root
     for base in (Path.cwd(), config.parent):
-        if (base / root).is_dir():
+        if _is_folder(base / root):
             return (base / root).resolve()
     raise UserError(
         f"{config}: dataset folder path={value!r} not found in {Path.cwd()} or {config.parent}; "
         "fix `path` or use an absolute path"
     )
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long, or one the file system cannot hold, is no folder
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.exists() and not path.is_dir()
+    except OSError:
+        return False
 
 
 def _synthetic_options(block: Any, config: Path) -> dict[str, int]:
@@ -131,11 +147,11 @@ def _split_sources(values: dict[str, Any], split: str, root: Path, config: Path)
     for entry in entries if isinstance(entries, list) else [entries]:
         source = Path(str(entry))
         source = source if source.is_absolute() else root / source
-        if source.is_dir():
+        if _is_folder(source):
             has_images = any(file.suffix.lower() in IMAGE_SUFFIXES for file in source.rglob("*"))
-        elif source.is_file() and source.suffix == ".txt":
+        elif _is_file(source) and source.suffix == ".txt":
             has_images = bool(image_list_entries(source))
-        elif source.exists():
+        elif _is_file(source):
             raise UserError(
                 f"{config}: {split}={entry!r} ({source}) must be a folder of images or a .txt list"
             )

@@ -107,7 +107,8 @@ def parse_label_file(path: Path, nc: int) -> tuple[np.ndarray, int]:
             raise ValueError(f"line {number} is not numeric: {line.strip()!r}") from None
         rows.append(numbers if len(numbers) == 5 else [numbers[0], *polygon_box(numbers[1:], number)])
         line_numbers.append(number)
-    labels = np.array(rows, dtype=np.float32).reshape(-1, 5)
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below as not normalised
+        labels = np.array(rows, dtype=np.float32).reshape(-1, 5)
     classes, boxes = labels[:, 0], labels[:, 1:]
     bad_class = ~np.isfinite(classes) | (classes < 0) | (classes >= nc) | (classes != np.round(classes))
     bad_box = (~np.isfinite(boxes) | (boxes < 0) | (boxes > 1)).any(axis=1)
