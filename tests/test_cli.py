@@ -17,7 +17,7 @@ from orchestrator.evolution.journal import Journal, format_header, run_columns
 from orchestrator.evolution.leases import RunRequest, prepare_run
 from orchestrator.evolution.loop import run_worker
 from orchestrator.evolution.search_space import SearchSpace
-from orchestrator.runs.inputs import stage_local
+from orchestrator.runs.inputs import stage_for_containers, stage_local
 from orchestrator.runs.plan import TrainerOptions, parse_worker_key
 from trainer.checkpoint import save_checkpoint
 from trainer.config import Hyp
@@ -156,6 +156,20 @@ def test_start_passes_weights_and_checks_them_first(fake_backend: FakeBackend, t
                           "checkpoint broken.pt cannot be read")
 
 
+def test_bundled_weights_go_to_workers_by_name(fake_backend: FakeBackend, tmp_path: Path) -> None:
+    """The image carries configs/weights/, as it carries the bundled hyps: nothing to copy or mount."""
+    assert invoke("start", "--cpu-workers", "1", "--weights", "yolov5n-synthetic").exit_code == 0
+    [plan] = fake_backend.plans
+    options = replace(plan.options, data=str(write_data_yaml(tmp_path, train=2, val=1, size=32)))
+    assert stage_local(options).options.weights == "yolov5n-synthetic"
+    staged = stage_for_containers(options, "exp", tmp_path / "runs" / "evolve" / "exp")
+    assert staged.options.weights == "yolov5n-synthetic"
+    assert not (tmp_path / "runs" / "evolve" / "exp" / "inputs" / "weights").exists()
+    assert_one_line_error(invoke("start", "--cpu-workers", "1", "--weights", "yolov5q-synthetic"),
+                          "weights 'yolov5q-synthetic' not found: pass a last.pt or best.pt of evolvectl or YOLOv5 "
+                          "or a bundled one: yolov5n-synthetic")
+
+
 def test_start_clears_a_previous_stop(fake_backend: FakeBackend, tmp_path: Path) -> None:
     stop_file = tmp_path / "runs" / "evolve" / "exp" / "STOP"
     stop_file.parent.mkdir(parents=True)
@@ -178,7 +192,7 @@ def test_start_without_workers_or_with_a_bad_name(fake_backend: FakeBackend) -> 
      "space.yaml: lr0 low=-0.1 is out of range"),
     ({"seed.yaml": "fliplr: 2\n"}, ["--evolve-population", "seed.yaml"], "seed.yaml: fliplr=2 is out of range"),
     ({}, ["--", "--bogus"], "trainer flags --generations 300 --data synthetic --bogus: No such option '--bogus'"),
-    ({}, ["--", "--weights", "gone.pt"], "checkpoint gone.pt not found"),
+    ({}, ["--", "--weights", "gone.pt"], "weights 'gone.pt' not found: pass a last.pt or best.pt"),
 ])
 def test_what_every_worker_would_refuse_stops_start_before_any_worker(
     fake_backend: FakeBackend, tmp_path: Path, files: dict[str, str], flags: list[str], message: str

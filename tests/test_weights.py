@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import load_weights, save_checkpoint
+from trainer.checkpoint import export_weights, load_weights, save_checkpoint
 from trainer.cli import build_config, parse_arguments, split_training_options
 from trainer.config import TrainConfig
 from trainer.errors import UserError
@@ -116,3 +116,33 @@ def test_weights_are_read_once_while_the_file_is_unchanged(tmp_path: Path) -> No
     assert load_weights(str(path)) is first
     save_checkpoint({"model": {"w": torch.ones(3)}, "config": {"cfg": "yolov5s"}}, path)  # a new run wrote it
     assert load_weights(path).model_name() == "yolov5s" and torch.equal(load_weights(path).state["w"], torch.ones(3))
+
+
+def test_exported_weights_are_the_ema_in_half_precision_and_start_a_run(tmp_path: Path) -> None:
+    """As YOLOv5 strips best.pt: no optimiser, fp16. The bundled yolov5n-synthetic.pt is one."""
+    model, ema = DetectionModel("yolov5n", nc=6), DetectionModel("yolov5n", nc=6)
+    save_checkpoint({"model": model.state_dict(), "ema": {"module": ema.state_dict(), "updates": 5},
+                     "optimizer": {"state": {}}, "config": {"cfg": "yolov5n", "epochs": 3}, "model_yaml": {},
+                     "names": list("abcdef")}, tmp_path / "best.pt")
+    export_weights(tmp_path / "best.pt", tmp_path / "small.pt")
+    exported = torch.load(tmp_path / "small.pt", weights_only=True)
+    assert set(exported) == {"format_version", "model", "config", "model_yaml", "names"}
+    expected = ema.state_dict()
+    assert all(exported["model"][name].dtype == (torch.float16 if value.is_floating_point() else value.dtype)
+               and torch.equal(exported["model"][name], value.half() if value.is_floating_point() else value)
+               for name, value in expected.items())
+    assert (tmp_path / "small.pt").stat().st_size < (tmp_path / "best.pt").stat().st_size / 3
+    started = build_model(TrainConfig(cfg="yolov5n", weights=str(tmp_path / "small.pt")), nc=6,
+                          device=torch.device("cpu")).state_dict()
+    assert all(torch.equal(started[name], value.half().float() if value.is_floating_point() else value)
+               for name, value in expected.items())
+
+
+def test_the_bundled_weights_resolve_by_name_and_fit_the_built_in_data() -> None:
+    weights = load_weights("yolov5n-synthetic")
+    assert weights.model_name() == "yolov5n" and load_weights("yolov5n-synthetic.pt").state is weights.state
+    model = build_model(TrainConfig(weights="yolov5n-synthetic"), nc=6, device=torch.device("cpu"))
+    assert all(torch.equal(model.state_dict()[name], value.float()) for name, value in weights.state.items()
+               if value.is_floating_point())
+    with pytest.raises(UserError, match="weights 'nothere.pt' not found: .* or a bundled one: yolov5n-synthetic"):
+        load_weights("nothere.pt")

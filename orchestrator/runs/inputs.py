@@ -4,7 +4,7 @@ Local workers read the host's files directly. Container workers see only their m
 the dataset folder is mounted read-only at `/datasets/<folder>`, and a copy of the data YAML
 that points there is written into the run folder (which they share). Host files given for
 --hyp, --cfg, --weights, --search-space and --evolve-population are copied into `<run>/inputs/`;
-bundled names (yolov5s, hyp.scratch-low) are passed as they are, since the image has them.
+bundled names (yolov5s, hyp.scratch-low, yolov5n-synthetic) are passed as they are, since the image has them.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def stage_local(options: TrainerOptions) -> StagedInputs:
     population = options.evolve_population
     if population is not None:
         population = ",".join(str(_existing(part).absolute()) for part in population.split(","))
-    weights = None if options.weights is None else str(_weights_file(options.weights).absolute())
+    weights = _local_path(options.weights, "weights")
     staged = options.with_paths(data=str(data_yaml), evolve_population=population, weights=weights, **paths)
     return StagedInputs(staged, None)
 
@@ -149,17 +149,12 @@ def _copied_config(value: str | None, kind: str, run_dir: Path, inside_run: str)
     return f"{inside_run}/{INPUTS_DIR}/{kind}/{source.name}"
 
 
-def _weights_file(value: str) -> Path:
-    path = Path(value)
-    if not path.is_file():
-        raise UserError(f"--weights {value} not found: pass a last.pt or best.pt (evolvectl's or YOLOv5's)")
-    return path
-
-
 def _copied_weights(value: str, run_dir: Path, inside_run: str) -> str:
     """The weights file copied into <run>/inputs/weights/, atomically: running workers of the run
-    may be reading the copy that a second `start` replaces."""
-    source = _weights_file(value)
+    may be reading the copy that a second `start` replaces. A bundled name is passed as it is."""
+    source = resolve_config(value, "weights")
+    if not Path(value).is_file():
+        return value
     with source.open("rb") as original, atomic_output(run_dir / INPUTS_DIR / "weights" / source.name) as copy:
         shutil.copyfileobj(original, copy)
     return f"{inside_run}/{INPUTS_DIR}/weights/{source.name}"
