@@ -190,7 +190,7 @@ def test_hyp_value_out_of_range(tmp_path, tiny_data):
 
 def test_missing_weights_fail_before_the_data_is_prepared(tmp_path, tiny_data):
     result = run_trainer("--data", str(tiny_data), "--weights", "yolov5s.pt", *TINY, cwd=tmp_path)
-    assert_user_error(result, "yolov5s.pt not found")
+    assert_user_error(result, "weights 'yolov5s.pt' not found")
     assert "train:" not in result.stderr  # the dataset summary ("train: 8 images, ...") comes later
 
 

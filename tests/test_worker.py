@@ -8,6 +8,8 @@ import math
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -381,6 +383,29 @@ def test_the_articles_per_container_command_joins_the_run(tmp_path: Path) -> Non
     inputs = evolution_inputs(parse_arguments(["--project", str(tmp_path), "--name", "search", "--exist-ok", "--resume",
                                                "--evolve", "60"], command=evolution_main))
     assert inputs.cfg.resume == "" and inputs.cfg.exist_ok and inputs.request.generations == 60
+
+
+@pytest.mark.slow
+def test_the_bash_while_loop_of_evolve_1_stops_after_one_generation_with_a_message(tiny_data: Path,
+                                                                                     tmp_path: Path) -> None:
+    """The training-tricks text's loop, `while python train.py --evolve 1; do :; done`: here --evolve N
+    is the run's total, so the second process explains that and exits non-zero, and the loop ends
+    instead of spinning. A larger N trains one more; --generations N (what evolvectl passes) is
+    the run's budget as before and exits 0 on a finished run, as restarted workers must."""
+    trainer = (f"{sys.executable} -m trainer --data {tiny_data} --epochs 1 --imgsz 64 --batch-size 8 --workers 0 "
+               "--device cpu --noautoanchor --project runs/evolve --name loop")
+    script = f"n=0; while {trainer} --evolve 1; do n=$((n+1)); [ $n -ge 4 ] && break; done; echo loops=$n"
+    loop = subprocess.run(["bash", "-c", script],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert "loops=1" in loop.stdout, loop.stdout + loop.stderr[-3000:]
+    assert "already has 1 of its 1 generation(s): --evolve N is the total of the run" in loop.stderr
+    assert "--evolve 2 trains one more" in loop.stderr and "Traceback" not in loop.stderr
+    csv_path = tmp_path / "runs" / "evolve" / "loop" / "evolve.csv"
+    assert len(csv_path.read_text().splitlines()) == 2
+    again = subprocess.run(["bash", "-c", f"{trainer} --generations 1 && {trainer} --evolve 2"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(csv_path.read_text().splitlines()) == 3
 
 
 def test_leases_expire_into_retries_of_the_same_child_then_are_given_up() -> None:

@@ -22,7 +22,7 @@ import click
 
 from orchestrator import __version__
 from orchestrator.evolution.journal import Journal
-from orchestrator.evolution.leases import RunRequest, check_run_inputs
+from orchestrator.evolution.leases import RunRequest, check_run_inputs, load_state
 from orchestrator.evolution.pruning import Pruning, parse_rungs
 from orchestrator.evolution.search import DEFAULT_SEARCH, SEARCHES
 from orchestrator.evolution.search_space import SearchSpace
@@ -64,6 +64,7 @@ class EvolutionInputs:
     request: RunRequest
     worker_id: str | None
     lease_ttl: float
+    per_process_habit: bool = False  # the budget came from --evolve N, which YOLOv5 counts per process
 
 
 def evolution_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -108,13 +109,30 @@ def evolution_inputs(options: Mapping[str, Any]) -> EvolutionInputs:
     pruning = Pruning.for_epochs(cfg.epochs, rungs, own["prune_eta"]) if own["prune"] else None
     request = RunRequest(cfg.hyp, space, own["generations"] or own["evolve"] or DEFAULT_GENERATIONS,
                          population_sources(own["evolve_population"]), own["search"], pruning, own["hours"])
-    return EvolutionInputs(cfg, request, own["worker_id"], own["lease_ttl"])
+    per_process_habit = own["generations"] is None and own["evolve"] is not None
+    return EvolutionInputs(cfg, request, own["worker_id"], own["lease_ttl"], per_process_habit)
 
 
 def check_evolution_arguments(arguments: Sequence[str], run_dir: Path) -> None:
     """What every worker started with these flags would refuse when it joins the run in
     `run_dir`, found first by the launcher: one error, before any worker starts. Only reads."""
     check_run_inputs(Journal(run_dir), evolution_inputs(parse_arguments(arguments, command=main, prog=PROG)).request)
+
+
+def refuse_a_finished_run(journal: Journal, generations: int) -> None:
+    """YOLOv5's bash loop runs `train.py --evolve 1` over and over, one generation per process.
+    Here N is the run's total, shared by every process that joins it, so from the second process
+    on there is nothing left: say so, and exit non-zero so that the loop stops."""
+    state = load_state(journal)
+    if state is None or state.leases:
+        return
+    done = state.done(journal.count_rows())
+    if done >= generations:
+        raise UserError(
+            f"run {journal.run_dir} already has {done} of its {generations} generation(s): --evolve N is the "
+            "total of the run, shared by every process that joins it, not one process's share as in YOLOv5; "
+            f"pass a larger N (--evolve {done + 1} trains one more) or a new --name"
+        )
 
 
 def evolve(inputs: EvolutionInputs) -> None:
@@ -125,6 +143,8 @@ def evolve(inputs: EvolutionInputs) -> None:
     cfg, request = inputs.cfg, inputs.request
     project = EVOLVE_PROJECT if cfg.project == TrainConfig.project else cfg.project
     run_dir = Path(project) / cfg.name
+    if inputs.per_process_habit:
+        refuse_a_finished_run(Journal(run_dir), request.generations)
     objective = TrainerObjective.prepare(cfg)
     summary = run_worker(run_dir, request.base_hyp, request.space, request.generations, objective,
                          inputs.worker_id or f"{socket.gethostname()}-{os.getpid()}", cfg.seed,
