@@ -122,7 +122,10 @@ def test_an_imgsz_off_the_stride_is_rounded_up_with_a_warning(caplog: pytest.Log
         assert cli.build_config({"imgsz": 3000}).imgsz == 3008
         assert cli.build_config({"imgsz": 20}).imgsz == 32
         assert cli.build_config({"imgsz": 640}).imgsz == 640
+        assert cli.build_config({"imgsz": 1000, "cfg": "yolov5s6"}).imgsz == 1024  # a P6 model: stride 64
+        assert cli.build_config({"imgsz": 1280, "cfg": "yolov5s6"}).imgsz == 1280
     assert [record.getMessage() for record in caplog.records] == [
-        "--imgsz 3000 must be a multiple of the model's stride 32: training at 3008",
-        "--imgsz 20 must be a multiple of the model's stride 32: training at 32",
+        "--imgsz 3000 must be a multiple of the model's stride 32: using 3008",
+        "--imgsz 20 must be a multiple of the model's stride 32: using 32",
+        "--imgsz 1000 must be a multiple of the model's stride 64: using 1024",
     ]

@@ -4,7 +4,6 @@ off to the evolution worker, `python -m orchestrator.evolution`."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from typing import Any
 import click
 
 from trainer import __version__, dist
-from trainer.config import DEFAULT_MODEL, MODEL_STRIDE, Hyp, LaunchSettings, TrainConfig
+from trainer.config import DEFAULT_MODEL, Hyp, LaunchSettings, TrainConfig
 from trainer.cpus import default_loader_workers
 from trainer.errors import CannotWrite, UserError
 from trainer.flags import (
@@ -67,29 +66,20 @@ def build_config(options: Mapping[str, Any]) -> TrainConfig:
     Without --cfg the model is the one the --weights were trained with, as in YOLOv5, else yolov5n.
     """
     from trainer.checkpoint import load_weights
+    from trainer.model import model_stride, stride_multiple
 
     values = field_values(TrainConfig, options)
     hyp_path = str(values.get("hyp_path", TrainConfig.hyp_path))
     hyp = Hyp.from_yaml(resolve_config(hyp_path, "hyps"))
     weights = load_weights(values["weights"]) if values.get("weights") else None
     model = values.get("cfg") or (weights.model_name() if weights else DEFAULT_MODEL)
-    resolve_config(model, "models")
+    stride = model_stride(model)  # a wrong model name fails here
     if values.get("cos_lr") and values.get("sgdr"):
         raise UserError(f"--cos-lr and --sgdr {values['sgdr']} are two schedules: pick one (--sgdr restarts a cosine)")
     workers = loader_workers(values.get("workers"), values.get("batch_size", TrainConfig.batch_size))
-    imgsz = stride_multiple(values.get("imgsz", TrainConfig.imgsz))
+    imgsz = stride_multiple(values.get("imgsz", TrainConfig.imgsz), stride)
     return TrainConfig(**{**values, "cfg": model, "hyp": hyp, "hyp_path": hyp_path, "workers": workers,
                           "imgsz": imgsz})
-
-
-def stride_multiple(imgsz: int, stride: int = MODEL_STRIDE) -> int:
-    """--imgsz rounded up to a multiple of the models' largest stride, with a warning, as YOLOv5's
-    train.py does (`--imgsz 3000` trains at 3008)."""
-    rounded = max(stride, math.ceil(imgsz / stride) * stride)
-    if rounded != imgsz:
-        LOGGER.warning("--imgsz %d must be a multiple of the model's stride %d: training at %d", imgsz, stride,
-                       rounded)
-    return rounded
 
 
 def loader_workers(given: int | None, batch_size: int) -> int:

@@ -171,7 +171,6 @@ def flag(help: str = "", **details: Any) -> dict[str, Flag]:
 
 
 DEFAULT_MODEL = "yolov5n"
-MODEL_STRIDE = 32  # the largest stride of every bundled model (outputs at strides 8, 16 and 32)
 
 
 @dataclass(frozen=True)

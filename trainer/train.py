@@ -19,7 +19,7 @@ from trainer import dist
 from trainer.autoanchor import check_anchors
 from trainer.checkpoint import Checkpoint, load_weights
 from trainer.coco import write_predictions_json
-from trainer.config import MODEL_STRIDE, TrainConfig
+from trainer.config import TrainConfig
 from trainer.data import DataConfig, build_dataloader, build_datasets, load_data_config
 from trainer.data.augment import MultiScale
 from trainer.dist import DistContext
@@ -32,7 +32,7 @@ from trainer.engine import (
 )
 from trainer.errors import UserError
 from trainer.graphs import GraphedModel
-from trainer.model import DetectionModel
+from trainer.model import DetectionModel, model_stride
 from trainer.parts import TrainingParts, build_model, build_training_parts
 from trainer.plots import (
     ValidationPlots,
@@ -225,9 +225,11 @@ def next_run_dir(project: str | Path, name: str, exist_ok: bool) -> Path:
     return candidate
 
 
-def prepare_data(cfg: TrainConfig, ctx: DistContext, stride: int = MODEL_STRIDE) -> PreparedData:
-    """Verify labels, fill caches and start loader workers: once per process, not per generation."""
+def prepare_data(cfg: TrainConfig, ctx: DistContext) -> PreparedData:
+    """Verify labels, fill caches and start loader workers: once per process, not per generation.
+    Canvases are multiples of the model's largest stride (64 for a P6 model)."""
     data = load_data_config(cfg.data)
+    stride = model_stride(cfg.cfg)
     if cfg.batch_size % ctx.world_size:
         raise UserError(
             f"--batch-size {cfg.batch_size} is the total over {ctx.world_size} processes and must divide "

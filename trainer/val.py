@@ -28,7 +28,7 @@ from trainer.engine import Validation, evaluate
 from trainer.errors import UserError
 from trainer.flags import CONTEXT_SETTINGS, config_options, field_values
 from trainer.loss import DetectionLoss
-from trainer.model.yolo import DetectionModel
+from trainer.model.yolo import DetectionModel, stride_multiple
 from trainer.plots import ValidationPlots
 from trainer.parts import amp_dtype_for
 from trainer.train import next_run_dir, report_validation
@@ -82,10 +82,11 @@ def validate(options: dict[str, Any]) -> Validation:
     if task == "test" and not data.test:
         raise UserError(f"--task test: {options['data']} has no `test` split; add one to it, or use --task val")
     samples = load_samples(data.test if task == "test" else data.val, data.nc, task)
-    dataset = YoloDataset(samples, options["imgsz"], augment=False, hyp=hyp, single_cls=options["single_cls"],
-                          stride=int(model.stride.max()))
+    stride = int(model.stride.max())
+    imgsz = stride_multiple(options["imgsz"], stride)  # rounded up with a warning, as YOLOv5's val.py does
+    dataset = YoloDataset(samples, imgsz, augment=False, hyp=hyp, single_cls=options["single_cls"], stride=stride)
     loader = build_dataloader(dataset, options["batch_size"], options["workers"], False, 0, shard=True)[0]
-    loss_fn = DetectionLoss.from_model(model, hyp, imgsz=options["imgsz"])
+    loss_fn = DetectionLoss.from_model(model, hyp, imgsz=imgsz)
     save_dir = next_run_dir(options["project"], options["name"], options["exist_ok"])
     save_dir.mkdir(parents=True, exist_ok=True)
     validation = evaluate(model, loader, loss_fn, nc, ctx, amp_dtype_for(ctx.device), options["conf_thres"],

@@ -1,7 +1,14 @@
 """The detector: building blocks, the Detect head and the YAML-built DetectionModel."""
 
 from trainer.model.blocks import C3, SPPF, Bottleneck, Concat, Conv
-from trainer.model.yolo import Detect, DetectionModel, load_model_spec, parse_model
+from trainer.model.yolo import (
+    Detect,
+    DetectionModel,
+    load_model_spec,
+    model_stride,
+    parse_model,
+    stride_multiple,
+)
 
 __all__ = [
     "C3",
@@ -12,5 +19,7 @@ __all__ = [
     "Detect",
     "DetectionModel",
     "load_model_spec",
+    "model_stride",
     "parse_model",
+    "stride_multiple",
 ]

@@ -170,6 +170,28 @@ def load_model_spec(cfg: str | Path | dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def model_stride(cfg: str | Path | dict[str, Any]) -> int:
+    """The largest stride of a model, from its config without building it: the Detect layer's
+    input levels, P3/8 first (YOLOv5's P5 models have 3, stride 32; its P6 models 4, stride 64).
+    Image sizes, training canvases and validation canvases are multiples of it."""
+    spec = load_model_spec(cfg)
+    rows = [*(spec.get("backbone") or []), *(spec.get("head") or [])]
+    last = rows[-1] if rows else None
+    if not (isinstance(last, list) and len(last) == 4 and last[2] == "Detect"):
+        raise UserError("the model config's last layer must be Detect")
+    sources = last[0] if isinstance(last[0], list) else [last[0]]
+    return 8 * 2 ** (len(sources) - 1)
+
+
+def stride_multiple(imgsz: int, stride: int) -> int:
+    """--imgsz rounded up to a multiple of the model's largest stride, with a warning, as YOLOv5's
+    train.py and val.py do (`--imgsz 3000` gives 3008; `--imgsz 1000` 1024 with a P6 model)."""
+    rounded = max(stride, math.ceil(imgsz / stride) * stride)
+    if rounded != imgsz:
+        LOGGER.warning("--imgsz %d must be a multiple of the model's stride %d: using %d", imgsz, stride, rounded)
+    return rounded
+
+
 def _resolve_argument(value: Any, names: dict[str, Any]) -> Any:
     """YAML args may name top-level keys (`nc`, `anchors`) or write Python's `None`."""
     if isinstance(value, str):
