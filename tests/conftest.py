@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import select
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
@@ -198,3 +200,54 @@ def attach_until(arguments: list[str], marker: str, timeout_s: float) -> tuple[s
     finally:
         process.kill()
     return (seen + rest).decode(errors="replace"), errors.decode(errors="replace"), process.returncode
+
+
+# --- A real HTTP server on the loopback address ---------------------------------------------
+
+class FileServer(http.server.ThreadingHTTPServer):
+    """Serves `files` by path; the first request for a path in `cut` stops after half the body."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, bytes] = {}
+        self.cut: set[str] = set()
+        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: FileServer
+
+    def do_GET(self) -> None:
+        path, wanted = self.path, self.headers.get("Range")
+        self.server.requests.append((path, wanted))
+        body = self.server.files.get(path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = int(wanted.removeprefix("bytes=").split("-")[0]) if wanted else 0
+        self.send_response(206 if wanted else 200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if path in self.server.cut:
+            self.server.cut.discard(path)
+            self.wfile.write(body[start:start + len(body) // 2])
+            self.close_connection = True
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    running = FileServer()
+    thread = threading.Thread(target=running.serve_forever, daemon=True)
+    thread.start()
+    yield running
+    running.shutdown()
+    running.server_close()

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import FakeBackend, assert_one_line_error, invoke, write_data_yaml
+from conftest import (
+    FakeBackend,
+    FileServer,
+    assert_one_line_error,
+    invoke,
+    write_data_yaml,
+)
 
 from orchestrator.cli import commands as cli
 from orchestrator.evolution.journal import Journal, format_header, run_columns
@@ -22,6 +28,7 @@ from orchestrator.runs.plan import TrainerOptions, parse_worker_key
 from trainer.checkpoint import save_checkpoint
 from trainer.config import Hyp
 from trainer.errors import UserError
+from trainer.model import DetectionModel
 from trainer.results import ValidationResult
 
 COMMANDS = ("start", "ddp", "status", "attach", "logs", "stop", "kill-all", "results", "compose")
@@ -156,6 +163,25 @@ def test_start_passes_weights_and_checks_them_first(fake_backend: FakeBackend, t
                           "checkpoint broken.pt cannot be read")
 
 
+def test_start_downloads_release_weights_once_on_the_host(fake_backend: FakeBackend, server: FileServer,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers get the host's copy (a path for local ones, a copy in the run for containers), so
+    eight containers do not download it eight times, and need no network."""
+    save_checkpoint({"model": DetectionModel("yolov5n").state_dict(), "config": {"cfg": "yolov5n"}},
+                    tmp_path / "made.pt")
+    server.files["/yolov5s.pt"] = (tmp_path / "made.pt").read_bytes()
+    monkeypatch.setenv("EVOLVECTL_WEIGHTS_URL", server.url)
+    monkeypatch.setenv("EVOLVECTL_WEIGHTS", str(tmp_path / "cache"))
+    assert invoke("start", "--cpu-workers", "1", "--weights", "yolov5s.pt").exit_code == 0
+    [plan] = fake_backend.plans
+    options = replace(plan.options, data=str(write_data_yaml(tmp_path, train=2, val=1, size=32)))
+    assert stage_local(options).options.weights == str(tmp_path / "cache" / "yolov5s.pt")
+    staged = stage_for_containers(options, "exp", tmp_path / "runs" / "evolve" / "exp")
+    assert staged.options.weights == "/runs/evolve/exp/inputs/weights/yolov5s.pt"
+    assert (tmp_path / "runs" / "evolve" / "exp" / "inputs" / "weights" / "yolov5s.pt").is_file()
+    assert server.requests == [("/yolov5s.pt", None)]
+
+
 def test_bundled_weights_go_to_workers_by_name(fake_backend: FakeBackend, tmp_path: Path) -> None:
     """The image carries configs/weights/, as it carries the bundled hyps: nothing to copy or mount."""
     assert invoke("start", "--cpu-workers", "1", "--weights", "yolov5n-synthetic").exit_code == 0
@@ -166,8 +192,8 @@ def test_bundled_weights_go_to_workers_by_name(fake_backend: FakeBackend, tmp_pa
     assert staged.options.weights == "yolov5n-synthetic"
     assert not (tmp_path / "runs" / "evolve" / "exp" / "inputs" / "weights").exists()
     assert_one_line_error(invoke("start", "--cpu-workers", "1", "--weights", "yolov5q-synthetic"),
-                          "weights 'yolov5q-synthetic' not found: pass a last.pt or best.pt of evolvectl or YOLOv5 "
-                          "or a bundled one: yolov5n-synthetic")
+                          "weights 'yolov5q-synthetic' not found: pass a last.pt or best.pt of evolvectl or YOLOv5, "
+                          "a YOLOv5 release name (yolov5s.pt) or a bundled one: yolov5n-synthetic")
 
 
 def test_start_clears_a_previous_stop(fake_backend: FakeBackend, tmp_path: Path) -> None:

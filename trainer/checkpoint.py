@@ -13,9 +13,10 @@ from typing import Any, ClassVar
 import torch
 
 from trainer.config import TrainConfig
+from trainer.downloads import resolve_weights
 from trainer.errors import UserError
 from trainer.files import read_yaml, write_atomic
-from trainer.paths import CONFIGS, resolve_config
+from trainer.paths import CONFIGS
 from trainer.yolov5_weights import read_yolov5_weights
 
 FORMAT_VERSION = 1
@@ -126,7 +127,7 @@ def load_weights(path: str | Path) -> Weights:
     for its model, and an evolution builds a model from it every generation. Callers copy the
     tensors into their model and never change them.
     """
-    path = resolve_config(path, "weights")  # a file, or a bundled name such as yolov5n-synthetic
+    path = resolve_weights(path)
     status = path.stat()
     return _load_weights(path, path.resolve(), status.st_size, status.st_mtime_ns)
 

@@ -9,7 +9,7 @@ from trainer.errors import UserError
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 KIND_NAMES = {"hyps": "hyp config", "models": "model config", "data": "data config", "evolve": "search space config",
               "weights": "weights"}
-WHAT_TO_PASS = {"weights": "a last.pt or best.pt of evolvectl or YOLOv5"}
+WHAT_TO_PASS = {"weights": "a last.pt or best.pt of evolvectl or YOLOv5, a YOLOv5 release name (yolov5s.pt)"}
 SUFFIXES = {"weights": ".pt"}  # every other kind is YAML
 
 

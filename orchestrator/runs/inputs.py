@@ -17,9 +17,10 @@ from typing import Any
 import yaml
 
 from orchestrator.runs.plan import TrainerOptions
+from trainer.downloads import resolve_weights
 from trainer.errors import UserError
 from trainer.files import atomic_output
-from trainer.paths import resolve_config
+from trainer.paths import CONFIGS, resolve_config
 
 # Inside every container the run volume is /runs and the dataset folder /datasets/<name>.
 RUNS_DIR = "/runs"
@@ -66,7 +67,8 @@ def stage_local(options: TrainerOptions) -> StagedInputs:
     population = options.evolve_population
     if population is not None:
         population = ",".join(str(_existing(part).absolute()) for part in population.split(","))
-    weights = _local_path(options.weights, "weights")
+    weights = None if options.weights is None else _weights_source(options.weights)
+    weights = options.weights if weights is None else str(weights.absolute())
     staged = options.with_paths(data=str(data_yaml), evolve_population=population, weights=weights, **paths)
     return StagedInputs(staged, None)
 
@@ -149,11 +151,18 @@ def _copied_config(value: str | None, kind: str, run_dir: Path, inside_run: str)
     return f"{inside_run}/{INPUTS_DIR}/{kind}/{source.name}"
 
 
+def _weights_source(value: str) -> Path | None:
+    """The host file --weights names, a YOLOv5 release name downloaded on the host first (once,
+    not in every worker); None for a bundled name, which workers resolve themselves."""
+    path = resolve_weights(value)
+    return None if path.parent == CONFIGS / "weights" and not Path(value).is_file() else path
+
+
 def _copied_weights(value: str, run_dir: Path, inside_run: str) -> str:
     """The weights file copied into <run>/inputs/weights/, atomically: running workers of the run
     may be reading the copy that a second `start` replaces. A bundled name is passed as it is."""
-    source = resolve_config(value, "weights")
-    if not Path(value).is_file():
+    source = _weights_source(value)
+    if source is None:
         return value
     with source.open("rb") as original, atomic_output(run_dir / INPUTS_DIR / "weights" / source.name) as copy:
         shutil.copyfileobj(original, copy)

@@ -12,6 +12,7 @@ from trainer.data.labels import IMAGE_SUFFIXES, image_list_entries
 from trainer.data.synthetic import ensure_synthetic
 from trainer.errors import UserError
 from trainer.files import read_yaml
+from trainer.downloads import download_dataset
 from trainer.paths import resolve_config
 
 DATASETS_ENV = "EVOLVECTL_DATASETS"
@@ -51,7 +52,7 @@ def load_data_config(name_or_path: str | Path) -> DataConfig:
         raise UserError(f"data config {path} must be a mapping with keys path, train, val, names")
 
     synthetic = values.get("synthetic")
-    root = _resolve_root(values.get("path"), path, generated=synthetic is not None)
+    root = _resolve_root(values.get("path"), path, generated=synthetic is not None, download=values.get("download"))
     if synthetic is not None:
         ensure_synthetic(root, **_synthetic_options(synthetic, path))
     names = _class_names(values, path)
@@ -65,9 +66,11 @@ def load_data_config(name_or_path: str | Path) -> DataConfig:
     )
 
 
-def _resolve_root(value: Any, config: Path, generated: bool) -> Path:
+def _resolve_root(value: Any, config: Path, generated: bool, download: Any = None) -> Path:
     """The dataset root. A relative `path` is looked up from the working directory, then
-    from the config's folder; a generated dataset's relative path is under datasets_dir()."""
+    from the config's folder; a generated dataset's relative path is under datasets_dir().
+    A folder found nowhere is fetched from the YAML's `download:` zip into datasets_dir(), as
+    YOLOv5 does (`path: ../datasets/coco128` then lies at datasets/coco128)."""
     if value is not None and not isinstance(value, str | int | float):
         raise UserError(f"{config}: path={value!r} must be a folder name, not a {type(value).__name__}")
     root = Path(str(value)) if value not in (None, "") else Path()
@@ -78,9 +81,16 @@ def _resolve_root(value: Any, config: Path, generated: bool) -> Path:
     for base in (Path.cwd(), config.parent):
         if _is_folder(base / root):
             return (base / root).resolve()
+    if download is not None:
+        download_dataset(download, datasets_dir(), config)
+        for candidate in (Path.cwd() / root, config.parent / root, datasets_dir() / root.name):
+            if _is_folder(candidate):
+                return candidate.resolve()
+        raise UserError(f"{config}: the download {download} holds no folder {root.name} in {datasets_dir()}; "
+                        "fix `path` to name the folder it unpacks")
     raise UserError(
         f"{config}: dataset folder path={value!r} not found in {Path.cwd()} or {config.parent}; "
-        "fix `path` or use an absolute path"
+        "fix `path`, use an absolute path, or give a `download:` URL of a zip"
     )
 
 
