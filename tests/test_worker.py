@@ -385,6 +385,25 @@ def test_the_articles_per_container_command_joins_the_run(tmp_path: Path) -> Non
     assert inputs.cfg.resume == "" and inputs.cfg.exist_ok and inputs.request.generations == 60
 
 
+def test_every_generation_leaves_a_tensorboard_hparams_record(tmp_path: Path) -> None:
+    """`tensorboard --logdir <run>` shows the search: one HParams session per evolve.csv row."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    _evolve(tmp_path / "run", 3)
+    population = Journal(tmp_path / "run").read_population(KEYS)
+    folders = sorted((tmp_path / "run" / "tensorboard").iterdir())
+    assert [folder.name for folder in folders] == ["generation0", "generation1", "generation2"]
+    for row, folder in enumerate(folders):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        genes = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        assert {key: genes[key].number_value for key in KEYS} == pytest.approx(dict(zip(KEYS, population.hyps[row])))
+        [fitness_event] = events.Scalars("fitness")
+        assert fitness_event.value == pytest.approx(population.fitness[row], abs=1e-4)  # csv: 5 digits
+
+
 @pytest.mark.slow
 def test_the_bash_while_loop_of_evolve_1_stops_after_one_generation_with_a_message(tiny_data: Path,
                                                                                      tmp_path: Path) -> None:

@@ -3,6 +3,9 @@
 Every results.csv column but the epoch becomes a scalar of the same name (`train/box_loss`,
 `metrics/mAP_0.5`, `x/lr0`, ...) at step = epoch, in event files beside results.csv. A resumed
 run adds a new event file to the same folder and goes on at its next epoch.
+
+`write_hparams` writes one HParams record (an evolution's generation: its genes and its
+results) into a folder of its own, so that TensorBoard's HParams tab shows a whole search.
 """
 
 from __future__ import annotations
@@ -42,3 +45,17 @@ class Scalars:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def write_hparams(folder: Path, hparams: dict[str, float], metrics: dict[str, float]) -> None:
+    """One HParams session in `folder`: the genes, and the metrics as scalars at step 0. Folders
+    are never shared, so any number of processes write side by side."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    experiment, start, end = hparams_summaries(hparams, metrics)
+    with SummaryWriter(log_dir=str(folder)) as writer:
+        for summary in (experiment, start, end):
+            writer.file_writer.add_summary(summary)
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, 0)

@@ -1,10 +1,11 @@
-"""The files an evolution derives from its journal: hyp_evolve.yaml, evolve.png and fitness.png.
-
-Each is recomputed from evolve.csv and replaced atomically, never edited.
+"""The files an evolution derives from its journal: hyp_evolve.yaml, evolve.png and fitness.png,
+recomputed from evolve.csv and replaced atomically, never edited; and each generation's
+TensorBoard HParams record, written once beside them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,9 @@ from matplotlib.figure import Figure
 
 from orchestrator.evolution.journal import Population
 from trainer.files import save_figure, write_atomic
-from trainer.results import RESULT_COLUMNS
+from trainer.results import RESULT_COLUMNS, fitness
+
+logger = logging.getLogger(__name__)
 
 HYP_EVOLVE_NAME = "hyp_evolve.yaml"
 POPULATION_NAME = "evolve_population.yaml"
@@ -129,3 +132,21 @@ def write_plots(run_dir: Path, population: Population, keys: Sequence[str],
     plot_evolution(run_dir / EVOLVE_PLOT_NAME, population, keys)
     plot_fitness(run_dir / FITNESS_PLOT_NAME, population, pruned)
     return True
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def write_tensorboard_generation(run_dir: Path, row: int, genes: dict[str, float], values: np.ndarray) -> None:
+    """The generation's HParams record in <run>/tensorboard/generation<row>/, so that
+    `tensorboard --logdir <run>` shows the search as a table and parallel coordinates. Like the
+    plots, it never stops an evolution."""
+    from trainer.tensorboard import write_hparams  # imports torch: only in a worker
+
+    results = [float(value) for value in np.asarray(values, dtype=float).ravel()[: len(RESULT_COLUMNS)]]
+    metrics = {"fitness": float(fitness(results)[0]), **dict(zip(RESULT_COLUMNS, results))}
+    try:
+        write_hparams(run_dir / TENSORBOARD_DIR / f"generation{row}", {key: float(value) for key, value in
+                                                                        genes.items()}, metrics)
+    except Exception as error:  # noqa: BLE001 - a missing record must never stop an evolution
+        logger.warning("could not write the TensorBoard record of generation %d: %s", row, error)

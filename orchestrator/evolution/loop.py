@@ -372,6 +372,7 @@ def _finish(plan: _Plan, lease: Lease, outcome: _Outcome, seed: int) -> str:
         population = journal.read_population(plan.hyp_keys)
         artifacts.write_hyp_evolve(journal.run_dir, population)
         artifacts.write_evolve_population(journal.run_dir, population)
+    artifacts.write_tensorboard_generation(journal.run_dir, row, lease.hyp, outcome.values)
     return "ok"
 
 
