@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import run_trainer
 
-from trainer.model import DetectionModel, model_stride
+from trainer.model import DetectionModel, load_model_spec, model_stride
 
 # YOLOv5 v6+ P6 model sizes at nc=80, in millions of parameters.
 YOLOV5_P6_PARAMETERS_M = {"n6": 3.2, "s6": 12.6, "m6": 35.7, "l6": 76.8, "x6": 140.7}
@@ -103,3 +103,20 @@ def test_a_yolov5_p6_checkpoint_imports_as_the_p5_ones_do(tmp_path: Path) -> Non
     assert weights.model_name() == "yolov5n6"  # recognised by its architecture
     expected = model.half().float().state_dict()
     assert all(torch.equal(weights.state[name], expected[name]) for name in expected)
+
+
+def test_autoanchor_fits_twelve_anchors_over_a_p6_models_four_levels() -> None:
+    from trainer.autoanchor import check_anchors
+
+    spec = load_model_spec("yolov5n6")
+    spec["anchors"] = [[500, 500, 510, 520, 530, 540]] * 4  # all far too big
+    model = DetectionModel(spec, nc=1)
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[8.0, 16.0], [40.0, 30.0], [120.0, 90.0], [400.0, 300.0]])[torch.arange(800) % 4]
+    labels = labels * (1 + 0.1 * torch.randn(800, 2, generator=generator))
+    report = check_anchors(model, labels, anchor_t=4.0, imgsz=1280, generations=200)
+    assert report.replaced and report.bpr_after > 0.98
+    pixels = (model.detect.anchors * model.stride.view(-1, 1, 1)).view(-1, 2)
+    assert pixels.shape == (12, 2)
+    areas = pixels.prod(dim=1)
+    assert torch.all(areas[1:] >= areas[:-1])  # the smallest on P3/8, the largest on P6/64
