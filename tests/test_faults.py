@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_trainer, write_data_yaml
+from conftest import FileServer, run_trainer, write_data_yaml
 
 from orchestrator.evolution.journal import Journal, run_columns
 from trainer.config import Hyp
@@ -138,3 +138,13 @@ def test_a_racy_yolov5_evolve_csv_seeds_a_run_with_its_whole_rows(tmp_path: Path
     population = Journal(tmp_path / "new" / "run").read_population(KEYS)
     assert len(population) == 5 and population.damaged == ()  # 2 imported, then the budget of 3
     assert population.results[:2].tolist() == Journal(tmp_path / "old" / "run").read_population(KEYS).results.tolist()
+
+
+def test_a_download_onto_a_full_disk_stops_with_one_line(small_disk: Path, tmp_path: Path,
+                                                         server: FileServer) -> None:
+    """`--weights yolov5n.pt` with the weights cache on a full disk: no traceback, no half file."""
+    server.files["/yolov5n.pt"] = bytes(3 * 1024 * 1024)  # more than the 2 MiB disk holds
+    result = run_trainer("--weights", "yolov5n.pt", "--epochs", "1", "--device", "cpu", cwd=tmp_path,
+                         env={"EVOLVECTL_WEIGHTS_URL": server.url, "EVOLVECTL_WEIGHTS": str(small_disk)})
+    _assert_one_line_error(result, str(small_disk / "yolov5n.pt.part"), "ENOSPC")
+    assert not (small_disk / "yolov5n.pt").exists()

@@ -27,7 +27,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from trainer.errors import UserError
+from trainer.errors import CannotWrite, UserError
 from trainer.paths import resolve_config
 
 LOGGER = logging.getLogger("trainer")
@@ -101,6 +101,11 @@ def fetch(url: str, destination: Path, min_bytes: int = 1) -> None:
                     ) from None
                 LOGGER.warning("download of %s failed (%s); trying again", url, _reason(error))
                 time.sleep(attempt)
+            except OSError as error:  # the disk, not the network: a full or read-only one is one line
+                full = CannotWrite.from_os_error(error, partial)
+                if full is None:
+                    raise
+                raise full from None
         size = partial.stat().st_size
         if size < min_bytes:
             partial.unlink()
@@ -171,6 +176,11 @@ def download_dataset(url: str, datasets: Path, config: Path) -> None:
         raise UserError(f"{config}: download: {shown!r} is not an http(s) URL of a .zip; evolvectl never runs "
                         "code from a data YAML: fetch the dataset yourself and point `path` at it")
     archive = datasets / Path(url.split("?")[0]).name
+    try:
+        datasets.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the datasets folder {datasets} ({error.strerror}); "
+                        "set EVOLVECTL_DATASETS to a folder you can write") from None
     with FileLock(f"{archive}.unpack.lock"):
         marker = archive.with_name(archive.name + ".unpacked")
         if marker.is_file():
