@@ -71,6 +71,7 @@ from orchestrator.runs.status import (
     collect_status,
     collect_training_status,
 )
+from orchestrator.runs.storage import lock_warning
 from trainer.errors import UserError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
@@ -150,6 +151,8 @@ def start(project: Path, name: str | None, backend: str, build: bool, wait: bool
     plan = LaunchPlan(run, project, tuple(worker_slots(launch.gpus, values["cpu_workers"])), values["generations"],
                       trainer_options(values))
     Journal(plan.run_dir).clear_stop()  # a previous `stop` must not make the new workers exit
+    if (warning := lock_warning(plan.run_dir)) is not None:
+        launch.console.print(f"[yellow]Warning:[/] {warning}", highlight=False)
     started = launch.workers.start(plan, launch.say)
     launch.record(plan.run_dir, tuple(slot.key for slot in plan.slots), plan.generations, values["search_space"])
     left = len(plan.slots) - len(started)
