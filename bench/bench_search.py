@@ -349,7 +349,7 @@ def worker_main(tasks: Any, results: Any, barrier: Any) -> None:
                 raise RuntimeError(error)
             summary = run_worker(task.run_dir, base, SearchSpace.load(), LARGE_GENERATIONS, objective,
                                  task.worker_id, task.seed, search=search, pruning=task.pruning, hours=task.hours,
-                                 plot_interval=None)
+                                 plot_interval=None, hparams=False)
         except Exception:  # noqa: BLE001 (as above)
             results.put({"worker": task.worker_id, "error": traceback.format_exc()})
             continue

@@ -73,10 +73,10 @@ def test_a_new_run_records_its_search_and_a_worker_asking_for_another_is_refused
     run_dir = tmp_path / "run"
     evolve(run_dir, 3, search="population")
     assert state(run_dir)["search"] == "population"
-    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
     with pytest.raises(UserError, match="searches with --search population; this worker asked for --search classic"):
         evolve(run_dir, 4, "w1", search="classic")
-    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before  # nothing touched
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before  # nothing touched
     summary = evolve(run_dir, 4, "w1")  # no --search: the run's own
     assert summary.ok == 1 and state(run_dir)["search"] == "population"
 

@@ -189,8 +189,11 @@ def test_hyp_value_out_of_range(tmp_path, tiny_data):
 
 
 def test_missing_weights_fail_before_the_data_is_prepared(tmp_path, tiny_data):
-    result = run_trainer("--data", str(tiny_data), "--weights", "yolov5s.pt", *TINY, cwd=tmp_path)
-    assert_user_error(result, "weights 'yolov5s.pt' not found")
+    """A YOLOv5 release name is downloaded; with no server to answer, one line says where to put it."""
+    offline = {"EVOLVECTL_WEIGHTS_URL": "http://127.0.0.1:9", "EVOLVECTL_WEIGHTS": str(tmp_path / "cache")}
+    result = run_trainer("--data", str(tiny_data), "--weights", "yolov5s.pt", *TINY, cwd=tmp_path, env=offline)
+    assert_user_error(result, "cannot download http://127.0.0.1:9/yolov5s.pt",
+                      f"download it yourself and put it at {tmp_path / 'cache' / 'yolov5s.pt'}")
     assert "train:" not in result.stderr  # the dataset summary ("train: 8 images, ...") comes later
 
 

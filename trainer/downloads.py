@@ -19,13 +19,6 @@ import zipfile
 from pathlib import Path
 
 from filelock import FileLock
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TransferSpeedColumn,
-)
 
 from trainer.errors import CannotWrite, UserError
 from trainer.paths import resolve_config
@@ -121,6 +114,7 @@ class IncompleteDownload(Exception):
 
 def _download(url: str, partial: Path) -> None:
     """One try: go on from what `partial` holds (an HTTP Range request), to the announced length."""
+    from trainer.progress import DownloadBar  # rich and torch: only once a download starts
     have = partial.stat().st_size if partial.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
@@ -134,28 +128,12 @@ def _download(url: str, partial: Path) -> None:
             have = 0
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
-        with partial.open("ab" if have else "wb") as output, _DownloadBar(url, total, have) as advance:
+        with partial.open("ab" if have else "wb") as output, DownloadBar(Path(url).name, total, have) as advance:
             while chunk := response.read(1 << 20):
                 output.write(chunk)
                 advance(len(chunk))
         if total is not None and partial.stat().st_size != total:
             raise IncompleteDownload(f"{partial.stat().st_size} of {total} bytes")
-
-
-class _DownloadBar:
-    """A download bar on a terminal; nothing in a log file."""
-
-    def __init__(self, url: str, total: int | None, done: int) -> None:
-        self.bar = Progress(TextColumn(Path(url).name), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            transient=True, disable=not sys.stderr.isatty())
-        self.task = self.bar.add_task("download", total=total, completed=done)
-
-    def __enter__(self):
-        self.bar.start()
-        return lambda count: self.bar.advance(self.task, count)
-
-    def __exit__(self, *_: object) -> None:
-        self.bar.stop()
 
 
 def _reason(error: Exception) -> str:

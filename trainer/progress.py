@@ -6,11 +6,20 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from trainer.metrics import DetectionScores
 from trainer.results import RESULT_COLUMNS
@@ -125,3 +134,20 @@ def class_table(scores: DetectionScores, names: Sequence[str]) -> list[str]:
         lines.append(number % (names[class_id], images, classes.targets[i], classes.precision[i], classes.recall[i],
                                classes.ap50[i], classes.ap50_95[i]))
     return lines
+
+
+class DownloadBar:
+    """A download's bar on a terminal, nothing in a log file; `with DownloadBar(...) as advance`
+    gives the function to call with each chunk's size."""
+
+    def __init__(self, name: str, total: int | None, done: int) -> None:
+        self.bar = Progress(TextColumn(name), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            transient=True, disable=not sys.stderr.isatty())
+        self.task = self.bar.add_task("download", total=total, completed=done)
+
+    def __enter__(self) -> Callable[[int], None]:
+        self.bar.start()
+        return lambda count: self.bar.advance(self.task, count)
+
+    def __exit__(self, *_: object) -> None:
+        self.bar.stop()

@@ -115,6 +115,7 @@ class _Plan:
     pruning: Pruning | None
     lease_ttl: float
     max_attempts: int
+    hparams: bool  # a TensorBoard HParams record per generation
 
     @property
     def base_values(self) -> np.ndarray:
@@ -153,6 +154,7 @@ def run_worker(
     stop: threading.Event | None = None,
     soft_lock: bool = False,
     plot_interval: float | None = 60.0,
+    hparams: bool = True,
 ) -> WorkerSummary:
     """Evolve until `generations` results exist in the run (a total shared by all workers).
 
@@ -163,7 +165,8 @@ def run_worker(
     for a new run; a `Search` object brings its own, under its name); a worker asking for
     another than the run's is refused. `pruning` (a new run's; None: off) stops generations
     early at rungs, and `hours` stops new claims once the run is that old.
-    Plots are redrawn at most every `plot_interval` seconds and on exit (None: never).
+    Plots are redrawn at most every `plot_interval` seconds and on exit (None: never), and each
+    row gets a TensorBoard HParams record unless `hparams` is False.
     """
     journal = Journal(run_dir, soft_lock=soft_lock)
     searcher = search_named(search) if isinstance(search, str) else search  # an unknown name fails here, first
@@ -173,7 +176,7 @@ def run_worker(
     searcher = searcher or search_named(state.search)
     plan = _Plan(journal, base_hyp, hyp_keys, space.bounds(hyp_keys), tuple(space.evolved_keys(hyp_keys)),
                  WorkerIdentity(worker_id, gpu), seed, searcher, Pruning.from_json(state.pruning), lease_ttl,
-                 max_attempts)
+                 max_attempts, hparams)
     stop = stop or threading.Event()
     with _stop_on_sigterm(stop):
         counts, claims, exit_reason = _work(plan, objective, stop, plot_interval)
@@ -372,7 +375,8 @@ def _finish(plan: _Plan, lease: Lease, outcome: _Outcome, seed: int) -> str:
         population = journal.read_population(plan.hyp_keys)
         artifacts.write_hyp_evolve(journal.run_dir, population)
         artifacts.write_evolve_population(journal.run_dir, population)
-    artifacts.write_tensorboard_generation(journal.run_dir, row, lease.hyp, outcome.values)
+    if plan.hparams:
+        artifacts.write_tensorboard_generation(journal.run_dir, row, lease.hyp, outcome.values)
     return "ok"
 
 
