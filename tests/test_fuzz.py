@@ -29,7 +29,7 @@ from trainer.config import Hyp
 from trainer.data.data_config import load_data_config
 from trainer.data.labels import check_image
 from trainer.errors import UserError
-from trainer.model.yolo import load_model_spec
+from trainer.model.yolo import load_model_spec, model_stride
 from trainer.results import RESULT_COLUMNS
 
 pytestmark = pytest.mark.faults
@@ -102,6 +102,7 @@ MODEL_KEYS = ["nc", "depth_multiple", "width_multiple", "anchors", "backbone", "
 @given(st.one_of(_document(MODEL_KEYS).map(lambda doc: (doc, False)), RAW.map(lambda text: (text, True))))
 def test_model_yaml(case: tuple[Any, bool]) -> None:
     _each_yaml(load_model_spec, *case)
+    _each_yaml(model_stride, *case)  # what --imgsz is rounded to, read from the same file
 
 
 GPU_TEXT = st.text(alphabet=string.digits + ",- allALL\t", max_size=16) | st.text(max_size=12)

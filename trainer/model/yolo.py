@@ -175,10 +175,11 @@ def model_stride(cfg: str | Path | dict[str, Any]) -> int:
     input levels, P3/8 first (YOLOv5's P5 models have 3, stride 32; its P6 models 4, stride 64).
     Image sizes, training canvases and validation canvases are multiples of it."""
     spec = load_model_spec(cfg)
-    rows = [*(spec.get("backbone") or []), *(spec.get("head") or [])]
+    rows = [row for part in ("backbone", "head") if isinstance(spec.get(part), list) for row in spec[part]]
     last = rows[-1] if rows else None
     if not (isinstance(last, list) and len(last) == 4 and last[2] == "Detect"):
-        raise UserError("the model config's last layer must be Detect")
+        source = "the model config" if isinstance(cfg, dict) else f"model config {cfg}"
+        raise UserError(f"{source}: its last layer must be [[from, ...], 1, Detect, [nc, anchors]]")
     sources = last[0] if isinstance(last[0], list) else [last[0]]
     return 8 * 2 ** (len(sources) - 1)
 
