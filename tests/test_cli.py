@@ -83,17 +83,6 @@ def test_a_bad_shm_size_is_refused_before_any_engine_is_asked(fake_backend: Fake
     assert fake_backend.plans == []
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--memory", "lots"], "Invalid value for '--memory': 'lots' is not a size"),
-    (["--cpus", "0"], "Invalid value for '--cpus'"),
-])
-def test_bad_container_limits_are_refused_before_any_engine_is_asked(fake_backend: FakeBackend, flags: list[str],
-                                                                     message: str) -> None:
-    result = invoke("start", "--cpu-workers", "1", *flags)
-    assert result.exit_code != 0 and message in result.output, result.output
-    assert fake_backend.plans == []
-
-
 def test_a_gpu_the_engine_lacks_lists_the_ones_it_has(fake_backend: FakeBackend) -> None:
     result = invoke("start", "--gpus", "2-5")
     assert_one_line_error(result, "--gpus '2-5': no GPU 4, 5; the engine sees: 0, 1, 2, 3")
@@ -136,9 +125,11 @@ def test_start_passes_the_search_pruning_and_time_budget(fake_backend: FakeBacke
     (["--search", "cma"], "Invalid value for '--search'"),
     (["--prune-rungs", "5,2"], "--prune-rungs 5,2: give increasing epochs from 1"),
     (["--hours", "0"], "Invalid value for '--hours'"),
+    (["--memory", "lots"], "Invalid value for '--memory': 'lots' is not a size"),
+    (["--cpus", "0"], "Invalid value for '--cpus'"),
 ])
-def test_bad_search_flags_stop_start_before_any_worker(fake_backend: FakeBackend, flags: list[str],
-                                                       message: str) -> None:
+def test_bad_search_flags_and_container_limits_stop_start_before_any_worker(fake_backend: FakeBackend,
+                                                                           flags: list[str], message: str) -> None:
     result = invoke("start", "--cpu-workers", "1", *flags)
     assert result.exit_code != 0 and message in result.output, result.output
     assert fake_backend.plans == []
