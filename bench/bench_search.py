@@ -707,6 +707,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="real: the device every worker trains on")
     parser.add_argument("--weights", default="", help="real: initial weights (default: from scratch)")
     parser.add_argument("--val-on-train", action="store_true", help="real: validate on the training images")
+    parser.add_argument("--data", default=None,
+                        help="real: a data YAML or bundled name (e.g. synthetic, the main job's) instead of a generated set")
     parser.add_argument("--hyp", default="configs/hyps/hyp.quickstart.yaml")
     parser.add_argument("--optimizer", default="AdamW")
     parser.add_argument("--plot", type=Path, default=None, help="write the best-so-far picture here (PNG)")
@@ -727,11 +729,15 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def real_settings(args: argparse.Namespace, folder: Path) -> RealSettings:
-    """A small generated synthetic dataset (written once, here) and the trainer settings for it."""
+    """The trainer settings, on `--data` or on a small generated synthetic dataset (written once, here)."""
     import yaml
 
     from trainer.data import load_data_config
 
+    if args.data:
+        load_data_config(args.data)  # a clear error before any worker starts, and generated once
+        return RealSettings(args.data, args.hyp, args.optimizer, imgsz=args.imgsz, batch_size=args.batch_size,
+                            epochs=args.epochs, device=args.device, weights=args.weights)
     names = ["disc", "square", "triangle", "cross", "ring", "diamond"]
     # --val-on-train: the score is how well the training images are learnt in the time, which a
     # short run on a small set can raise well above the noise; held-out images stay near 0 there.

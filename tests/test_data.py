@@ -437,6 +437,21 @@ def _epochs_bytes(loader: torch.utils.data.DataLoader, batches: EpochBatches, st
              for images, targets, _, _ in itertools.islice(drawn, len(loader))] for _ in range(epochs)]
 
 
+@pytest.mark.parametrize("rect", [False, True])
+def test_persistent_workers_draw_from_a_new_seed_as_a_loader_built_with_it(tmp_path: Path, rect: bool) -> None:
+    samples = _samples(tmp_path, count=6)
+    dataset = YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp(), seed=3)
+    loader, batches = build_dataloader(dataset, batch_size=4, workers=2, shuffle=True, seed=3, rect=rect)
+    first_seed = _epochs_bytes(loader, batches, 0, 2)
+    dataset.reseed(11)
+    batches.reseed(11)
+    fresh = YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp(), seed=11)
+    fresh_loader, fresh_batches = build_dataloader(fresh, batch_size=4, workers=0, shuffle=True, seed=11, rect=rect)
+    reseeded = _epochs_bytes(loader, batches, 0, 2)
+    assert reseeded == _epochs_bytes(fresh_loader, fresh_batches, 0, 2)
+    assert reseeded != first_seed
+
+
 def test_persistent_workers_see_new_hyps_and_epochs_and_match_no_workers(tmp_path: Path) -> None:
     dataset = YoloDataset(_samples(tmp_path, count=6), imgsz=64, augment=True, hyp=Hyp(fliplr=0.0), seed=3)
     loader, batches = build_dataloader(dataset, batch_size=4, workers=2, shuffle=True, seed=5)

@@ -240,6 +240,11 @@ def test_real_training_reports_at_rungs_and_stops_when_pruned(tiny_data: Path, t
         objective(Hyp(), context(prune_at=1))
     assert pruned.value.epoch == 1 and [epoch for epoch, _ in reported] == [1]
 
+    # A repeat trains with another seed: its own samples and order, not the run's first ones again.
+    repeat = GenerationContext(tmp_path, 0, 1, "w0", 7, None, (), "repeat")
+    objective(Hyp(), repeat)
+    assert objective.prepared.train_set.seed == 7 and objective.prepared.train_batches.sampler.seed == 7
+
 
 def test_search_schedules_follow_the_time_budget_when_it_is_further_along() -> None:
     from orchestrator.evolution.leases import RunState

@@ -19,7 +19,7 @@ from trainer import dist
 from trainer.autoanchor import check_anchors
 from trainer.checkpoint import Checkpoint, load_weights
 from trainer.coco import write_predictions_json
-from trainer.config import TrainConfig
+from trainer.config import Hyp, TrainConfig
 from trainer.data import DataConfig, build_dataloader, build_datasets, load_data_config
 from trainer.data.augment import MultiScale
 from trainer.dist import DistContext
@@ -59,6 +59,13 @@ class PreparedData:
     train_loader: Any  # endless: take len(train_loader) batches per epoch from one iterator per run
     train_batches: Any  # its EndlessBatches: start_at(epoch) before making that iterator
     val_loader: Any
+
+    def start_run(self, hyp: Hyp, seed: int) -> None:
+        """Augment with this run's hyp, and draw its samples and their order from its seed: a
+        generation trained again to measure noise gets other batches than the run's first one."""
+        self.train_set.set_hyp(hyp)
+        self.train_set.reseed(seed)
+        self.train_batches.reseed(seed)
 
 
 @dataclass
@@ -142,7 +149,7 @@ def run(cfg: TrainConfig, ctx: DistContext, save_dir: Path | None, prepared: Pre
     if folder.writes:
         write_settings(save_dir, cfg)
     prepared = prepared or prepare_data(cfg, ctx)
-    prepared.train_set.set_hyp(cfg.hyp)
+    prepared.start_run(cfg.hyp, cfg.seed)
     names = prepared.data.class_names(cfg.single_cls)
     model = build_model(cfg, len(names), ctx.device)
     if resume is None and not cfg.noautoanchor:

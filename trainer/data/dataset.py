@@ -92,9 +92,9 @@ class YoloDataset(Dataset):
         self.imgsz = imgsz
         self.stride = stride
         self.augment = augment
-        self.seed = seed
-        # Augmentation hyperparameters, shared so persistent workers see updates.
+        # Augmentation hyperparameters and the seed, shared so persistent workers see updates.
         self._settings = torch.zeros(AUGMENTATION_SIZE, dtype=torch.float64).share_memory_()
+        self._seed = torch.tensor([seed], dtype=torch.int64).share_memory_()
         self.set_hyp(hyp)
         self._images = self._decode_all() if cache == "ram" else None
         self._disk = DiskCache(self.files, imgsz) if cache == "disk" else None
@@ -110,6 +110,15 @@ class YoloDataset(Dataset):
     def set_hyp(self, hyp: Hyp) -> None:
         """Use these augmentation hyperparameters from the next sample on, in every worker."""
         self._settings[:] = torch.tensor(Augmentation.from_hyp(hyp).as_tuple(), dtype=torch.float64)
+
+    def reseed(self, seed: int) -> None:
+        """Draw every sample's augmentation from this seed from the next sample on, in every worker
+        (an evolution's repeat trains on another seed than the run's, with the same workers)."""
+        self._seed[0] = seed
+
+    @property
+    def seed(self) -> int:
+        return int(self._seed[0])
 
     @property
     def augmentation(self) -> Augmentation:

@@ -125,6 +125,10 @@ class EndlessBatches(Sampler[list[tuple[int, Key]]]):
         """The epoch the next iterator starts with (a resumed run starts past 0)."""
         self.start_epoch = epoch
 
+    def reseed(self, seed: int) -> None:
+        """Order the epochs from this seed (built with the run's)."""
+        raise NotImplementedError
+
     def epoch_batches(self, epoch: int) -> Iterator[list[Key]]:
         raise NotImplementedError
 
@@ -141,6 +145,9 @@ class EpochBatches(EndlessBatches[int]):
     def __init__(self, sampler: DistributedSampler, batch_size: int) -> None:
         self.sampler = sampler
         self.batch_size = batch_size
+
+    def reseed(self, seed: int) -> None:
+        self.sampler.seed = seed
 
     def epoch_batches(self, epoch: int) -> Iterator[list[int]]:
         self.sampler.set_epoch(epoch)
@@ -167,6 +174,9 @@ class RectBatches(EndlessBatches[CanvasKey]):
         order = np.arange(len(sizes))
         order = np.concatenate([order, order[: -len(order) % world_size]])
         self.batches = aspect_batches(sizes, imgsz, stride, batch_size, rank, world_size, pad=0.0, order=order)
+        self.seed = seed
+
+    def reseed(self, seed: int) -> None:
         self.seed = seed
 
     def epoch_batches(self, epoch: int) -> Iterator[list[CanvasKey]]:
