@@ -3,6 +3,7 @@ transform is applied, and each box must match the pixel extent of its rectangle.
 
 from __future__ import annotations
 
+import colorsys
 from dataclasses import fields
 from pathlib import Path
 
@@ -14,13 +15,12 @@ from torchvision.io import encode_png, write_file
 from trainer.config import Hyp
 from trainer.data.augment import (
     FILL,
-    GREY_WEIGHTS,
     Augmentation,
     MultiScale,
-    apply_colour_matrix,
     augment_colour,
-    colour_matrix,
     copy_paste,
+    hsv_gains,
+    hue_rotation,
     keep_boxes,
     letterbox,
     mixup,
@@ -258,27 +258,30 @@ def test_colour_jitter_is_off_at_zero_gain_and_hue_keeps_greys() -> None:
     image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     off = Augmentation.from_hyp(Hyp(hsv_h=0, hsv_s=0, hsv_v=0))
     assert torch.equal(augment_colour(image, off, np.random.default_rng(0)), image)
+    hue_only = Augmentation.from_hyp(Hyp(hsv_h=0.5, hsv_s=0, hsv_v=0))
     grey = torch.full((3, 4, 4), 90, dtype=torch.uint8)
-    assert torch.equal(apply_colour_matrix(grey, colour_matrix(0.2, 0, 0)), grey)
-    mid = torch.randint(60, 190, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    shifted = apply_colour_matrix(mid, colour_matrix(0.05, 0, 0))
-    there_and_back = apply_colour_matrix(shifted, colour_matrix(-0.05, 0, 0)).int()
-    assert (there_and_back - mid.int()).abs().max() <= 2
-    assert not torch.equal(shifted, mid)
+    assert torch.equal(augment_colour(grey, hue_only, np.random.default_rng(0)), grey)
+    assert not torch.equal(augment_colour(image, hue_only, np.random.default_rng(0)), image)
+    assert np.allclose(hue_rotation(0.05) @ hue_rotation(-0.05), np.eye(3))
+    assert np.allclose(hue_rotation(1.0), np.eye(3))  # a whole turn changes nothing
 
 
-def test_saturation_and_value_gains() -> None:
-    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    grey = apply_colour_matrix(image, colour_matrix(0, -1, 0))  # saturation gain 0: each pixel's grey
-    luma = sum(weight * channel for weight, channel in zip(GREY_WEIGHTS, image.float()))
-    assert ((grey.float() - luma.round()).abs() <= 1).all() and (grey[0] == grey[1]).all()
-    brighter = apply_colour_matrix(image, colour_matrix(0, 0, 0.4))
-    assert torch.equal(brighter, (image.float() * 1.4).round().clamp(0, 255).to(torch.uint8))
-    # One map for all three, rounded once: the same as applying them one after another in float.
-    hue, saturation, value = colour_matrix(0.1, 0, 0), colour_matrix(0, 0.5, 0), colour_matrix(0, 0, -0.3)
-    assert np.allclose(colour_matrix(0.1, 0.5, -0.3), value @ saturation @ hue)
-    # A gain of one whole turn of hue changes nothing.
-    assert np.allclose(colour_matrix(1.0, 0, 0), np.eye(3))
+def _hsv_reference(pixel: tuple[float, float, float], saturation: float, value: float) -> list[float]:
+    """YOLOv5's HSV step on one pixel, in exact arithmetic: S and V multiplied and clipped."""
+    hue, sat, val = colorsys.rgb_to_hsv(*(channel / 255 for channel in pixel))
+    return [255 * channel for channel in colorsys.hsv_to_rgb(hue, min(sat * saturation, 1), min(val * value, 1))]
+
+
+@pytest.mark.parametrize(("saturation", "value"), [(0.3, 1.0), (1.7, 1.0), (1.0, 0.6), (1.0, 1.4), (1.6, 1.35)])
+def test_saturation_and_value_gains_act_on_hsv_as_yolov5s(saturation: float, value: float) -> None:
+    pixels = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(3)) * 255
+    pixels[:, 0, :3] = torch.tensor([[90.0, 0.0, 255.0]] * 3).T  # a grey, black and white
+    gained = hsv_gains(pixels.clone(), saturation, value)
+    expected = [_hsv_reference(tuple(pixel), saturation, value) for pixel in pixels.flatten(1).T.tolist()]
+    assert torch.allclose(gained.flatten(1).T, torch.tensor(expected), atol=1e-3)
+    if value == 1:  # saturation keeps each pixel's brightest channel, and so changes its brightness
+        assert torch.allclose(gained.amax(dim=0), pixels.amax(dim=0))
+        assert (gained.mean(dim=0) > pixels.mean(dim=0) + 1).any() or (gained.mean(dim=0) < pixels.mean(dim=0) - 1).any()
 
 
 def test_augmentation_settings_are_hyp_keys() -> None:

@@ -22,7 +22,6 @@ MIN_SIDE = 2.0  # pixels: thinner boxes after a transform are dropped
 MIN_AREA_RATIO = 0.1  # of the box's area before the transform (scaled), else mostly cut off
 MAX_ASPECT = 100.0  # YOLOv5's limit: a box cut to a thin strip at the border still counts
 PASTE_MAX_COVER = 0.3  # a pasted box may cover at most this share of an existing box
-GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # luma of R, G, B, as torchvision's grayscale
 RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
@@ -289,31 +288,44 @@ def hue_rotation(fraction: float) -> np.ndarray:
     return np.linalg.inv(RGB_TO_YIQ) @ rotation @ RGB_TO_YIQ
 
 
-def colour_matrix(hue: float, saturation: float, value: float) -> np.ndarray:
-    """One 3×3 RGB map for a hue shift by `hue` of the circle, then saturation and value gains of
-    1 + saturation and 1 + value. Saturation blends each pixel with its grey, as torchvision's
-    adjust_saturation does; value scales all three channels."""
-    factor = 1 + saturation
-    desaturate = factor * np.eye(3) + (1 - factor) * np.ones((3, 1)) @ np.array([GREY_WEIGHTS])
-    return (1 + value) * desaturate @ hue_rotation(hue)
-
-
-def apply_colour_matrix(image: torch.Tensor, matrix: np.ndarray) -> torch.Tensor:
-    """A uint8 (3, H, W) image through a 3×3 RGB map, rounded and clipped to 0..255. Written out
-    per channel rather than as a matmul, so the result does not depend on the BLAS kernel."""
-    red, green, blue = image.float()
-    mixed = torch.stack([red * r + (green * g + blue * b) for r, g, b in matrix.tolist()])
-    return mixed.round_().clamp_(0, 255).to(torch.uint8)
-
-
 def augment_colour(image: torch.Tensor, augmentation: Augmentation, rng: np.random.Generator) -> torch.Tensor:
-    """Random hue, saturation and value gains within ±hsv_h, ±hsv_s, ±hsv_v, applied together
-    as one colour map, so the pixels are rounded once."""
+    """Random hue, saturation and value gains within ±hsv_h, ±hsv_s, ±hsv_v, rounded once.
+
+    Saturation and value act as in YOLOv5's HSV step, so its evolved hsv_s and hsv_v mean the
+    same here: saturation scales S = (max − min) / max and keeps each pixel's max channel, so it
+    moves brightness too; both clip S and V at their top, keeping the pixel's hue. Hue is a
+    chroma rotation (`hue_rotation`) by ±hsv_h of the circle for every colour alike, where
+    YOLOv5 multiplies OpenCV's hue angle (so reds barely move).
+    """
     gains = rng.uniform(-1, 1, 3) * (augmentation.hsv_h, augmentation.hsv_s, augmentation.hsv_v)
     hue, saturation, value = gains.tolist()
     if not (hue or saturation or value):
         return image
-    return apply_colour_matrix(image, colour_matrix(hue, saturation, value))
+    pixels = image.float()
+    if hue:
+        red, green, blue = pixels
+        pixels = torch.stack([red * r + (green * g + blue * b) for r, g, b in hue_rotation(hue).tolist()])
+        pixels.clamp_(0, 255)
+    return hsv_gains(pixels, 1 + saturation, 1 + value).round_().to(torch.uint8)
+
+
+def hsv_gains(pixels: torch.Tensor, saturation: float, value: float) -> torch.Tensor:
+    """Float RGB (3, H, W) in 0..255 with HSV's S multiplied by `saturation` and V by `value`,
+    each clipped at its top (S at 1, V at 255) as YOLOv5's uint8 HSV step clips them. Works in
+    place on `pixels`.
+
+    In RGB: a channel c of a pixel with max V becomes (V − (V − c)·s)·v, with s and v lowered per
+    pixel where S or V would pass the top. That keeps the pixel's hue, and needs no round trip
+    through HSV.
+    """
+    top = pixels.amax(dim=0, keepdim=True)
+    gain: float | torch.Tensor = saturation
+    if saturation > 1:  # S·s ≤ 1 means (V − min)·s ≤ V; a grey (no chroma) takes any gain and stays grey
+        gain = torch.div(top, (top - pixels.amin(dim=0, keepdim=True)).clamp_min_(1e-6)).clamp_max_(saturation)
+    scale: float | torch.Tensor = value
+    if value > 1:
+        scale = torch.div(255, top.clamp_min(1e-6)).clamp_max_(value)
+    return pixels.sub_(top).mul_(gain * scale).add_(top * scale)
 
 
 def random_flips(
