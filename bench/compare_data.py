@@ -16,6 +16,9 @@ statistics and share no code with it:
   strong contrast, and may be cut by the image border: a cut box is clipped to the image and
   dropped when it keeps less than 40% of its area. Every image gets its own brightness and
   colour cast.
+- `shapes`: the set a gap between the trainers was first reported on, rebuilt from its
+  description: four solid shape classes, long sides from 1/12 to 1/3 of the short image side,
+  wholly inside the image and mostly apart, on blurred colour noise; 1 to 8 objects.
 
 The layout is YOLO's (images/<split>/*.jpg, labels/<split>/*.txt with `class cx cy w h`
 normalised, in drawing order) with a data.yaml that both trainers read. The same arguments
@@ -63,6 +66,7 @@ from bench.compare_drawing import (
     shadow,
     stamp,
     textured_fill,
+    value_noise,
 )
 
 VERSION = 1  # bump when the drawing changes: datasets of an older version are generated again
@@ -212,13 +216,49 @@ def render_textures(rng: np.random.Generator, width: int, height: int) -> tuple[
     return finish(rng, canvas.astype(np.float32)), [entry for entry in labels if entry is not None]
 
 
+SHAPES_CLASSES = ("disc", "triangle", "cross", "star")
+
+
+def render_shapes(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, list[Label]]:
+    """The set the trainer gap was first reported on, as described there: four solid shape classes,
+    long sides 1/12 to 1/3 of the short image side, wholly inside and apart (at most 20% of one
+    hidden), in a flat colour on blurred colour noise; 1 to 8 objects."""
+    blur = value_noise(rng, height, width, cells=int(rng.integers(6, 24)))[..., None]
+    grain = np.stack([value_noise(rng, height, width, cells=48) for _ in range(3)], axis=-1)
+    canvas = (rng.uniform(0, 1, 3) * (1 - blur) + rng.uniform(0, 1, 3) * blur + (grain - 0.5) * 0.25)
+    canvas = np.clip(canvas, 0, 1).astype(np.float32)
+    occlusion = Occlusion(height, width, min_visible=0.8)
+    labels: list[Label | None] = []
+    for _ in range(object_count(rng, 8)):
+        class_index = int(rng.integers(len(SHAPES_CLASSES)))
+        for _attempt in range(ATTEMPTS):
+            side = math.exp(rng.uniform(math.log(1 / 12), math.log(1 / 3))) * min(width, height)
+            shape = random_pose(rng, SHAPES_CLASSES[class_index], side)
+            low, high = -shape[0].min(axis=0), np.array([width, height]) - shape[0].max(axis=0)
+            item = moved(shape, rng.uniform(low, np.maximum(low, high)))
+            if item is not None and occlusion.accepts(item):
+                break
+        else:
+            continue
+        colour = rng.uniform(0, 1, 3)
+        for _retry in range(20):  # random, but visible against what lies beneath
+            if np.abs(colour - local_colour(canvas, item)).sum() > 0.6:
+                break
+            colour = rng.uniform(0, 1, 3)
+        paint(canvas, item, colour.astype(np.float32))
+        occlusion.add(item)
+        labels.append(label(class_index, item.box, width, height))
+    return finish(rng, canvas), [entry for entry in labels if entry is not None]
+
+
 @dataclass(frozen=True)
 class Recipe:
     names: tuple[str, ...]
     render: Callable[[np.random.Generator, int, int], tuple[np.ndarray, list[Label]]]
 
 
-RECIPES = {"mixed": Recipe(MIXED_CLASSES, render_mixed), "textures": Recipe(TEXTURE_CLASSES, render_textures)}
+RECIPES = {"mixed": Recipe(MIXED_CLASSES, render_mixed), "textures": Recipe(TEXTURE_CLASSES, render_textures),
+           "shapes": Recipe(SHAPES_CLASSES, render_shapes)}
 
 
 # --- Writing, and reading back -------------------------------------------------------------------

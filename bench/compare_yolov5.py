@@ -1,7 +1,7 @@
 """mAP after the same training: our trainer against YOLOv5's train.py, over several seeds.
 
     python bench/compare_yolov5.py --yolov5 "python /path/to/yolov5/train.py" [--seeds 0,1,2]
-        [--epochs 12] [--data synthetic-4k.yaml | mixed | textures] [--cfg yolov5n] [--imgsz 320]
+        [--epochs 12] [--data synthetic-4k.yaml | mixed | textures | shapes] [--cfg yolov5n] [--imgsz 320]
         [--batch-size 16] [--device ""] [--workers 8] [--project runs/compare]
 
 For each seed, `python -m trainer` and the `--yolov5` command train one after the other with
@@ -12,7 +12,7 @@ seed alone moves mAP by several points, so one run each says little: the summary
 trainer's mean and standard deviation over the seeds, and the difference of the means
 (ours − YOLOv5) with its standard error.
 
-`--data mixed` or `--data textures` compares on a dataset nobody tuned for (bench/compare_data.py):
+`--data mixed`, `textures` or `shapes` compares on a dataset nobody tuned for (bench/compare_data.py):
 it is generated on first use (seed 0, 256 training and 64 validation images of 320 px) into
 `<project>/datasets/<name>`, and the same folder is read by every run after.
 
@@ -73,7 +73,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def resolve_data(data: str, project: Path, **sizes: int) -> str:
-    """The data YAML our trainer reads. A comparison set's name (`mixed`, `textures`) becomes the
+    """The data YAML our trainer reads. A comparison set's name (`mixed`, `textures`, `shapes`) becomes the
     YAML of that set under `project`, generated there first if it is not yet; `sizes` are
     make_dataset's train, val and size. Anything else (a path, `synthetic`) is passed on as it is."""
     if data in RECIPES and not Path(data).is_file():

@@ -88,6 +88,15 @@ def test_textures_cuts_objects_at_the_border(generated: dict[str, Path]) -> None
     assert statistics["touching_border_share"] > 0.1  # the built-in set: under 0.01
 
 
+def test_shapes_keeps_objects_inside_at_a_twelfth_to_a_third_of_the_image(tmp_path: Path) -> None:
+    root = make_dataset("shapes", tmp_path / "shapes", seed=0, train=40, val=10, size="160x128").parent
+    boxes = np.concatenate([read_labels(path) for path in root.glob("labels/*/*.txt")])
+    long_side = np.maximum(boxes[:, 3] * 160, boxes[:, 4] * 128) / 128  # share of the short side
+    assert long_side.min() > 1 / 12 * 0.45 and long_side.max() < 1 / 3 + 0.02  # a posed shape spans less than its side
+    assert dataset_statistics(root)["touching_border_share"] < 0.05  # placed inside; a few reach the edge
+    assert dataset_statistics(root)["objects_per_image"]["p100"] <= 8
+
+
 def test_a_box_cut_by_the_border_is_clipped_or_dropped() -> None:
     # 75% of the box is inside: clipped to the image, normalised.
     assert label(2, (-10, 10, 30, 50), 100, 80) == (2, 0.15, 0.375, 0.3, 0.5)
@@ -129,7 +138,7 @@ def test_a_complete_dataset_is_left_alone_and_other_settings_regenerate_it(tmp_p
     (tmp_path / "mine").mkdir()
     with pytest.raises(click.ClickException, match="not written by compare_data.py"):
         make_dataset("mixed", tmp_path / "mine", train=3, val=2, size=64)
-    with pytest.raises(click.BadParameter, match="choose one of mixed, textures"):
+    with pytest.raises(click.BadParameter, match="choose one of mixed, textures, shapes"):
         make_dataset("clouds", tmp_path / "clouds")
 
 
