@@ -8,6 +8,7 @@ the machines running the tests have one engine each.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -223,3 +224,82 @@ def test_a_worker_no_node_takes_waits_with_the_reason_until_stopped_now(
     assert "started 1 swarm worker(s)" in resumed.output, resumed.output
     template = service(swarm, name).attrs["Spec"]["TaskTemplate"]
     assert not template.get("Placement", {}).get("Constraints")
+
+
+def docker_stack(*arguments: str) -> subprocess.CompletedProcess:
+    """The docker command's `stack` subcommand, as a user types it."""
+    return subprocess.run(["docker", "stack", *arguments], capture_output=True, text=True, check=False, timeout=180)
+
+
+@pytest.fixture
+def stack_command() -> None:
+    if shutil.which("docker") is None or subprocess.run(["docker", "stack", "--help"], capture_output=True,
+                                                        check=False).returncode != 0:
+        pytest.skip("the docker command has no `stack` subcommand")
+
+
+def stack_containers(client: docker.DockerClient, stack: str) -> list[Any]:
+    return client.containers.list(all=True, filters={"label": f"com.docker.stack.namespace={stack}"})
+
+
+def test_a_stack_file_deploys_the_swarm_backends_workers_and_reaches_an_exact_budget(
+    swarm: docker.DockerClient, worker_image: str, run_name: str, tmp_path: Path, stack_command: None
+) -> None:
+    """`compose --stack` then `docker stack deploy`: the workers of `start --backend swarm`, under the
+    same worker ids (a task killed mid-generation comes back as its worker), seen by status and kill-all."""
+    data = write_data_yaml(tmp_path, train=32, val=16, size=64)
+    project = tmp_path / "runs"
+    run_dir = project / run_name
+    where = ("--project", str(project), "--name", run_name)
+    stack_file = tmp_path / "stack.yaml"
+    written = cli("compose", "--stack", "--image", worker_image, "--cpu-workers", "2", "--generations", "4",
+                  "--data", str(data), *TINY_TRAINING, *where, "--output", str(stack_file), "--",
+                  "--noautoanchor", "--lease-ttl", "3")
+    assert written.exit_code == 0, written.output
+    stack = f"evolvectl-{run_name}"
+    names = [f"{stack}_worker-cpu0", f"{stack}_worker-cpu1"]
+    worker_ids = [f"evolvectl-{run_name}-cpu0", f"evolvectl-{run_name}-cpu1"]
+    try:
+        # The image is this engine's own build: never resolved on a registry.
+        deployed = docker_stack("deploy", "--resolve-image", "never", "-c", str(stack_file), stack)
+        assert deployed.returncode == 0, deployed.stderr
+        assert [item.name for item in list_services(swarm, run_name)] == names  # ours, by their labels
+        template = service(swarm, names[0]).attrs["Spec"]["TaskTemplate"]
+        policy = template["RestartPolicy"]
+        assert (policy["Condition"], policy["MaxAttempts"]) == ("on-failure", 3) and not template.get("Resources")
+        assert template["ContainerSpec"]["Init"] is True
+        mounts = {mount["Target"]: mount for mount in template["ContainerSpec"]["Mounts"]}
+        assert mounts[f"/runs/evolve/{run_name}"]["Source"] == str(run_dir) and mounts["/datasets/data"]["ReadOnly"]
+        refused = cli(*start_arguments(worker_image, data, project, run_name, 2, 4))
+        assert refused.exit_code == 2 and f"runs as stack {stack}" in refused.output
+
+        wait_for(lambda: leased_to(run_dir, worker_ids[1]), 180, "cpu1 to hold a lease")
+        [running] = [task for task in tasks(swarm, names[1]) if task["Status"]["State"] == "running"]
+        swarm.containers.get(running["Status"]["ContainerStatus"]["ContainerID"]).kill()
+        wait_for(lambda: len(tasks(swarm, names[1])) == 2, 60, "the swarm to replace the killed task")
+        wait_for(lambda: finished(swarm, names), 240, "the budget", poll_s=1.0)
+
+        assert [task_states(swarm, name) for name in names] == [["complete"], ["failed", "complete"]]
+        ok = ok_records(run_dir)
+        assert sorted(record["row"] for record in ok) == [0, 1, 2, 3] and len({record["claim"] for record in ok}) == 4
+        assert {record["worker"] for record in ok} <= set(worker_ids)
+        expired = [record for record in Journal(run_dir).read_records() if record["status"] == "expired"]
+        assert [record["worker"] for record in expired] == [worker_ids[1]]  # the restarted task was cpu1 again
+        status = cli("status", *where)
+        assert "swarm workers of" in status.output and "4/4 generations (100%)" in status.output
+        rows = {cells[0]: cells[1:] for cells in map(str.split, status.output.splitlines())
+                if cells[:1] in (["cpu0"], ["cpu1"])}
+        assert {key: row[:3] for key, row in rows.items()} == {"cpu0": ["exited", "(0)", "0"],
+                                                              "cpu1": ["exited", "(0)", "1"]}
+        assert sum(int(row[5]) for row in rows.values()) == 4  # each worker's results, found by its worker id
+
+        removed = cli("kill-all", "--run", run_name, "--backend", "swarm")
+        assert f"removed 2 worker(s): {', '.join(names)}" in removed.output
+        assert list_services(swarm, run_name) == []
+    finally:
+        # kill-all leaves the stack's network; `docker stack rm` removes it once no task container uses it.
+        wait_for(lambda: not stack_containers(swarm, stack), 60, "the stack's containers to go")
+        removed_stack = docker_stack("rm", "--detach=false", stack)
+        assert removed_stack.returncode == 0, removed_stack.stderr
+    assert stack not in docker_stack("ls", "--format", "{{.Name}}").stdout.split()
+    assert not swarm.networks.list(names=[f"{stack}_default"])

@@ -12,9 +12,10 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 
 from orchestrator import __version__
@@ -73,6 +74,9 @@ from orchestrator.runs.status import (
 )
 from orchestrator.runs.storage import lock_warning
 from trainer.errors import UserError
+
+if TYPE_CHECKING:
+    from orchestrator.backends.docker.spec import WorkerSpec
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 
@@ -455,35 +459,74 @@ def results(project: Path, name: str | None, top: int) -> None:
 
 @main.command(context_settings=CONTEXT)
 @launch_options
+@click.option("--stack", is_flag=True,
+              help="a stack file for `docker stack deploy` on a Docker Swarm instead: the services of --backend swarm")
+@constraint_option
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="compose file to write (default: compose.<run>.yaml)")
-def compose(project: Path, name: str | None, output: Path | None, **values: Any) -> None:
-    """Write a Docker Compose file with one service per worker, each reserving only its own GPU."""
-    from orchestrator.backends.docker.backend import (
-        PROJECT_ROOT,
-        host_user,
-        worker_specs,
-    )
+              help="file to write (default: compose.<run>.yaml, or stack.<run>.yaml with --stack)")
+def compose(project: Path, name: str | None, stack: bool, output: Path | None, **values: Any) -> None:
+    """Write a Docker Compose file with one service per worker, each reserving only its own GPU.
+
+    With --stack, a stack file for `docker stack deploy -c FILE STACK` on a swarm manager instead:
+    the services `start --backend swarm` creates, each GPU worker reserving one NVIDIA-GPU.
+    """
+    from orchestrator.backends.docker.backend import host_user, worker_specs
+    from orchestrator.backends.docker.stack import check_stack_names
+    from orchestrator.runs.inputs import stage_for_containers
+
+    run = check_run_name(name or DEFAULT_RUN)
+    _check_stack_flags(stack, values)
+    gpus = parse_gpu_spec(values["gpus"], None) if values["gpus"] else []
+    _check_evolution_flags(trainer_options(values), values["generations"], run_directory(project, run))
+    plan = LaunchPlan(run, project, tuple(worker_slots(gpus, values["cpu_workers"])), values["generations"],
+                      trainer_options(values))
+    if stack:
+        check_stack_names(run, plan.slots)  # before anything is written
+    staged = stage_for_containers(plan.options, run, plan.run_dir)
+    specs = worker_specs(plan, staged, values["image"], host_user(), settings_from(values).limits,
+                         values["max_restarts"])
+    if stack:
+        output = output or Path(f"stack.{run}.yaml")
+        start_command = _write_stack(output, run, _where(run, project, DEFAULT_PROJECT), specs, values["constraints"])
+    else:
+        output = output or Path(f"compose.{run}.yaml")
+        start_command = _write_compose(output, run, specs, values["base_image"])
+    Journal(plan.run_dir).clear_stop()
+    LaunchRecord(run, "swarm" if stack else "docker", tuple(slot.key for slot in plan.slots), plan.generations,
+                 _host_file(values["hyp"]), _host_file(values["search_space"]), values["image"]).save(plan.run_dir)
+    _console().print(f"wrote {output} ({len(specs)} services); start it with: {start_command}")
+
+
+def _check_stack_flags(stack: bool, values: dict[str, Any]) -> None:
+    """What a compose file or a stack file cannot hold."""
+    if values["constraints"] and not stack:
+        raise UserError("--constraint places Swarm services: use it with --stack (or start --backend swarm)")
+    given = click.get_current_context().get_parameter_source("base_image") is ParameterSource.COMMANDLINE
+    if stack and given:  # from $BASE_IMAGE (which compose.yaml reads too) it is ignored
+        raise UserError("--base-image: `docker stack deploy` builds no image; build it on every node "
+                        "(or push it to a registry) and pass --image")
+
+
+def _write_compose(output: Path, run: str, specs: list[WorkerSpec], base_image: str | None) -> str:
+    from orchestrator.backends.docker.backend import PROJECT_ROOT
     from orchestrator.backends.docker.compose import (
         compose_document,
         write_compose_file,
     )
     from orchestrator.backends.docker.engine import DOCKERFILE
-    from orchestrator.runs.inputs import stage_for_containers
 
-    run = check_run_name(name or DEFAULT_RUN)
-    gpus = parse_gpu_spec(values["gpus"], None) if values["gpus"] else []
-    _check_evolution_flags(trainer_options(values), values["generations"], run_directory(project, run))
-    plan = LaunchPlan(run, project, tuple(worker_slots(gpus, values["cpu_workers"])), values["generations"],
-                      trainer_options(values))
-    staged = stage_for_containers(plan.options, run, plan.run_dir)
-    specs = worker_specs(plan, staged, values["image"], host_user(), settings_from(values).limits,
-                         values["max_restarts"])
     context = PROJECT_ROOT if (PROJECT_ROOT / DOCKERFILE).is_file() else None  # else the image must exist
-    document = compose_document(run, specs, context, values["base_image"])
-    output = output or Path(f"compose.{run}.yaml")
-    write_compose_file(output, run, document)
-    Journal(plan.run_dir).clear_stop()
-    LaunchRecord(run, "docker", tuple(slot.key for slot in plan.slots), plan.generations,
-                 _host_file(values["hyp"]), _host_file(values["search_space"]), values["image"]).save(plan.run_dir)
-    _console().print(f"wrote {output} ({len(specs)} services); start it with: docker compose -f {output} up -d")
+    write_compose_file(output, run, compose_document(run, specs, context, base_image))
+    return f"docker compose -f {output} up -d"
+
+
+def _write_stack(output: Path, run: str, where: str, specs: list[WorkerSpec], constraints: tuple[str, ...]) -> str:
+    from orchestrator.backends.docker.service import service_spec
+    from orchestrator.backends.docker.stack import (
+        stack_document,
+        stack_name,
+        write_stack_file,
+    )
+
+    write_stack_file(output, run, where, stack_document([service_spec(spec, constraints) for spec in specs]))
+    return f"docker stack deploy -c {output} {stack_name(run)}"

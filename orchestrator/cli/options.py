@@ -79,7 +79,7 @@ backend_option = click.option(
 )
 constraint_option = click.option(
     "--constraint", "constraints", type=PlacementConstraint(), multiple=True,
-    help="with --backend swarm: where workers may run, e.g. node.labels.gpu==true (repeatable)",
+    help="with --backend swarm or compose --stack: where workers may run, e.g. node.labels.gpu==true (repeatable)",
 )
 
 

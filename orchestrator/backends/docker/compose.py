@@ -31,9 +31,14 @@ def project_name(run: str) -> str:
     return "evolvectl-" + re.sub(r"[^a-z0-9_-]", "-", run.lower())
 
 
+def service_key(worker_key: str) -> str:
+    """`worker-gpu3` / `worker-cpu0`: a worker's service in compose and stack files."""
+    return "worker-" + worker_key
+
+
 def service_name(spec: WorkerSpec) -> str:
-    """`worker-gpu3` / `worker-cpu0`: the container name without the project and run prefix."""
-    return "worker-" + spec.name.rsplit("-", 1)[-1]
+    """The service of a worker container (its name without the project and run prefix)."""
+    return service_key(spec.name.rsplit("-", 1)[-1])
 
 
 def compose_service(spec: WorkerSpec, build: dict[str, Any] | None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ command, mounts, environment, user and labels are the same. What differs:
 - the labels go on the service, not on its task containers, so that the Docker backend (which
   finds workers by container label) never touches containers that the swarm would replace.
 
-Built and read without an engine; `swarm` creates the services.
+Built and read without an engine; `swarm` creates the services, `stack` writes them to a stack file.
 """
 
 from __future__ import annotations

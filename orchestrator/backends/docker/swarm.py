@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import docker.errors
@@ -55,6 +55,8 @@ from trainer.errors import UserError
 STATUS_LOG_LINES = 40
 # How often a followed worker's tasks are checked: following ends when none is left to run.
 FOLLOW_POLL_S = 1.0
+# Set by `docker stack deploy` on the services of a stack.
+STACK_LABEL = "com.docker.stack.namespace"
 NOT_ON_SWARM = ("--backend swarm runs evolutions only: train with --backend docker or local, on each host "
                 "with --nnodes for several")
 
@@ -97,6 +99,19 @@ def _is_ours(service: Service) -> bool:
 
 def _labels(service: Service) -> dict[str, str]:
     return service.attrs.get("Spec", {}).get("Labels") or {}
+
+
+def _worker_id(service: Service) -> str:
+    """The id the service's tasks record in the journal: their `--worker-id`, which is the service's
+    name when `start` made it and `evolvectl-<run>-gpu3` in a stack whose service is `<stack>_worker-gpu3`."""
+    args = service.attrs.get("Spec", {}).get("TaskTemplate", {}).get("ContainerSpec", {}).get("Args") or []
+    marker = args.index("--worker-id") if "--worker-id" in args[:-1] else None
+    return args[marker + 1] if marker is not None else service.name
+
+
+def _stack(service: Service) -> str | None:
+    """The stack that `docker stack deploy` made the service in, if any."""
+    return _labels(service).get(STACK_LABEL)
 
 
 def _replicas(service: Service) -> int:
@@ -193,6 +208,14 @@ def _until_idle(chunks: Iterator[bytes], live: Callable[[], bool]) -> Iterator[b
         yield item
 
 
+def _check_no_stack(run: str, services: Iterable[Service]) -> None:
+    """A run deployed as a stack is the stack's: services made beside it would share its worker ids."""
+    stacks = sorted({stack for service in services if (stack := _stack(service)) is not None})
+    if stacks:
+        raise UserError(f"run {run} runs as stack {stacks[0]} (from `evolvectl compose --stack`): to start it again, "
+                        f"`docker stack rm {stacks[0]}`, write its stack file again and `docker stack deploy` it")
+
+
 class SwarmBackend:
     name = "swarm"
 
@@ -228,10 +251,11 @@ class SwarmBackend:
     def start(self, plan: LaunchPlan, say: Write) -> list[str]:
         """Create the run's missing services; live ones are left alone, ended ones made anew."""
         self._check_no_containers(plan.run)
+        existing = {_worker_id(service): service for service in list_services(self.client, plan.run)}
+        _check_no_stack(plan.run, existing.values())
         staged = stage_for_containers(plan.options, plan.run, plan.run_dir)
         workers = worker_specs(plan, staged, self.image, host_user(), self.limits, self.max_restarts)
         specs = [service_spec(worker, self.constraints) for worker in workers]
-        existing = {service.name: service for service in list_services(self.client, plan.run)}
         made: list[Service] = []
         try:
             for slot, spec in zip(plan.slots, specs, strict=True):
@@ -279,7 +303,7 @@ class SwarmBackend:
             failed = summary.exit_code not in (0, None)
             states.append(WorkerState(
                 key=labelled_key(_labels(service), service.name),
-                worker_id=service.name,
+                worker_id=_worker_id(service),
                 state=summary.state,
                 restarts=summary.restarts,
                 exit_code=summary.exit_code,
