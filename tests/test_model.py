@@ -98,6 +98,20 @@ def test_eval_decoding_places_boxes_on_cell_centres_with_anchor_sizes() -> None:
     assert torch.all(decoded[..., 4:] == 0.5)
 
 
+def test_boxes_decode_in_float32_under_bfloat16_autocast() -> None:
+    """At 640 px, bfloat16 holds coordinates above 512 only to 4 px: too coarse for mAP at IoU 0.95."""
+    model = DetectionModel("yolov5n", nc=2).eval()
+    image = torch.rand(1, 3, 640, 640)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        decoded, raw = model(image)
+    assert raw[0].dtype == torch.bfloat16 and decoded.dtype == torch.float32
+    with torch.no_grad():  # the same bfloat16 logits decoded in float32 by hand
+        expected = torch.cat([model.detect._decode(level, logits.float()) for level, logits in enumerate(raw)], 1)
+    assert torch.equal(decoded, expected)
+    centres = decoded[0, :, :2]
+    assert (centres[centres > 512] % 4 != 0).any()  # not on bfloat16's 4-pixel grid
+
+
 def test_eval_handles_changing_input_sizes() -> None:
     model = DetectionModel("yolov5n", nc=1).eval()
     with torch.no_grad():
