@@ -282,3 +282,16 @@ def test_summary_table_lists_the_best_rows_and_their_changes_from_base() -> None
     text = console.file.getvalue()
     assert "lr0 0.01 → 0.02" in text and "(base hyp)" in text
     assert text.index("lr0 0.01 → 0.02") < text.index("(base hyp)")
+
+
+def test_changed_genes_are_listed_by_how_far_they_moved_across_their_range() -> None:
+    hyps = np.vstack([BASE, BASE])
+    # lr0 0.01 → 0.005: half the base value, but a small step on its log range (1e-5 to 0.1);
+    # mosaic 1.0 → 0.4: 60% of its range; degrees 0 → 0.5: about 1% of 0..45, an infinite ratio.
+    for key, value in (("lr0", 0.005), ("mosaic", 0.4), ("degrees", 0.5)):
+        hyps[1, KEYS.index(key)] = value
+    results = np.array([[0.5, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1], [0.6, 0.5, 0.5, 0.4, 0.1, 0.1, 0.1]])
+    console = Console(file=io.StringIO(), width=300)
+    console.print(summary_table(Population(KEYS, results, hyps), Hyp(), top=1))
+    text = console.file.getvalue()
+    assert text.index("mosaic 1 → 0.4") < text.index("lr0 0.01 → 0.005") < text.index("degrees 0 → 0.5")

@@ -4,15 +4,18 @@ and of the journal's population: the status view, the progress line, the results
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from orchestrator.evolution.journal import Population
 from orchestrator.evolution.leases import RunState
+from orchestrator.evolution.proposals import UnitSpace
+from orchestrator.evolution.search_space import SearchSpace
 from orchestrator.runs.names import DDP_KEY
 from orchestrator.runs.status import (
     ACTIVE_STATES,
@@ -133,8 +136,10 @@ def render_status(report: StatusReport) -> RenderableType:
     return Group(render_progress(report.progress), header, render_workers(report.workers), *reasons)
 
 
-def summary_table(population: Population, base_hyp: Hyp, top: int = 5) -> Table:
-    """The `top` fittest rows with the hyperparameters that differ from the base hyp."""
+def summary_table(population: Population, base_hyp: Hyp, top: int = 5, space: SearchSpace | None = None) -> Table:
+    """The `top` fittest rows with the hyperparameters that differ from the base hyp, those that
+    moved furthest across their range in `space` (the bundled one by default) first."""
+    moved = _moved_share(population.hyp_keys, base_hyp, space or SearchSpace.load())
     fitness, trainings = population.pooled()
     ranked = [int(row) for row in population.ranked()[:top]]
     base = base_hyp.as_dict(include_unset=True)
@@ -149,7 +154,7 @@ def summary_table(population: Population, base_hyp: Hyp, top: int = 5) -> Table:
             f"{fitness[row]:.4f}" + (f" (mean of {trainings[row]})" if trainings[row] > 1 else ""),
             f"{population.results[row, 2]:.4f}",
             f"{population.results[row, 3]:.4f}",
-            _largest_changes(population.hyp_at(row), base),
+            _largest_changes(population.hyp_at(row), base, moved),
         )
     return table
 
@@ -176,20 +181,36 @@ def _trainings(count: int) -> str:
     return f", mean of {count} trainings" if count > 1 else ""
 
 
-def _largest_changes(hyp: dict[str, float], base: dict[str, float | None], shown: int = 4) -> str:
-    """The few keys that moved most from the base, relative to their base value (all are in hyp_evolve.yaml)."""
+def _moved_share(keys: Sequence[str], base_hyp: Hyp, space: SearchSpace) -> Callable[[str, float], float]:
+    """How far a gene's value is from the base hyp's, as a share of its search range (on the log
+    scale where the search uses one): lr0 0.01 → 0.003 counts as far as mosaic 1.0 → 0.7."""
+    units = UnitSpace.from_bounds(*space.bounds(keys))
+    base = base_hyp.as_dict(include_unset=True)
+    index = {key: column for column, key in enumerate(keys)}
+
+    def share(key: str, value: float) -> float:
+        column = index.get(key)
+        if column is None or not units.evolving[column] or base.get(key) is None:
+            return -1.0  # a gene the space does not evolve, or one the base hyp leaves unset: listed last
+        values = np.zeros(len(keys))
+        values[column] = value
+        moved = units.to_unit(values)[column]
+        values[column] = base[key]
+        return float(abs(moved - units.to_unit(values)[column]))
+
+    return share
+
+
+def _largest_changes(hyp: dict[str, float], base: dict[str, float | None],
+                     moved: Callable[[str, float], float], shown: int = 4) -> str:
+    """The few keys that moved furthest from the base across their search range (all are in hyp_evolve.yaml)."""
     changed = {
         key: value for key, value in hyp.items()
         if base.get(key) is None or not math.isclose(value, base[key], rel_tol=1e-4, abs_tol=1e-9)
     }
     if not changed:
         return "(base hyp)"
-
-    def relative(key: str) -> float:
-        reference = base.get(key)
-        return math.inf if not reference else abs(changed[key] - reference) / abs(reference)
-
-    ordered = sorted(changed, key=relative, reverse=True)
+    ordered = sorted(changed, key=lambda key: moved(key, changed[key]), reverse=True)
     text = ", ".join(f"{key} {_number(base.get(key))} → {_number(changed[key])}" for key in ordered[:shown])
     return text + (f" (+{len(ordered) - shown} more)" if len(ordered) > shown else "")
 

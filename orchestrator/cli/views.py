@@ -89,7 +89,7 @@ def print_results(console: Console, run: str, run_dir: Path, top: int = 5) -> No
     base_hyp = Hyp.from_yaml(resolve_config((record.hyp if record else None) or DEFAULT_HYP, "hyps"))
     space_file = record.search_space if record else None
     space = SearchSpace.load(resolve_config(space_file, "evolve") if space_file else None)
-    console.print(summary_table(population, base_hyp, top))
+    console.print(summary_table(population, base_hyp, top, space))
     for line in search_summary(population, records, load_state(journal)):
         console.print(line)
     try:

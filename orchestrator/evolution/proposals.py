@@ -66,12 +66,16 @@ class UnitSpace:
 
     @classmethod
     def of(cls, context: SearchContext) -> UnitSpace:
-        lows, highs = context.lows, context.highs
+        return cls.from_bounds(context.gains, context.lows, context.highs)
+
+    @classmethod
+    def from_bounds(cls, gains: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> UnitSpace:
+        """From a search space's `bounds()`: gains, lows and highs per gene."""
         finite = np.isfinite(lows) & np.isfinite(highs)
-        evolving = (context.gains > 0) & finite & (lows < highs)
+        evolving = (gains > 0) & finite & (lows < highs)
         with np.errstate(divide="ignore", invalid="ignore"):
             log = evolving & (lows > 0) & (highs / np.where(lows > 0, lows, 1.0) >= LOG_RATIO)
-        return cls(np.where(evolving, context.gains, 0.0), lows, highs, evolving, log)
+        return cls(np.where(evolving, gains, 0.0), lows, highs, evolving, log)
 
     def to_unit(self, values: np.ndarray) -> np.ndarray:
         """Genes to [0, 1]; genes that do not evolve become 0 (they are never read back)."""
