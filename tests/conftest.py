@@ -42,9 +42,9 @@ BASE_IMAGE = os.environ.get("EVOLVECTL_BASE_IMAGE", "evolvectl-base:torch")
 TEST_IMAGE = os.environ.get("EVOLVECTL_TEST_IMAGE", "evolvectl:test")
 
 
-def docker_unavailable(reason: str) -> NoReturn:
+def docker_unavailable(reason: str, fix: str = "run .ci/docker-setup.sh before the tests") -> NoReturn:
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: run .ci/docker-setup.sh before the tests)")
+        pytest.fail(f"{reason} (CI=true: {fix})")
     pytest.skip(reason)
 
 

@@ -1,8 +1,7 @@
 """End to end on a real single-node Docker Swarm: CPU workers as services of the real worker image.
 
 A module fixture makes this engine a swarm manager (`docker swarm init`) when it is in no
-swarm, and leaves the swarm afterwards only if it made it. Several nodes are not tested here:
-the machines running the tests have one engine each.
+swarm, and leaves the swarm afterwards only if it made it. Two nodes: test_e2e_swarm_two_node.py.
 """
 
 from __future__ import annotations
@@ -18,8 +17,20 @@ from typing import Any
 
 import docker.errors
 import pytest
-from conftest import attach_until, cli, wait_for, write_data_yaml
-from docker.models.services import Service
+from conftest import attach_until, cli, docker_unavailable, wait_for, write_data_yaml
+from swarm_helpers import (
+    GATEWAY_NETWORK,
+    TINY_TRAINING,
+    assert_exact_budget,
+    finished,
+    leased_to,
+    service,
+    start_arguments,
+    status_rows,
+    swarm_lock,
+    task_states,
+    tasks,
+)
 
 import docker
 from orchestrator.backends.docker.swarm import list_services, remove_services
@@ -28,29 +39,32 @@ from orchestrator.evolution.journal import Journal
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-# As tests/test_e2e_docker.py: four epochs a generation, so a worker is still training when it is killed.
-TINY_TRAINING = ("--epochs", "4", "--imgsz", "64", "--batch-size", "8", "--workers", "0")
-GATEWAY_NETWORK = "docker_gwbridge"  # made by the engine for the first task of a swarm
 
 
 @pytest.fixture(scope="module")
 def swarm(docker_client: docker.DockerClient) -> Iterator[docker.DockerClient]:
-    """This engine as a swarm manager; a swarm made here is left again, with the network it made."""
-    state = docker_client.info().get("Swarm", {})
-    if state.get("LocalNodeState") == "active" and not state.get("ControlAvailable"):
-        pytest.skip("this engine is a swarm worker; the tests need a manager")
-    made = state.get("LocalNodeState") != "active"
-    had_gateway = bool(docker_client.networks.list(names=[GATEWAY_NETWORK]))
-    if made:
-        docker_client.swarm.init(advertise_addr="127.0.0.1", listen_addr="127.0.0.1:2377")
-    try:
-        yield docker_client
-    finally:
+    """This engine as a single-node swarm manager; a swarm made here is left again, with the network it made."""
+    with swarm_lock():
+        state = docker_client.info().get("Swarm", {})
+        if state.get("LocalNodeState") == "active" and not state.get("ControlAvailable"):
+            pytest.skip("this engine is a swarm worker; the tests need a manager")
+        made = state.get("LocalNodeState") != "active"
+        if not made and (nodes := len(docker_client.nodes.list())) > 1:
+            # Tasks would land on the other nodes, which may lack the image or the test's folders.
+            docker_unavailable(f"this engine is a manager of a swarm of {nodes} nodes; the single-node tests need "
+                               "it alone (left from .ci/two-node/setup.sh? run .ci/two-node/teardown.sh)",
+                               fix="the engine must start in no swarm")
+        had_gateway = bool(docker_client.networks.list(names=[GATEWAY_NETWORK]))
         if made:
-            docker_client.swarm.leave(force=True)
-            if not had_gateway:
-                for network in docker_client.networks.list(names=[GATEWAY_NETWORK]):
-                    network.remove()
+            docker_client.swarm.init(advertise_addr="127.0.0.1", listen_addr="127.0.0.1:2377")
+        try:
+            yield docker_client
+        finally:
+            if made:
+                docker_client.swarm.leave(force=True)
+                if not had_gateway:
+                    for network in docker_client.networks.list(names=[GATEWAY_NETWORK]):
+                        network.remove()
 
 
 @pytest.fixture
@@ -58,42 +72,6 @@ def run_name(swarm: docker.DockerClient) -> Iterator[str]:
     run = f"sw-{uuid.uuid4().hex[:8]}"
     yield run
     remove_services(swarm, run)
-
-
-def service(client: docker.DockerClient, name: str) -> Service:
-    return client.services.get(name)
-
-
-def tasks(client: docker.DockerClient, name: str) -> list[dict[str, Any]]:
-    return sorted(service(client, name).tasks(), key=lambda task: task["CreatedAt"])
-
-
-def task_states(client: docker.DockerClient, name: str) -> list[str]:
-    return [task["Status"]["State"] for task in tasks(client, name)]
-
-
-def leased_to(run_dir: Path, worker: str) -> bool:
-    state = Journal(run_dir).read_state() or {}
-    return any(lease["worker"] == worker for lease in state.get("leases", {}).values())
-
-
-def finished(client: docker.DockerClient, names: list[str]) -> bool:
-    return all(task_states(client, name)[-1] in ("complete", "failed", "shutdown", "rejected") for name in names)
-
-
-def start_arguments(image: str, data: Path, project: Path, run: str, workers: int, generations: int,
-                    *extra: str, backend: tuple[str, ...] = ("--backend", "swarm")) -> list[str]:
-    return ["start", *backend, "--image", image, "--cpu-workers", str(workers), "--generations",
-            str(generations), "--data", str(data), *TINY_TRAINING, "--project", str(project), "--name", run,
-            "--", "--noautoanchor", *extra]
-
-
-def ok_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The journal's results, after checking that evolve.csv holds exactly their rows under one header."""
-    lines = (run_dir / "evolve.csv").read_text().splitlines()
-    ok = [record for record in Journal(run_dir).read_records() if record["status"] == "ok"]
-    assert len(lines) == len(ok) + 1 and sum(line.lstrip().startswith("metrics/precision") for line in lines) == 1
-    return ok
 
 
 def test_two_cpu_services_reach_an_exact_budget(
@@ -115,8 +93,7 @@ def test_two_cpu_services_reach_an_exact_budget(
 
     wait_for(lambda: finished(swarm, names), 240, "the budget", poll_s=1.0)
     assert [task_states(swarm, name) for name in names] == [["complete"], ["complete"]]
-    ok = ok_records(run_dir)
-    assert sorted(record["row"] for record in ok) == [0, 1, 2, 3] and len({record["claim"] for record in ok}) == 4
+    ok = assert_exact_budget(run_dir, 4)
     assert {record["worker"] for record in ok} <= set(names)  # the service names are the worker ids
     assert os.stat(run_dir / "evolve.csv").st_uid == os.getuid()  # the host user owns what workers wrote
     results = cli("results", "--project", str(project), "--name", run_name)
@@ -146,13 +123,12 @@ def test_a_killed_task_is_replaced_and_the_budget_stays_exact(
 
     assert [task_states(swarm, name) for name in names] == [["complete"], ["failed", "complete"]]
     assert tasks(swarm, names[1])[0]["Status"]["ContainerStatus"]["ExitCode"] == 137
-    ok = ok_records(run_dir)
-    assert sorted(record["row"] for record in ok) == [0, 1, 2, 3] and len({record["claim"] for record in ok}) == 4
+    assert_exact_budget(run_dir, 4)
     expired = [record for record in Journal(run_dir).read_records() if record["status"] == "expired"]
     assert [record["worker"] for record in expired] == [names[1]]  # its lost generation was trained again
     status = cli("status", "--project", str(project), "--name", run_name)
     assert "4/4 generations (100%)" in status.output and "budget reached" in status.output
-    rows = {cells[0]: cells[1:4] for cells in map(str.split, status.output.splitlines()) if cells[:1] in (["cpu0"], ["cpu1"])}
+    rows = {key: row[:3] for key, row in status_rows(status.output, ["cpu0", "cpu1"]).items()}
     assert rows == {"cpu0": ["exited", "(0)", "0"], "cpu1": ["exited", "(0)", "1"]}  # state, exit code, restarts
 
 
@@ -280,15 +256,13 @@ def test_a_stack_file_deploys_the_swarm_backends_workers_and_reaches_an_exact_bu
         wait_for(lambda: finished(swarm, names), 240, "the budget", poll_s=1.0)
 
         assert [task_states(swarm, name) for name in names] == [["complete"], ["failed", "complete"]]
-        ok = ok_records(run_dir)
-        assert sorted(record["row"] for record in ok) == [0, 1, 2, 3] and len({record["claim"] for record in ok}) == 4
+        ok = assert_exact_budget(run_dir, 4)
         assert {record["worker"] for record in ok} <= set(worker_ids)
         expired = [record for record in Journal(run_dir).read_records() if record["status"] == "expired"]
         assert [record["worker"] for record in expired] == [worker_ids[1]]  # the restarted task was cpu1 again
         status = cli("status", *where)
         assert "swarm workers of" in status.output and "4/4 generations (100%)" in status.output
-        rows = {cells[0]: cells[1:] for cells in map(str.split, status.output.splitlines())
-                if cells[:1] in (["cpu0"], ["cpu1"])}
+        rows = status_rows(status.output, ["cpu0", "cpu1"])
         assert {key: row[:3] for key, row in rows.items()} == {"cpu0": ["exited", "(0)", "0"],
                                                               "cpu1": ["exited", "(0)", "1"]}
         assert sum(int(row[5]) for row in rows.values()) == 4  # each worker's results, found by its worker id

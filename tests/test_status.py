@@ -102,6 +102,15 @@ def test_render_status_shows_every_worker_and_the_run() -> None:
     assert not all_exited(report)
 
 
+def test_render_status_names_the_node_of_each_swarm_worker() -> None:
+    report = StatusReport("swarm", progress(), (worker_row("cpu0", "running", node="server2"),
+                                                worker_row("cpu1", "starting"),  # not placed yet
+                                                worker_row("cpu2", "running", node="server1"),
+                                                worker_row("cpu3", "running", node="server2")))
+    assert "nodes: server1: cpu2 · server2: cpu0, cpu3\n" in text_of(report)
+    assert "nodes:" not in text_of(StatusReport("docker", progress(), (worker_row("cpu0", "running"),)))
+
+
 def test_render_status_when_done_stopping_or_not_started() -> None:
     finished = (worker_row("cpu0", "exited", exit_code=0),)
     done = text_of(StatusReport("local", progress(done=6, eta_seconds=0.0), finished))

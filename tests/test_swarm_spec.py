@@ -145,6 +145,23 @@ def test_tasks_map_onto_a_workers_state(tasks: list[dict[str, Any]], replicas: i
     assert (summary.state, summary.restarts, summary.exit_code, summary.error) == expected
 
 
+def test_a_workers_node_is_its_latest_tasks() -> None:
+    tasks = [dict(task("failed", "2026-01-01T00:00:01Z", 137), NodeID="n2"),
+             dict(task("running", "2026-01-01T00:00:09Z", 0), NodeID="n1")]
+    assert summarize_tasks(tasks).node_id == "n1"
+    assert summarize_tasks([task("pending", "2026-01-01T00:00:01Z")]).node_id is None
+
+
+@pytest.mark.parametrize(("tail", "expected"), [
+    (None, b"one\ntwo\nthree\n"), (2, b"two\nthree\n"), (9, b"one\ntwo\nthree\n"), (0, b""),
+])
+def test_a_services_logs_are_put_in_time_order_before_the_tail_is_taken(tail: int | None, expected: bytes) -> None:
+    """The engine sends a restarted worker's tasks one after another in no set order, each with its own tail."""
+    replacement = b"2026-01-01T00:00:09Z three\n"
+    killed = b"2026-01-01T00:00:01.123456789Z one\n2026-01-01T00:00:01.5Z two\n"
+    assert b"".join(swarm._in_time_order([replacement, killed], tail)) == expected
+
+
 def test_status_names_the_swarms_reason_for_a_worker_it_cannot_place() -> None:
     waiting = WorkerState("gpu0", "evolvectl-exp1-gpu0", "starting", error="no suitable node")
     assert stop_reason(waiting) == "no suitable node"

@@ -115,7 +115,7 @@ def open_backend(choice: str, project: Path, settings: WorkerSettings, say: Writ
 
         check_manager(client)
         return SwarmBackend(client, settings.image, settings.base_image, settings.build, settings.limits,
-                            settings.max_restarts, settings.constraints)
+                            settings.max_restarts, settings.constraints, notice=say)
     return DockerBackend(client, settings.image, settings.base_image, settings.build, settings.limits,
                          settings.max_restarts)
 

@@ -133,7 +133,21 @@ def render_status(report: StatusReport) -> RenderableType:
         return Group(render_progress(report.progress), header, Text("no workers", style="yellow"))
     reasons = [Text(f"{row.key} {'waits' if row.state in ACTIVE_STATES else 'stopped'}: {row.error}", style="red")
                for row in report.workers if row.error]
-    return Group(render_progress(report.progress), header, render_workers(report.workers), *reasons)
+    nodes = render_nodes(report.workers)
+    return Group(render_progress(report.progress), header, render_workers(report.workers), *nodes, *reasons)
+
+
+def render_nodes(rows: Sequence[WorkerRow]) -> list[Text]:
+    """Which Swarm node each worker is on, by node, as one line under the table (a column would push
+    the table past 80 characters); none for the other backends."""
+    by_node: dict[str, list[str]] = {}
+    for row in rows:
+        if row.node:
+            by_node.setdefault(row.node, []).append(row.key)
+    if not by_node:
+        return []
+    return [Text("nodes: " + " · ".join(f"{node}: {', '.join(keys)}" for node, keys in sorted(by_node.items())),
+                 style="dim")]
 
 
 def summary_table(population: Population, base_hyp: Hyp, top: int = 5, space: SearchSpace | None = None) -> Table:

@@ -48,6 +48,7 @@ class WorkerState:
     log_tail: str = ""  # the end of its output: while it runs, and after it failed
     error: str | None = None  # why the platform holds or dropped it before it ran (a Swarm task no node takes)
     limits: str = ""  # what its container may use beyond the defaults: "memory 20g, 4 CPUs"
+    node: str = ""  # the Swarm node (hostname) its latest task was placed on; empty on other backends
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class WorkerRow:
     best_fitness: float | None
     error: str | None = None  # why a worker that exited non-zero stopped: its last `Error:` line
     limits: str = ""  # its container's memory and CPU limits, if any
+    node: str = ""  # the Swarm node it runs (or last ran) on
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,7 @@ def collect_status(run: str, run_dir: Path, backend: str, workers: Sequence[Work
             best_fitness=max(values) if values else None,
             error=stop_reason(worker),
             limits=worker.limits,
+            node=worker.node,
         ))
     best = population.best_row()
     done = state.done(len(population)) if state else 0
@@ -251,7 +254,7 @@ def collect_training_status(run: str, run_dir: Path, backend: str, workers: Sequ
         WorkerRow(key=worker.key, state=worker.state, restarts=worker.restarts, exit_code=worker.exit_code,
                   generation=None, epoch=current_epoch(worker.log_tail) if worker.state == "running" else None,
                   results=done, last_fitness=None, best_fitness=None, error=stop_reason(worker),
-                  limits=worker.limits)
+                  limits=worker.limits, node=worker.node)
         for worker in workers
     )
     return StatusReport(backend, progress, worker_rows)

@@ -128,12 +128,17 @@ class TaskSummary:
     restarts: int
     exit_code: int | None
     error: str | None  # the swarm's reason for a task that got no container (unschedulable, rejected)
+    node_id: str | None = None  # the node the latest task was placed on; None before the swarm placed it
+
+
+def time_key(stamp: str) -> tuple[str, str]:
+    """A sort key for the engine's times: RFC 3339 in UTC with nanoseconds, trailing zeros trimmed."""
+    seconds, _, fraction = stamp.rstrip("Z").partition(".")
+    return seconds, fraction.ljust(9, "0")
 
 
 def _created(task: Mapping[str, Any]) -> tuple[str, str]:
-    """A sort key for CreatedAt (RFC 3339 with nanoseconds, trailing zeros trimmed)."""
-    seconds, _, fraction = str(task.get("CreatedAt", "")).rstrip("Z").partition(".")
-    return seconds, fraction.ljust(9, "0")
+    return time_key(str(task.get("CreatedAt", "")))
 
 
 def _exit_code(task: Mapping[str, Any]) -> int | None:
@@ -151,17 +156,18 @@ def summarize_tasks(tasks: Sequence[Mapping[str, Any]], replicas: int = 1) -> Ta
         return TaskSummary("starting" if replicas else "exited", 0, None, None)
     ordered = sorted(tasks, key=_created)
     latest, restarts = ordered[-1], len(ordered) - 1
+    node_id = latest.get("NodeID") or None
     status = latest.get("Status", {})
     task_state = status.get("State", "")
     has_container = bool((status.get("ContainerStatus") or {}).get("ContainerID"))
     error = None if has_container else status.get("Err") or None
     if task_state == "running":
-        return TaskSummary("running", restarts, None, None)
+        return TaskSummary("running", restarts, None, None, node_id)
     if task_state in PENDING_TASK_STATES:
         ended = [task for task in ordered[:-1] if _exit_code(task) is not None]
         previous = _exit_code(ended[-1]) if ended else None
-        return TaskSummary("restarting" if restarts else "starting", restarts, previous, error)
-    return TaskSummary("exited", restarts, _exit_code(latest), error)
+        return TaskSummary("restarting" if restarts else "starting", restarts, previous, error, node_id)
+    return TaskSummary("exited", restarts, _exit_code(latest), error, node_id)
 
 
 def advertised_gpus(nodes: Sequence[Mapping[str, Any]]) -> int:

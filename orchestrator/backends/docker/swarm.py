@@ -37,6 +37,7 @@ from orchestrator.backends.docker.service import (
     advertised_gpus,
     service_spec,
     summarize_tasks,
+    time_key,
 )
 from orchestrator.backends.docker.spec import (
     EVOLVE_ROLE,
@@ -164,18 +165,31 @@ def _still_live(service: Service) -> bool:
 
 def follow_service_logs(service: Service, write: Write, follow: bool, tail: int | None,
                         live: Callable[[], bool]) -> None:
-    """Copy the service's output (all its tasks'; or its last `tail` lines) to `write`.
+    """Copy the service's output (all its tasks', in time order; or its last `tail` lines) to `write`.
 
     With `follow` this returns once `live()` says no task is left to run: the engine's own
     follow never ends. Ctrl-C only stops the copying; the service keeps running.
     """
-    chunks = _log_chunks(service, follow, "all" if tail is None else tail)
-    copy_chunks(chunks if not follow else _until_idle(chunks, live), write, service.name)
+    if follow:
+        chunks = _until_idle(_log_chunks(service, True, "all" if tail is None else tail), live)
+    else:
+        chunks = _in_time_order(_log_chunks(service, False, "all", timestamps=True), tail)
+    copy_chunks(chunks, write, service.name)
 
 
-def _log_chunks(service: Service, follow: bool, tail: int | str) -> Iterator[bytes]:
+def _in_time_order(chunks: Iterable[bytes], tail: int | None) -> Iterator[bytes]:
+    """Timestamped lines of several tasks, sorted by time and stripped of the stamps; the last
+    `tail` of them. The engine interleaves a service's tasks in no set order, and its own tail
+    counts per task: a worker with a restarted task would print `tail` lines for each."""
+    stamped = [line.partition(b" ") for line in b"".join(chunks).splitlines(keepends=True)]
+    ordered = sorted(stamped, key=lambda parts: time_key(parts[0].decode(errors="replace")))
+    kept = ordered if tail is None else ordered[max(len(ordered) - tail, 0):]
+    yield b"".join(text for _, _, text in kept)
+
+
+def _log_chunks(service: Service, follow: bool, tail: int | str, timestamps: bool = False) -> Iterator[bytes]:
     with engine_errors(f"reading logs of {service.name}"):
-        return service.logs(stdout=True, stderr=True, follow=follow, tail=tail)
+        return service.logs(stdout=True, stderr=True, follow=follow, tail=tail, timestamps=timestamps)
 
 
 def _until_idle(chunks: Iterator[bytes], live: Callable[[], bool]) -> Iterator[bytes]:
@@ -228,8 +242,10 @@ class SwarmBackend:
         limits: ContainerLimits = DEFAULT_LIMITS,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
         constraints: tuple[str, ...] = (),
+        notice: Write = lambda text: None,
     ) -> None:
         self.client = client
+        self.notice = notice
         self.image = image
         self.limits = limits
         self.max_restarts = max_restarts
@@ -237,13 +253,15 @@ class SwarmBackend:
         self.images = DockerBackend(client, image, base_image, build, limits, max_restarts)
 
     def prepare(self, say: Write) -> None:
-        """Build the image on this node if it lacks it; every other node needs it too."""
+        """Build the image on this node if it lacks it; every other node needs it too.
+
+        `say` shows only the build's steps, so the note about the other nodes goes to `notice`."""
         self.images.prepare(say)
         with engine_errors("listing Swarm nodes"):
             nodes = len(self.client.nodes.list())
         if nodes > 1:
-            say(f"the swarm has {nodes} nodes: each needs image {self.image} (build it there, or push it "
-                "to a registry and pass --image REGISTRY/NAME:TAG)")
+            self.notice(f"the swarm has {nodes} nodes: each needs image {self.image} (build it there, or push "
+                        "it to a registry and pass --image REGISTRY/NAME:TAG)")
 
     def visible_gpus(self) -> list[int] | None:
         return swarm_gpus(self.client)
@@ -297,6 +315,7 @@ class SwarmBackend:
 
     def workers(self, run: str, run_dir: Path) -> list[WorkerState]:
         states = []
+        hostnames = self._hostnames()
         for service in list_services(self.client, run):
             with engine_errors(f"listing the tasks of {service.name}"):
                 summary = summarize_tasks(service.tasks(), _replicas(service))
@@ -309,8 +328,15 @@ class SwarmBackend:
                 exit_code=summary.exit_code,
                 log_tail=self._log_tail(service) if summary.state == "running" or failed else "",
                 error=summary.error,
+                node=hostnames.get(summary.node_id, summary.node_id) or "",
             ))
         return sorted(states, key=lambda state: state.key)
+
+    def _hostnames(self) -> dict[str, str]:
+        """Node id to hostname, the name `docker node ls` shows."""
+        with engine_errors("listing Swarm nodes"):
+            nodes = self.client.nodes.list()
+        return {node.id: node.attrs.get("Description", {}).get("Hostname") or node.id for node in nodes}
 
     def _log_tail(self, service: Service) -> str:
         with engine_errors(f"reading logs of {service.name}"):
