@@ -166,6 +166,8 @@ def test_workers_on_two_nodes_share_one_journal_and_an_exact_budget(
     hostnames = [manager.nodes.get(node).attrs["Description"]["Hostname"]
                  for node in (two_nodes.manager_node, two_nodes.second_node)]
     assert f"nodes: {' · '.join(sorted([f'{hostnames[0]}: cpu0', f'{hostnames[1]}: cpu1']))}" in status.output
+    # The journal's provenance says which node trained each generation.
+    assert {record["worker"]: record["host"] for record in ok} == dict(zip(names, hostnames, strict=True))
     logs = cli("logs", "cpu1", *where)  # both of its tasks' output, from node 2 through the manager
     assert logs.exit_code == 0 and logs.output.count("Generation ") >= 2, logs.output
     assert f"Worker {names[1]}: budget reached" in logs.output  # the replacement's last line

@@ -88,6 +88,7 @@ def test_mounts_environment_and_user_are_the_docker_backends() -> None:
     assert kwargs["env"] == {WORKERS_ON_HOST: "3", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2)),
                              "HOME": "/tmp"}
     assert (kwargs["user"], kwargs["workdir"], kwargs["init"]) == ("1234:1234", "/workspace", True)
+    assert kwargs["hostname"] == "{{.Node.Hostname}}"  # provenance's `host` names the node, not the task
 
 
 def test_restart_policy_follows_max_restarts() -> None:

@@ -25,6 +25,8 @@ import docker.types
 from orchestrator.backends.docker.spec import WorkerSpec, memory_bytes
 from trainer.errors import UserError
 
+# A Swarm template: each task's container is named after the node it runs on.
+NODE_HOSTNAME = "{{.Node.Hostname}}"
 # The generic resource that NVIDIA's Swarm set-up advertises for each GPU of a node.
 GPU_RESOURCE = "NVIDIA-GPU"
 SHM_DIR = "/dev/shm"
@@ -97,6 +99,9 @@ class ServiceSpec:
             "user": worker.user,
             "workdir": worker.working_dir,
             "init": True,  # reaps dataloader processes and passes the swarm's SIGTERM on
+            # The node's name as the container's, so the journal's provenance (`host`) says where
+            # each generation ran; a task's container would otherwise be named by its random id.
+            "hostname": NODE_HOSTNAME,
             "restart_policy": self.restart_policy(),
             "constraints": list(self.constraints),
             "mode": docker.types.ServiceMode("replicated", replicas=1),

@@ -60,6 +60,7 @@ def stack_service(spec: ServiceSpec) -> dict[str, Any]:
         "volumes": [_volume(mount) for mount in settings.pop("mounts")],
         "user": settings.pop("user"),
         "working_dir": settings.pop("workdir"),
+        "hostname": settings.pop("hostname"),
         "init": settings.pop("init"),
     })
     mode = settings.pop("mode")
