@@ -53,6 +53,7 @@ from bench.compare_drawing import (
     Box,
     Occlusion,
     Polygon,
+    Stamp,
     finish,
     fractal,
     local_colour,
@@ -95,6 +96,29 @@ def object_count(rng: np.random.Generator, most: int) -> int:
     return 0 if rng.random() < EMPTY_SHARE else int(rng.integers(1, most + 1))
 
 
+def place(occlusion: Occlusion, pose: Callable[[], tuple[Polygon, Polygon | None]],
+          centre: Callable[[Polygon], np.ndarray]) -> Stamp | None:
+    """Up to ATTEMPTS shapes (`pose`), each moved to `centre(outline)`, until one leaves every
+    earlier object visible enough; None when none does."""
+    for _attempt in range(ATTEMPTS):
+        shape = pose()
+        item = moved(shape, centre(shape[0]))
+        if item is not None and occlusion.accepts(item):
+            return item
+    return None
+
+
+def visible_colour(rng: np.random.Generator, canvas: np.ndarray, item: Stamp, contrast: float) -> np.ndarray:
+    """A random colour, drawn again (up to 20 times) until it differs from what lies beneath by
+    more than `contrast` (summed over the channels)."""
+    colour = rng.uniform(0, 1, 3)
+    for _retry in range(20):
+        if np.abs(colour - local_colour(canvas, item)).sum() > contrast:
+            break
+        colour = rng.uniform(0, 1, 3)
+    return colour
+
+
 # --- The datasets --------------------------------------------------------------------------------
 
 MIXED_CLASSES = ("ellipse", "star", "ring", "hexagon-outline", "arrow")
@@ -102,10 +126,20 @@ MIXED_WEIGHTS = np.array([16, 8, 4, 2, 1]) / 31
 TEXTURE_CLASSES = ("disc", "cross", "triangle", "crescent")
 
 
+def log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+
+def inside(rng: np.random.Generator, outline: Polygon, width: int, height: int) -> np.ndarray:
+    """A centre that keeps the whole outline inside the image (where it fits)."""
+    low, high = -outline.min(axis=0), np.array([width, height]) - outline.max(axis=0)
+    return rng.uniform(low, np.maximum(low, high))
+
+
 def mixed_side(rng: np.random.Generator, short_side: int) -> float:
     """Small and large objects mixed: 55% of 1/30..1/12 of the short side, 15% up to 1/5, 30% up to 1/2."""
     low, high = [(1 / 30, 1 / 12), (1 / 12, 1 / 5), (1 / 5, 1 / 2)][rng.choice(3, p=[0.55, 0.15, 0.3])]
-    return math.exp(rng.uniform(math.log(low), math.log(high))) * short_side
+    return log_uniform(rng, low, high) * short_side
 
 
 def mixed_centre(rng: np.random.Generator, outer: Polygon, boxes: list[Box], width: int, height: int) -> np.ndarray:
@@ -126,20 +160,12 @@ def render_mixed(rng: np.random.Generator, width: int, height: int) -> tuple[np.
     boxes: list[Box] = []
     labels: list[Label | None] = []
     for _ in range(object_count(rng, 12)):
-        class_index = int(rng.choice(len(MIXED_CLASSES), p=MIXED_WEIGHTS))
-        for _attempt in range(ATTEMPTS):
-            shape = random_pose(rng, MIXED_CLASSES[class_index], mixed_side(rng, min(width, height)))
-            item = moved(shape, mixed_centre(rng, shape[0], boxes, width, height))
-            if item is not None and occlusion.accepts(item):
-                break
-        else:
+        name = MIXED_CLASSES[class_index := int(rng.choice(len(MIXED_CLASSES), p=MIXED_WEIGHTS))]
+        item = place(occlusion, lambda name=name: random_pose(rng, name, mixed_side(rng, min(width, height))),
+                     lambda outline: mixed_centre(rng, outline, boxes, width, height))
+        if item is None:
             continue
-        colour = rng.uniform(0, 1, 3)
-        for _retry in range(20):  # random, but visible against what lies beneath
-            if np.abs(colour - local_colour(canvas, item)).sum() > 0.45:
-                break
-            colour = rng.uniform(0, 1, 3)
-        paint(canvas, item, colour.astype(np.float32))
+        paint(canvas, item, visible_colour(rng, canvas, item, 0.45).astype(np.float32))
         occlusion.add(item)
         boxes.append(item.box)
         labels.append(label(class_index, item.box, width, height))
@@ -197,14 +223,11 @@ def render_textures(rng: np.random.Generator, width: int, height: int) -> tuple[
     occlusion = Occlusion(height, width, min_visible=0.5)
     labels: list[Label | None] = []
     for _ in range(object_count(rng, 10)):
-        class_index = int(rng.integers(len(TEXTURE_CLASSES)))
-        for _attempt in range(ATTEMPTS):
-            side = math.exp(rng.uniform(math.log(0.08), math.log(0.45))) * min(width, height)
-            shape = random_pose(rng, TEXTURE_CLASSES[class_index], side)
-            item = moved(shape, textures_centre(rng, shape[0], width, height))
-            if item is not None and occlusion.accepts(item):
-                break
-        else:
+        name = TEXTURE_CLASSES[class_index := int(rng.integers(len(TEXTURE_CLASSES)))]
+        item = place(occlusion,
+                     lambda name=name: random_pose(rng, name, log_uniform(rng, 0.08, 0.45) * min(width, height)),
+                     lambda outline: textures_centre(rng, outline, width, height))
+        if item is None:
             continue
         shade(canvas, shadow(rng, item, light), rng.uniform(0.2, 0.6))
         paint(canvas, item, textured_fill(rng, canvas, item))
@@ -230,22 +253,13 @@ def render_shapes(rng: np.random.Generator, width: int, height: int) -> tuple[np
     occlusion = Occlusion(height, width, min_visible=0.8)
     labels: list[Label | None] = []
     for _ in range(object_count(rng, 8)):
-        class_index = int(rng.integers(len(SHAPES_CLASSES)))
-        for _attempt in range(ATTEMPTS):
-            side = math.exp(rng.uniform(math.log(1 / 12), math.log(1 / 3))) * min(width, height)
-            shape = random_pose(rng, SHAPES_CLASSES[class_index], side)
-            low, high = -shape[0].min(axis=0), np.array([width, height]) - shape[0].max(axis=0)
-            item = moved(shape, rng.uniform(low, np.maximum(low, high)))
-            if item is not None and occlusion.accepts(item):
-                break
-        else:
+        name = SHAPES_CLASSES[class_index := int(rng.integers(len(SHAPES_CLASSES)))]
+        item = place(occlusion,
+                     lambda name=name: random_pose(rng, name, log_uniform(rng, 1 / 12, 1 / 3) * min(width, height)),
+                     lambda outline: inside(rng, outline, width, height))
+        if item is None:
             continue
-        colour = rng.uniform(0, 1, 3)
-        for _retry in range(20):  # random, but visible against what lies beneath
-            if np.abs(colour - local_colour(canvas, item)).sum() > 0.6:
-                break
-            colour = rng.uniform(0, 1, 3)
-        paint(canvas, item, colour.astype(np.float32))
+        paint(canvas, item, visible_colour(rng, canvas, item, 0.6).astype(np.float32))
         occlusion.add(item)
         labels.append(label(class_index, item.box, width, height))
     return finish(rng, canvas), [entry for entry in labels if entry is not None]
