@@ -18,9 +18,12 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_search import (
     METHODS,
     RandomSearch,
+    RealSettings,
     SyntheticObjective,
     TpeSearch,
+    parse_arguments,
     ranks,
+    real_settings,
     run_space,
     seconds_to_reach,
     spearman,
@@ -31,6 +34,7 @@ from orchestrator.evolution.loop import GenerationContext
 from orchestrator.evolution.proposals import SearchContext
 from orchestrator.evolution.pruning import GenerationPruned
 from trainer.config import Hyp
+from trainer.errors import UserError
 
 
 def test_spearman_averages_tied_ranks_and_matches_a_worked_example() -> None:
@@ -165,3 +169,18 @@ def test_every_method_runs_on_equal_budgets_through_the_real_workers(tmp_path: P
         assert set(summary["final_best"]) == set(summary["final_best_noise_free"]) == statistics
         assert summary["minus_classic"]["seeds"] == 1
     assert (tmp_path / "search.png").stat().st_size > 0
+
+
+def test_the_real_objective_trains_on_a_named_data_yaml_or_refuses_it_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EVOLVECTL_DATASETS", str(tmp_path / "datasets"))  # `synthetic` is generated there
+    args = parse_arguments(["--objective", "real", "--data", "synthetic", "--weights", "yolov5n-synthetic",
+                            "--imgsz", "128", "--epochs", "3", "--seeds", "0"])
+    settings = real_settings(args, tmp_path)
+    assert settings == RealSettings("synthetic", args.hyp, args.optimizer, imgsz=128, epochs=3,
+                                    weights="yolov5n-synthetic")
+    assert not (tmp_path / "data.yaml").exists()  # nothing generated beside the runs
+    args = parse_arguments(["--objective", "real", "--data", str(tmp_path / "missing.yaml"), "--seeds", "0"])
+    with pytest.raises(UserError, match="missing.yaml"):
+        real_settings(args, tmp_path)
