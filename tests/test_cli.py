@@ -18,7 +18,8 @@ from conftest import (
     write_data_yaml,
 )
 
-from orchestrator.cli import commands as cli
+from orchestrator.cli import launch
+from orchestrator.cli.commands import main
 from orchestrator.evolution.journal import Journal, format_header, run_columns
 from orchestrator.evolution.leases import RunRequest, prepare_run
 from orchestrator.evolution.loop import run_worker
@@ -46,7 +47,7 @@ def test_the_command_line_starts_without_torch():
 @pytest.fixture
 def fake_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeBackend:
     backend = FakeBackend([0, 1, 2, 3])
-    monkeypatch.setattr(cli, "open_backend", lambda *args: backend)
+    monkeypatch.setattr(launch, "open_backend", lambda *args: backend)
     monkeypatch.chdir(tmp_path)
     return backend
 
@@ -56,7 +57,7 @@ def test_every_command_has_help(command: str) -> None:
     result = invoke(command, "--help")
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"Usage: main {command}") or result.output.startswith(f"Usage: evolvectl {command}")
-    summary = getattr(cli, command.replace("-", "_")).help.split("\n")[0]
+    summary = main.commands[command].help.split("\n")[0]
     assert " ".join(summary.split()) in " ".join(result.output.split())  # the docstring is the help
 
 
@@ -255,7 +256,7 @@ def test_auto_backend_falls_back_to_local_with_a_notice(monkeypatch: pytest.Monk
         pytest.skip("this host has a GPU: a local GPU worker would really start")
     monkeypatch.setenv("DOCKER_HOST", MISSING_ENGINE)
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(cli.main, ["start", "--gpus", "0"])  # local: PyTorch here sees no GPU
+    result = CliRunner().invoke(main, ["start", "--gpus", "0"])  # local: PyTorch here sees no GPU
     assert result.exit_code != 0
     assert "Docker engine unreachable" in result.stderr and "running workers as local processes" in result.stderr
     expected = "Error: --gpus 0: PyTorch sees no CUDA GPU on this host; run CPU workers with --cpu-workers N"

@@ -16,7 +16,7 @@ from conftest import FakeBackend, assert_one_line_error, invoke
 from orchestrator.backends.base import ContainerLimits
 from orchestrator.backends.docker.spec import ddp_spec
 from orchestrator.backends.local import backend as local
-from orchestrator.cli import commands as cli
+from orchestrator.cli import launch
 from orchestrator.cli.render import render_status
 from orchestrator.runs.ddp import RESUME_SCRIPT, DdpPlan, Rendezvous, trained_epochs
 from orchestrator.runs.inputs import StagedInputs
@@ -141,7 +141,7 @@ def opened(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[FakeBackend]
         backends.append(FakeBackend([0, 1, 2]))
         return backends[-1]
 
-    monkeypatch.setattr(cli, "open_backend", open_backend)
+    monkeypatch.setattr(launch, "open_backend", open_backend)
     monkeypatch.chdir(tmp_path)
     return backends
 

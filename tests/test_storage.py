@@ -8,7 +8,7 @@ import pytest
 from conftest import FakeBackend, invoke
 from test_cli import fake_backend  # noqa: F401 - the fixture
 
-from orchestrator.cli import commands
+from orchestrator.cli import launch
 from orchestrator.runs import storage
 from orchestrator.runs.storage import lock_warning, mount_of, parse_mountinfo
 
@@ -57,7 +57,7 @@ def test_this_machines_own_run_folder_reads_its_real_mounts(tmp_path: Path) -> N
 def test_start_warns_about_a_run_folder_on_nfs3_without_lock(fake_backend: FakeBackend, tmp_path: Path,  # noqa: F811
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     mountinfo = "\n".join([ROOT, line(30, str(tmp_path), "nfs", "rw,vers=3,nolock")])
-    monkeypatch.setattr(commands, "lock_warning", lambda path: lock_warning(path, mountinfo))
+    monkeypatch.setattr(launch, "lock_warning", lambda path: lock_warning(path, mountinfo))
     result = invoke("start", "--cpu-workers", "1")
     assert result.exit_code == 0, result.output
     assert "Warning: " in result.output and "mounted with nolock: its locks stay on each host" in result.output
