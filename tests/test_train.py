@@ -76,6 +76,12 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
         "val_batch0_labels.jpg", "val_batch0_pred.jpg", "weights",  # 16 images: one validation batch
     ]
     assert sorted(p.name for p in (run / "weights").iterdir()) == ["best.pt", "epoch0.pt", "last.pt"]
+    # As YOLOv5 ends a run: best.pt stripped to half-precision weights; last.pt whole, for --resume.
+    best, last = (torch.load(run / "weights" / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    assert "optimizer" not in best and "optimizer" in last and best["epoch"] == last["epoch"] == 0
+    assert {tensor.dtype for tensor in best["model"].values() if tensor.is_floating_point()} == {torch.float16}
+    assert (run / "weights" / "best.pt").stat().st_size < (run / "weights" / "last.pt").stat().st_size / 3
+    assert f"Optimiser state stripped from {run / 'weights' / 'best.pt'}" in result.stderr
     header = [cell.strip() for cell in (run / "results.csv").read_text().splitlines()[0].split(",")]
     assert header[:4] == ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss"]
     assert header[4:8] == ["metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]

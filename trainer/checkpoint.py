@@ -135,13 +135,15 @@ def load_weights(path: str | Path) -> Weights:
 def export_weights(source: str | Path, destination: str | Path) -> None:
     """A checkpoint reduced to what `--weights` reads, as YOLOv5 strips its best.pt: the EMA
     weights (the model's without one) in half precision, the model config and the class names.
-    No optimiser, so it starts new runs but resumes none; yolov5n's is about 4 MB instead of 29."""
+    No optimiser, so it starts new runs but resumes none; yolov5n's is about 4 MB instead of 29.
+    The epoch it was saved after stays, for the record. `destination` may be `source`."""
     state = _read_own(existing_checkpoint(source))
     weights = (state.get("ema") or {}).get("module") or state["model"]
     half = {name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
     config = state.get("config", {})
     save_checkpoint({"model": half, "config": {"cfg": config.get("cfg", TrainConfig.cfg)},
-                     "model_yaml": state.get("model_yaml"), "names": state.get("names")}, Path(destination))
+                     "model_yaml": state.get("model_yaml"), "names": state.get("names"),
+                     "epoch": state.get("epoch", -1)}, Path(destination))
 
 
 @functools.lru_cache(maxsize=1)
