@@ -55,7 +55,8 @@ def test_cli_evolution_in_cpu_containers(
     project = tmp_path / "runs"
     run_dir = project / run_name
     where = ("--project", str(project), "--name", run_name)
-    start = ("start", "--backend", "docker", "--image", worker_image, "--cpu-workers", "2", "--generations", "6",
+    # Ten generations: enough work that cpu0 still trains when `attach` starts, on a busy machine too.
+    start = ("start", "--backend", "docker", "--image", worker_image, "--cpu-workers", "2", "--generations", "10",
              "--data", str(data), *TINY_TRAINING, *where, "--", "--noautoanchor")
 
     result = cli(*start)
@@ -87,15 +88,15 @@ def test_cli_evolution_in_cpu_containers(
 
     wait_for(lambda: all(container(docker_client, name).status == "exited" for name in names), 300, "the budget")
     lines = (run_dir / "evolve.csv").read_text().splitlines()
-    assert len(lines) == 7 and sum(line.lstrip().startswith("metrics/precision") for line in lines) == 1
+    assert len(lines) == 11 and sum(line.lstrip().startswith("metrics/precision") for line in lines) == 1
     assert [container(docker_client, name).attrs["State"]["ExitCode"] for name in names] == [0, 0]
     assert container(docker_client, names[1]).attrs["RestartCount"] == 1
     expired = [record for record in Journal(run_dir).read_records() if record["status"] == "expired"]
     assert [record["worker"] for record in expired] == [names[1]]  # its lost generation was trained again
     status = cli("status", *where)
-    assert "6/6 generations (100%)" in status.output and "budget reached" in status.output
+    assert "10/10 generations (100%)" in status.output and "budget reached" in status.output
     results = cli("results", *where)
-    assert "Top 5 of 6 generations" in results.output and str(run_dir / "hyp_evolve.yaml") in results.output
+    assert "Top 5 of 10 generations" in results.output and str(run_dir / "hyp_evolve.yaml") in results.output
     assert os.stat(run_dir / "evolve.csv").st_uid == os.getuid()  # the host user owns what workers wrote
 
     foreign = docker_client.containers.run(base_image, ["sleep", "300"], detach=True,
