@@ -123,10 +123,11 @@ def test_exported_weights_are_the_ema_in_half_precision_and_start_a_run(tmp_path
     model, ema = DetectionModel("yolov5n", nc=6), DetectionModel("yolov5n", nc=6)
     save_checkpoint({"model": model.state_dict(), "ema": {"module": ema.state_dict(), "updates": 5},
                      "optimizer": {"state": {}}, "config": {"cfg": "yolov5n", "epochs": 3}, "model_yaml": {},
-                     "names": list("abcdef")}, tmp_path / "best.pt")
+                     "names": list("abcdef"), "epoch": 2}, tmp_path / "best.pt")
     export_weights(tmp_path / "best.pt", tmp_path / "small.pt")
     exported = torch.load(tmp_path / "small.pt", weights_only=True)
-    assert set(exported) == {"format_version", "model", "config", "model_yaml", "names"}
+    assert set(exported) == {"format_version", "model", "config", "model_yaml", "names", "epoch"}
+    assert exported["epoch"] == 2  # the epoch it was saved after, for the record
     expected = ema.state_dict()
     assert all(exported["model"][name].dtype == (torch.float16 if value.is_floating_point() else value.dtype)
                and torch.equal(exported["model"][name], value.half() if value.is_floating_point() else value)
