@@ -102,6 +102,16 @@ def test_run_kwargs_are_accepted_by_the_sdk() -> None:
     assert host_config["Init"] is True
 
 
+def test_hostname_names_the_engine_host_except_with_host_networking() -> None:
+    assert "hostname" not in make_spec().to_run_kwargs()  # unset: Docker's own (the container id)
+    named = replace(make_spec(), hostname="gpu-box-7")
+    from docker.models.containers import _create_container_args
+
+    assert _create_container_args({**named.to_run_kwargs(), "version": "1.41"})["hostname"] == "gpu-box-7"
+    # Docker refuses a hostname together with host networking; the host's own name shows there.
+    assert "hostname" not in replace(named, network_mode="host").to_run_kwargs()
+
+
 def test_bad_run_name_is_refused() -> None:
     with pytest.raises(UserError, match="run name 'my run'"):
         worker_spec("my run", 0, 0, "evolvectl:latest", "volume", None, [])

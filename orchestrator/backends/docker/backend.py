@@ -30,6 +30,7 @@ from orchestrator.backends.docker.engine import (
     DOCKERFILE,
     build_image,
     engine_errors,
+    engine_host,
     kill_all,
     list_workers,
     log_tail,
@@ -174,7 +175,9 @@ class DockerBackend:
     def start(self, plan: LaunchPlan, say: Write) -> list[str]:
         """Start the run's missing workers; live ones are left alone. Returns the keys started."""
         staged = stage_for_containers(plan.options, plan.run, plan.run_dir)
-        specs = worker_specs(plan, staged, self.image, host_user(), self.limits, self.max_restarts)
+        host = engine_host(self.client) or None
+        specs = [replace(spec, hostname=host)
+                 for spec in worker_specs(plan, staged, self.image, host_user(), self.limits, self.max_restarts)]
         alive = {container.name for container in list_workers(self.client, plan.run)
                  if container.status in ALIVE_STATES}
         made: list[Container] = []
@@ -194,7 +197,8 @@ class DockerBackend:
     def start_ddp(self, plan: DdpPlan, say: Write) -> list[str]:
         """Start the training's container unless it runs; returns ["ddp"] when it was started."""
         staged = stage_for_containers(plan.options, plan.run, plan.run_dir)
-        spec = ddp_spec(plan, staged, self.image, host_user(), self.limits, self.max_restarts)
+        spec = replace(ddp_spec(plan, staged, self.image, host_user(), self.limits, self.max_restarts),
+                       hostname=engine_host(self.client) or None)
         alive = {container.name for container in list_workers(self.client, plan.run)
                  if container.status in ALIVE_STATES}
         start_worker(self.client, spec)

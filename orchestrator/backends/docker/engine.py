@@ -63,6 +63,12 @@ def connect() -> docker.DockerClient:
     return client
 
 
+def engine_host(client: docker.DockerClient) -> str:
+    """The host name of the machine the engine runs on, as `docker info` shows it."""
+    with engine_errors("reading the engine's host name"):
+        return str(client.info().get("Name") or "")
+
+
 def ensure_image(
     client: docker.DockerClient,
     tag: str,

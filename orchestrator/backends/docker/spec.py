@@ -102,6 +102,9 @@ class WorkerSpec:
     user: str = WORKER_USER
     entrypoint: tuple[str, ...] | None = None  # None: the image's own (`python -m trainer`)
     network_mode: str | None = None  # None: Docker's default bridge; "host" for a DDP job across hosts
+    # The engine's host name, so the journal's provenance (`host`) names the machine rather than the
+    # container id Docker would give; unset with host networking, which has the host's already.
+    hostname: str | None = None
 
     def device_requests(self) -> list[docker.types.DeviceRequest]:
         """Ask the NVIDIA runtime for exactly these GPUs (`--gpus '"device=3"'`)."""
@@ -136,6 +139,8 @@ class WorkerSpec:
             kwargs["entrypoint"] = list(self.entrypoint)
         if self.network_mode is not None:
             kwargs["network_mode"] = self.network_mode
+        elif self.hostname is not None:
+            kwargs["hostname"] = self.hostname
         return kwargs
 
 
