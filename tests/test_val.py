@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,11 +15,9 @@ from conftest import run_trainer
 from trainer.checkpoint import save_checkpoint
 from trainer.errors import UserError
 from trainer.model.yolo import DetectionModel
-from trainer.val import main, validate
+from trainer.val import ValConfig, main, validate
 
-OPTIONS = {"task": "val", "cfg": None, "batch_size": 16, "imgsz": 64, "device": "cpu", "workers": 0, "conf_thres": 0.001,
-           "iou_thres": 0.6, "single_cls": False, "save_json": False, "project": "runs/val", "name": "exp",
-           "exist_ok": False}
+OPTIONS: dict[str, Any] = {"batch_size": 16, "imgsz": 64, "device": "cpu", "workers": 0}
 
 
 @pytest.mark.slow
@@ -30,8 +30,8 @@ def test_val_scores_a_run_exactly_as_its_last_epoch_did(tiny_data: Path, tmp_pat
     logged = dict(zip((cell.strip() for cell in header.split(",")), (float(cell) for cell in last.split(","))))
     assert logged["metrics/mAP_0.5"] > 0  # AdamW finds a few boxes in 3 epochs: the comparison means something
     # Training validates the EMA weights in batches of twice its own: 16 here.
-    validation = validate({**OPTIONS, "data": str(tiny_data), "weights": str(tmp_path / "run" / "weights" / "last.pt"),
-                           "project": str(tmp_path / "val")})
+    validation = validate(ValConfig(**OPTIONS, data=str(tiny_data), weights=str(tmp_path / "run" / "weights" / "last.pt"),
+                                    project=str(tmp_path / "val")))
     assert validation.result.map50 == pytest.approx(logged["metrics/mAP_0.5"], rel=1e-4, abs=1e-9)
     assert validation.result.map == pytest.approx(logged["metrics/mAP_0.5:0.95"], rel=1e-4, abs=1e-9)
     assert validation.result.box_loss == pytest.approx(logged["val/box_loss"], rel=1e-4)
@@ -56,21 +56,21 @@ def test_val_prints_yolov5s_table_and_writes_coco_predictions(tiny_data: Path, t
 def test_weights_that_do_not_fit_the_data_are_a_user_error(tiny_data: Path, tmp_path: Path) -> None:
     save_checkpoint({"model": DetectionModel("yolov5n", nc=6).state_dict(), "config": {"cfg": "yolov5n"}},
                     tmp_path / "last.pt")
-    options = {**OPTIONS, "data": str(tiny_data), "weights": str(tmp_path / "last.pt"),
-               "project": str(tmp_path / "val")}
+    config = ValConfig(**OPTIONS, data=str(tiny_data), weights=str(tmp_path / "last.pt"), project=str(tmp_path / "val"))
     with pytest.raises(UserError, match="does not fit a 1-class yolov5n model for this data"):
-        validate({**options, "single_cls": True})
+        validate(replace(config, single_cls=True))
     with pytest.raises(UserError, match="does not fit a 6-class yolov5s model"):
-        validate({**options, "cfg": "yolov5s"})
+        validate(replace(config, cfg="yolov5s"))
 
 
 def test_task_test_scores_the_test_split(tiny_data: Path, tmp_path: Path) -> None:
     save_checkpoint({"model": DetectionModel("yolov5n", nc=6).state_dict(), "config": {"cfg": "yolov5n"}},
                     tmp_path / "last.pt")
-    options = {**OPTIONS, "weights": str(tmp_path / "last.pt"), "task": "test", "project": str(tmp_path / "val")}
+    config = ValConfig(**OPTIONS, data=str(tiny_data), weights=str(tmp_path / "last.pt"), task="test",
+                       project=str(tmp_path / "val"))
     with pytest.raises(UserError, match="has no `test` split; add one to it, or use --task val"):
-        validate({**options, "data": str(tiny_data)})
+        validate(config)
     with_test = yaml.safe_load(tiny_data.read_text())
     with_test["test"] = with_test["train"]  # 32 images, where val has 16
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(with_test))
-    assert validate({**options, "data": str(tmp_path / "data.yaml")}).scores.images == 32
+    assert validate(replace(config, data=str(tmp_path / "data.yaml"))).scores.images == 32

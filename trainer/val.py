@@ -8,7 +8,6 @@ PR, F1, P and R curves, the confusion matrix, and with --save-json the COCO-form
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -29,8 +28,8 @@ from trainer.errors import UserError
 from trainer.flags import CONTEXT_SETTINGS, config_options, field_values
 from trainer.loss import DetectionLoss
 from trainer.model.yolo import DetectionModel, stride_multiple
-from trainer.plots import ValidationPlots
 from trainer.parts import amp_dtype_for
+from trainer.plots import ValidationPlots
 from trainer.train import next_run_dir, report_validation
 
 LOGGER = logging.getLogger("trainer")
@@ -59,38 +58,38 @@ class ValConfig:
     exist_ok: bool = field(default=False, metadata=flag("existing project/name ok, do not increment"))
 
 
-def validate(options: dict[str, Any]) -> Validation:
-    """Score `options["weights"]` on the data's validation images."""
-    if len(dist.parse_devices(options["device"])) > 1:
-        raise UserError(f"--device {options['device']}: validation runs on one device; pick one, e.g. 0")
-    ctx = dist.init_distributed(options["device"])
-    weights = load_weights(options["weights"])
-    data = load_data_config(options["data"])
-    names = data.class_names(options["single_cls"])
+def validate(config: ValConfig) -> Validation:
+    """Score `config.weights` on the data's validation (or test) images."""
+    if len(dist.parse_devices(config.device)) > 1:
+        raise UserError(f"--device {config.device}: validation runs on one device; pick one, e.g. 0")
+    ctx = dist.init_distributed(config.device)
+    weights = load_weights(config.weights)
+    data = load_data_config(config.data)
+    names = data.class_names(config.single_cls)
     nc = len(names)
-    model_name = options["cfg"] or weights.model_name()
+    model_name = config.cfg or weights.model_name()
     model = DetectionModel(model_name, nc=nc)
     own = model.state_dict()
     misfits = [name for name, tensor in weights.state.items() if name in own and own[name].shape != tensor.shape]
     if misfits or set(own) - set(weights.state):
-        raise UserError(f"{options['weights']} does not fit a {nc}-class {model_name} model for this data: "
+        raise UserError(f"{config.weights} does not fit a {nc}-class {model_name} model for this data: "
                         "check --data, --cfg and --single-cls")
     model.load_state_dict(weights.state, strict=False)
     model = model.to(ctx.device, memory_format=torch.channels_last).eval()
     hyp = Hyp()  # validation losses with the default gains
-    task = options["task"]
+    task = config.task
     if task == "test" and not data.test:
-        raise UserError(f"--task test: {options['data']} has no `test` split; add one to it, or use --task val")
+        raise UserError(f"--task test: {config.data} has no `test` split; add one to it, or use --task val")
     samples = load_samples(data.test if task == "test" else data.val, data.nc, task)
     stride = int(model.stride.max())
-    imgsz = stride_multiple(options["imgsz"], stride)  # rounded up with a warning, as YOLOv5's val.py does
-    dataset = YoloDataset(samples, imgsz, augment=False, hyp=hyp, single_cls=options["single_cls"], stride=stride)
-    loader = build_dataloader(dataset, options["batch_size"], options["workers"], False, 0, shard=True)[0]
+    imgsz = stride_multiple(config.imgsz, stride)  # rounded up with a warning, as YOLOv5's val.py does
+    dataset = YoloDataset(samples, imgsz, augment=False, hyp=hyp, single_cls=config.single_cls, stride=stride)
+    loader = build_dataloader(dataset, config.batch_size, config.workers, False, 0, shard=True)[0]
     loss_fn = DetectionLoss.from_model(model, hyp, imgsz=imgsz)
-    save_dir = next_run_dir(options["project"], options["name"], options["exist_ok"])
+    save_dir = next_run_dir(config.project, config.name, config.exist_ok)
     save_dir.mkdir(parents=True, exist_ok=True)
-    validation = evaluate(model, loader, loss_fn, nc, ctx, amp_dtype_for(ctx.device), options["conf_thres"],
-                          options["iou_thres"], collect_json=options["save_json"],
+    validation = evaluate(model, loader, loss_fn, nc, ctx, amp_dtype_for(ctx.device), config.conf_thres,
+                          config.iou_thres, collect_json=config.save_json,
                           on_batch=ValidationPlots(save_dir, names))
     report_validation(save_dir, validation, names, plots=True)
     LOGGER.info("Results saved to %s", save_dir)
@@ -103,7 +102,7 @@ def validate(options: dict[str, Any]) -> Validation:
 def main(**options: Any) -> None:
     """Score a detector's weights on a data set's validation images (YOLOv5's val.py)."""
     logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stderr)
-    validate(dataclasses.asdict(ValConfig(**field_values(ValConfig, options))))
+    validate(ValConfig(**field_values(ValConfig, options)))
 
 
 if __name__ == "__main__":
