@@ -268,8 +268,11 @@ def test_corrupt_labels_and_unreadable_images_are_skipped_and_counted(
 def test_cache_is_written_reused_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     images = make_split(tmp_path, "train", 3)
     folder = tmp_path / "images" / "train"
+    yolov5_cache = tmp_path / "labels" / "train.cache"  # YOLOv5's own, in its format: left as it is
+    yolov5_cache.write_bytes(b"\x93NUMPY yolov5's label cache")
     first = load_samples([folder], nc=3, split="train")
-    assert (tmp_path / "labels" / "train.cache").is_file()
+    assert (tmp_path / "labels" / "train.evolvectl.cache").is_file()
+    assert yolov5_cache.read_bytes() == b"\x93NUMPY yolov5's label cache"
 
     def must_not_run(image: Path, nc: int) -> None:
         raise AssertionError(f"{image} checked again although the cache is valid")
@@ -299,7 +302,7 @@ def test_a_read_only_dataset_folder_only_costs_a_warning(
         samples = load_samples([tmp_path / "images" / "train"], nc=3, split="train")
         load_samples([tmp_path / "images" / "train"], nc=3, split="train")
     assert len(samples) == 2
-    assert not (tmp_path / "labels" / "train.cache").exists()
+    assert not (tmp_path / "labels" / "train.evolvectl.cache").exists()
     warnings = [
         record.getMessage() for record in caplog.records if "cannot write label cache" in record.getMessage()
     ]

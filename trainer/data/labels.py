@@ -1,8 +1,10 @@
 """A split's images and labels: found on disk, checked once, and cached next to the labels.
 
 Checking decodes every image and parses every label file, which takes minutes on a large
-dataset, so the result is saved to labels/<split>.cache and reused for as long as no
-image or label file changes (paths, sizes and modification times are the cache key).
+dataset, so the result is saved to labels/<split>.evolvectl.cache and reused for as long as no
+image or label file changes (paths, sizes and modification times are the cache key). YOLOv5
+keeps its own cache as labels/<split>.cache beside it: each trainer leaves the other's alone, so
+switching between them checks nothing again.
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ def load_samples(sources: Sequence[Path], nc: int, split: str) -> list[Sample]:
     images = find_images(sources)
     if not images:
         raise UserError(f"{split}: no images found in {', '.join(map(str, sources))}")
-    cache_path = label_path(images[0]).parent.with_suffix(".cache")
+    cache_path = cache_file(label_path(images[0]).parent)
     key = _cache_key(images, nc)
     cached = _read_cache(cache_path, key)
     if cached is None:
@@ -181,6 +183,12 @@ def load_samples(sources: Sequence[Path], nc: int, split: str) -> list[Sample]:
     if not samples:
         raise UserError(f"{split}: none of the {len(images)} images is usable; see the warnings above")
     return samples
+
+
+def cache_file(labels_folder: Path) -> Path:
+    """Where a split's check is cached: labels/train → labels/train.evolvectl.cache (not YOLOv5's
+    labels/train.cache, which YOLOv5 would rebuild on finding ours there, and ours on finding its)."""
+    return labels_folder.with_name(f"{labels_folder.name}.evolvectl.cache")
 
 
 def _cache_key(images: Sequence[Path], nc: int) -> str:
