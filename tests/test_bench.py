@@ -22,6 +22,8 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_ddp import process_counts
 from bench.bench_evolve import child_pids, resident_megabytes, summarise
 from bench.bench_train import TimedBatches
+from bench.compare_augmentation import main as compare_augmentation
+from bench.compare_augmentation import sample_indices
 from bench.compare_yolov5 import (
     EXIT_MARK,
     TIMELINE_FILE,
@@ -32,6 +34,12 @@ from bench.compare_yolov5 import (
     summarise_run,
 )
 from orchestrator.runs.status import read_results
+from trainer.checkpoint import save_checkpoint
+from trainer.data import load_data_config
+from trainer.data.augment import MIN_SIDE
+from trainer.data.labels import load_samples
+from trainer.errors import UserError
+from trainer.model import DetectionModel
 
 
 class EndlessLoader:
@@ -271,3 +279,38 @@ def test_compare_yolov5_trains_both_sides_per_seed_and_reuses_finished_runs(tiny
     # Other flags: no finished run is this run, so every one trains again.
     other = run_bench("compare_yolov5.py", *args[:-4], "--workers", "1", *args[-2:], cwd=tmp_path, timeout=600)
     assert all(run["run_s"] is not None for run in other["runs"])
+
+
+def test_compare_augmentation_counts_what_the_pipeline_leaves_and_scores_it(tiny_data: Path, tmp_path: Path) -> None:
+    save_checkpoint({"model": DetectionModel("yolov5n", nc=6).state_dict(), "config": {"cfg": "yolov5n"}},
+                    tmp_path / "last.pt")
+    args = ["--data", str(tiny_data), "--imgsz", "64", "--samples", "48", "--seed", "3", "--pipelines", "ours",
+            "--weights", str(tmp_path / "last.pt")]
+    # Without augmentation a sample is its image letterboxed: its labels stay but for slivers of
+    # 2 pixels or less at 64 px (dropped as after any transform), and nothing else comes in.
+    plain = compare_augmentation([*args, "--hyp", "hyp.no-augmentation"])["ours"]
+    data = load_data_config(str(tiny_data))
+    samples = load_samples(data.train, data.nc, "train")
+    drawn = [int(((sample.labels[:, 3:5] * 64 / max(sample.width, sample.height)
+                   * [sample.width, sample.height]) > MIN_SIDE).all(axis=1).sum())
+             for sample in (samples[index] for index in sample_indices(48, len(samples), 3))]
+    assert plain["samples"] == 48 and plain["boxes_per_image"] == pytest.approx(sum(drawn) / 48, abs=1e-4)
+    augmented = compare_augmentation(args)["ours"]  # hyp.scratch-low: mosaics of four images
+    assert augmented["boxes_per_image"] > plain["boxes_per_image"]  # parts of four images, boxes cut at the edges dropped
+    assert augmented["pixel_std"] != plain["pixel_std"]
+    for result in (plain, augmented):
+        [loss] = result["loss"].values()
+        assert len(loss) == 3 and all(value > 0 for value in loss)
+
+
+def test_compare_augmentation_without_yolov5_says_what_to_do(tiny_data: Path) -> None:
+    try:  # the project's own environment does not install the yolov5 package
+        import yolov5  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("the yolov5 package is installed here")
+    with pytest.raises(UserError, match="run this script with the Python that has it, or pass --pipelines ours"):
+        compare_augmentation(["--data", str(tiny_data), "--imgsz", "64", "--samples", "16", "--pipelines", "yolov5"])
+    with pytest.raises(UserError, match="--pipelines 'theirs'"):
+        compare_augmentation(["--data", str(tiny_data), "--samples", "16", "--pipelines", "theirs"])
