@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from torchvision.io import encode_png, write_file
+from torchvision.transforms.v2 import functional as F
 
 from trainer.config import Hyp
 from trainer.data import labels as labels_module
@@ -375,6 +376,31 @@ def test_ram_cache_serves_images_without_the_files(tmp_path: Path) -> None:
         assert torch.equal(in_ram[index][0], image) and torch.equal(in_ram[index][1], labels)
 
 
+def test_training_images_shrink_without_antialiasing_and_validation_images_with_it(tmp_path: Path) -> None:
+    # As YOLOv5's loader: INTER_LINEAR for training, INTER_AREA for validation. 1-pixel stripes
+    # shrunk to 0.8 show the difference: plain bilinear keeps them sharp (aliased), antialiasing
+    # averages them towards grey.
+    stripes = torch.zeros((3, 80, 80), dtype=torch.uint8)
+    stripes[:, :, ::2] = 255
+    path = tmp_path / "images" / "train" / "stripes.png"
+    path.parent.mkdir(parents=True)
+    write_file(str(path), encode_png(stripes))
+    samples = load_samples([path.parent], nc=3, split="train")
+    training = YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp()).load_image(0)
+    validation = YoloDataset(samples, imgsz=64, augment=False, hyp=Hyp()).load_image(0)
+    assert torch.equal(training, F.resize(stripes, [64, 64], antialias=False))
+    assert torch.equal(validation, F.resize(stripes, [64, 64], antialias=True))
+    contrast = [float((image.float() - 127.5).abs().mean()) for image in (training, validation)]
+    assert contrast[0] > 1.5 * contrast[1], contrast
+    # Each kind has its own disk cache.
+    YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp(), cache="disk")
+    YoloDataset(samples, imgsz=64, augment=False, hyp=Hyp(), cache="disk")
+    cached = {folder.name: torch.from_numpy(np.load(next(folder.glob("*.npy"))))
+              for folder in (tmp_path / "images" / "train-cache").iterdir()}
+    assert set(cached) == {"64", "64-training"}
+    assert torch.equal(cached["64-training"], training) and torch.equal(cached["64"], validation)
+
+
 def test_disk_cache_serves_the_same_items_and_outlives_the_dataset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -382,7 +408,7 @@ def test_disk_cache_serves_the_same_items_and_outlives_the_dataset(
     decoded = YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp(mixup=0.5), seed=1)
     expected = [decoded[index] for index in range(len(samples))]
     YoloDataset(samples, imgsz=64, augment=True, hyp=Hyp(mixup=0.5), seed=1, cache="disk")
-    folder = tmp_path / "images" / "train-cache" / "64"
+    folder = tmp_path / "images" / "train-cache" / "64-training"
     assert len(list(folder.glob("*.npy"))) == len(samples)
 
     def no_decoding(path: Path) -> torch.Tensor:

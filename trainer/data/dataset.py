@@ -97,7 +97,7 @@ class YoloDataset(Dataset):
         self._seed = torch.tensor([seed], dtype=torch.int64).share_memory_()
         self.set_hyp(hyp)
         self._images = self._decode_all() if cache == "ram" else None
-        self._disk = DiskCache(self.files, imgsz) if cache == "disk" else None
+        self._disk = DiskCache(self.files, f"{imgsz}-training" if augment else str(imgsz)) if cache == "disk" else None
         if self._disk is not None and not self._disk.fill(self._read_resized):
             self._disk = None
 
@@ -139,7 +139,8 @@ class YoloDataset(Dataset):
         return images
 
     def _read_resized(self, index: int) -> torch.Tensor:
-        return resize_to_fit(read_image(self.files[index]), self.imgsz)
+        # Training images are shrunk as YOLOv5's training loader does, without antialiasing (see resize_to_fit).
+        return resize_to_fit(read_image(self.files[index]), self.imgsz, antialias=not self.augment)
 
     def load_image(self, index: int) -> torch.Tensor:
         """The image with its long side resized to imgsz, from RAM or disk when cached."""

@@ -4,7 +4,8 @@ Reading pixels back from a .npy file costs a fraction of decoding and resizing a
 `--cache ram`, the cache takes no memory and outlives the process: the next run, and every
 evolution worker reading the same data set, reuse it.
 
-The files sit beside a split's images, in `<image folder>-cache/<imgsz>/`. Each is named by a
+The files sit beside a split's images, in `<image folder>-cache/<imgsz>/` for validation and
+`<image folder>-cache/<imgsz>-training/` for training, whose images are resized differently. Each is named by a
 hash of its image's path (relative to the data set, so a container that mounts it elsewhere
 finds the same file), size and modification time: a changed image gets a new file, and splits
 that share images share their files. Old files are never deleted; remove the folder to reclaim
@@ -31,11 +32,11 @@ logger = logging.getLogger("trainer")
 
 
 class DiskCache:
-    """One .npy file per image of `files`, resized to `imgsz`."""
+    """One .npy file per image of `files`, resized as the folder `variant` (`640`, `640-training`) says."""
 
-    def __init__(self, files: Sequence[Path], imgsz: int) -> None:
+    def __init__(self, files: Sequence[Path], variant: str) -> None:
         root = files[0].parent.with_name(files[0].parent.name + "-cache")
-        self.folder = root / str(imgsz)
+        self.folder = root / variant
         self.paths = [self.folder / f"{self._key(file, root.parent)}.npy" for file in files]
 
     @staticmethod
