@@ -99,7 +99,9 @@ def test_run_folder_has_what_a_yolov5_user_expects(tiny_data, tmp_path):
     sizes = {int(line.split()[6]) for line in again.stderr.splitlines() if line.strip().startswith("1/1 ")}
     assert len(sizes) > 1 and sizes <= {32, 64, 96}  # the batches' sizes: 64 px ± 50%, in steps of 32
     images = tiny_data.parent / "data" / "images"
-    assert [len(list((images / f"{split}-cache" / "64").glob("*.npy"))) for split in ("train", "val")] == [32, 16]
+    # Training images resized as training resizes them, in their own folder beside validation's.
+    assert [len(list((images / folder).glob("*.npy"))) for folder in ("train-cache/64-training", "val-cache/64")] == [
+        32, 16]
     assert sorted(p.name for p in (tmp_path / "exp2").iterdir() if not p.name.startswith("events.")) == [
         "hyp.yaml", "opt.yaml", "results.csv", "weights"]
 
