@@ -97,7 +97,8 @@ class YoloDataset(Dataset):
         self._seed = torch.tensor([seed], dtype=torch.int64).share_memory_()
         self.set_hyp(hyp)
         self._images = self._decode_all() if cache == "ram" else None
-        self._disk = DiskCache(self.files, f"{imgsz}-training" if augment else str(imgsz)) if cache == "disk" else None
+        variant = f"{imgsz}-training" if augment else str(imgsz)  # training images are resized differently
+        self._disk = DiskCache(self.files, variant) if cache == "disk" else None
         if self._disk is not None and not self._disk.fill(self._read_resized):
             self._disk = None
 

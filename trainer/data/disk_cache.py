@@ -4,13 +4,14 @@ Reading pixels back from a .npy file costs a fraction of decoding and resizing a
 `--cache ram`, the cache takes no memory and outlives the process: the next run, and every
 evolution worker reading the same data set, reuse it.
 
-The files sit beside a split's images, in `<image folder>-cache/<imgsz>/` for validation and
-`<image folder>-cache/<imgsz>-training/` for training, whose images are resized differently. Each is named by a
-hash of its image's path (relative to the data set, so a container that mounts it elsewhere
-finds the same file), size and modification time: a changed image gets a new file, and splits
-that share images share their files. Old files are never deleted; remove the folder to reclaim
-the space. Every file is written atomically, so workers filling one cache at once, or a run
-killed while filling it, leave only whole files; a file that cannot be read is decoded again.
+The files sit beside a split's images, in `<image folder>-cache/<imgsz>/` for validation and in
+`<image folder>-cache/<imgsz>-training/` for training, whose images are resized differently.
+Each is named by a hash of its image's path (relative to the data set, so a container that
+mounts it elsewhere finds the same file), size and modification time: a changed image gets a
+new file, and splits of one kind that share images share their files. Old files are never deleted; remove
+the folder to reclaim the space. Every file is written atomically, so workers filling one cache
+at once, or a run killed while filling it, leave only whole files; a file that cannot be read is
+decoded again.
 """
 
 from __future__ import annotations
