@@ -708,7 +708,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", default="", help="real: initial weights (default: from scratch)")
     parser.add_argument("--val-on-train", action="store_true", help="real: validate on the training images")
     parser.add_argument("--data", default=None,
-                        help="real: a data YAML or bundled name (e.g. synthetic, the main job's) instead of a generated set")
+                        help="real: a data YAML or bundled name (e.g. synthetic, the main job's) "
+                             "instead of a generated set")
     parser.add_argument("--hyp", default="configs/hyps/hyp.quickstart.yaml")
     parser.add_argument("--optimizer", default="AdamW")
     parser.add_argument("--plot", type=Path, default=None, help="write the best-so-far picture here (PNG)")

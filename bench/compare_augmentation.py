@@ -81,7 +81,8 @@ def yolov5_batches(data_yaml: str, imgsz: int, hyp_path: Path, indices: Sequence
     dataset = LoadImagesAndLabels([str(source) for source in data.train] if len(data.train) > 1 else str(data.train[0]),
                                   img_size=imgsz, batch_size=BATCH, augment=True, hyp=hyp, stride=32, prefix="")
     for start in range(0, len(indices), BATCH):
-        images, targets, _, _ = LoadImagesAndLabels.collate_fn([dataset[index] for index in indices[start:start + BATCH]])
+        images, targets, _, _ = LoadImagesAndLabels.collate_fn([dataset[index]
+                                                                for index in indices[start:start + BATCH]])
         yield images, targets
 
 
@@ -95,7 +96,8 @@ def load_models(paths: Sequence[Path], nc: int) -> dict[str, DetectionModel]:
     return models
 
 
-def measure(batches: Iterator[Batch], models: dict[str, DetectionModel], loss_fn: DetectionLoss | None) -> dict[str, Any]:
+def measure(batches: Iterator[Batch], models: dict[str, DetectionModel],
+            loss_fn: DetectionLoss | None) -> dict[str, Any]:
     counts: list[int] = []
     sizes: list[float] = []
     pixel_sums = np.zeros(2)
@@ -134,7 +136,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hyp", default="hyp.scratch-low", help="a hyp YAML path or a bundled name")
     parser.add_argument("--samples", type=int, default=1600)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weights", type=Path, nargs="*", default=[], help="trained weights to score each pipeline with")
+    parser.add_argument("--weights", type=Path, nargs="*", default=[],
+                        help="trained weights to score each pipeline with")
     parser.add_argument("--pipelines", default=",".join(PIPELINES), help="ours, yolov5 or both, comma-separated")
     return parser.parse_args(argv)
 

@@ -312,7 +312,8 @@ def make_dataset(name: str, out: str | Path, seed: int = 0, train: int = 256, va
     if name not in RECIPES:
         raise click.BadParameter(f"dataset {name!r}: choose one of {', '.join(RECIPES)}")
     if train < 1 or val < 1 or seed < 0:
-        raise click.BadParameter(f"train={train}, val={val}, seed={seed}: counts must be at least 1, the seed 0 or more")
+        raise click.BadParameter(f"train={train}, val={val}, seed={seed}: "
+                                 "counts must be at least 1, the seed 0 or more")
     width, height = parse_size(size)
     out = Path(out).absolute()
     fingerprint = {"generator": "bench/compare_data.py", "version": VERSION, "name": name, "seed": seed,
@@ -330,7 +331,8 @@ def make_dataset(name: str, out: str | Path, seed: int = 0, train: int = 256, va
 def generate(recipe: Recipe, out: Path, fingerprint: dict[str, Any]) -> None:
     """Write into a folder beside `out`, then rename it into place (replacing an older dataset of ours)."""
     if out.exists() and not (out / MARKER).is_file():
-        raise click.ClickException(f"{out} exists and was not written by compare_data.py; move it or choose another --out")
+        raise click.ClickException(f"{out} exists and was not written by compare_data.py; "
+                                   "move it or choose another --out")
     print(f"generating {fingerprint['name']} in {out}", file=sys.stderr, flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-new-", dir=out.parent))

@@ -40,7 +40,7 @@ SHAPES: dict[str, tuple[Polygon, Polygon | None]] = {
     "cross": (np.array([(-ARM, -1), (ARM, -1), (ARM, -ARM), (1, -ARM), (1, ARM), (ARM, ARM), (ARM, 1),
                         (-ARM, 1), (-ARM, ARM), (-1, ARM), (-1, -ARM), (-ARM, -ARM)]), None),
     "triangle": (regular_polygon(3), None),
-    "crescent": (regular_polygon(64), regular_polygon(64, 0.8) + (0.45, 0.0)),
+    "crescent": (regular_polygon(64), regular_polygon(64, 0.8) + np.array((0.45, 0.0))),
 }
 
 

@@ -119,7 +119,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_data_yaml(tmp_path_factory.mktemp("tiny"), train=32, val=16, size=64)
 
 
-def run_trainer(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_trainer(*args: str, cwd: Path, timeout: float = 600,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python -m trainer ARGS` as a user runs it; output captured for assertions."""
     return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})

@@ -281,7 +281,8 @@ def test_saturation_and_value_gains_act_on_hsv_as_yolov5s(saturation: float, val
     assert torch.allclose(gained.flatten(1).T, torch.tensor(expected), atol=1e-3)
     if value == 1:  # saturation keeps each pixel's brightest channel, and so changes its brightness
         assert torch.allclose(gained.amax(dim=0), pixels.amax(dim=0))
-        assert (gained.mean(dim=0) > pixels.mean(dim=0) + 1).any() or (gained.mean(dim=0) < pixels.mean(dim=0) - 1).any()
+        assert ((gained.mean(dim=0) > pixels.mean(dim=0) + 1).any()
+                or (gained.mean(dim=0) < pixels.mean(dim=0) - 1).any())
 
 
 def test_augmentation_settings_are_hyp_keys() -> None:

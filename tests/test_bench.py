@@ -145,8 +145,8 @@ def test_bench_train_times_training_and_writes_a_yolov5_data_yaml(tiny_data: Pat
 @pytest.mark.slow
 def test_bench_train_data_only_times_the_loader(tiny_data: Path, tmp_path: Path) -> None:
     result = run_bench("bench_train.py", "--data", str(tiny_data), "--imgsz", "64", "--batch-size", "8",
-                       "--workers", "1", "--warmup", "1", "--iterations", "3", "--device", "cpu", "--threads", "1", "--data-only",
-                       cwd=tmp_path)
+                       "--workers", "1", "--warmup", "1", "--iterations", "3", "--device", "cpu", "--threads", "1",
+                       "--data-only", cwd=tmp_path)
     assert (result["mode"], result["iterations"], result["workers"]) == ("data-only", 3, 1)
     assert result["images_per_s"] == pytest.approx(8 / result["s_per_iteration"]["mean"], rel=0.02)
 
@@ -154,8 +154,8 @@ def test_bench_train_data_only_times_the_loader(tiny_data: Path, tmp_path: Path)
 @pytest.mark.slow
 def test_bench_evolve_reuses_the_loaders_across_generations(tmp_path: Path) -> None:
     result = run_bench("bench_evolve.py", "--generations", "3", "--imgsz", "64", "--batch-size", "8",
-                       "--train-images", "16", "--val-images", "8", "--workers", "1", "--device", "cpu", "--threads", "1",
-                       cwd=tmp_path)
+                       "--train-images", "16", "--val-images", "8", "--workers", "1", "--device", "cpu",
+                       "--threads", "1", cwd=tmp_path)
     assert (result["generations"], result["ok"], result["failed"]) == (3, 3, 0)
     series = result["series"]
     assert [entry["claim"] for entry in series] == [0, 1, 2]
@@ -183,7 +183,8 @@ def write_results(path: Path, rows: list[tuple[float, float]], padded: bool) -> 
     columns = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
                "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss", "val/cls_loss"]
     lines = [",".join(f"{name:>20}" if padded else name for name in columns)]
-    lines += [f"{epoch},0.1,0.05,0.04,0.6,0.7,{map50},{map_},0.09,0.03,0.02" for epoch, (map50, map_) in enumerate(rows)]
+    lines += [f"{epoch},0.1,0.05,0.04,0.6,0.7,{map50},{map_},0.09,0.03,0.02"
+              for epoch, (map50, map_) in enumerate(rows)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -205,7 +206,8 @@ def test_comparison_gives_means_spreads_and_the_difference_with_its_standard_err
     assert summary["ours"]["map50"] == {"mean": 0.3, "std": pytest.approx(0.14142, abs=1e-5), "n": 2}
     assert summary["yolov5"]["map50"] == {"mean": 0.2, "std": 0.1, "n": 3}
     # standard error of the difference: sqrt(0.02 / 2 + 0.01 / 3)
-    assert summary["difference"]["map50"] == {"mean": pytest.approx(0.1), "standard_error": pytest.approx(0.11547, abs=1e-5)}
+    assert summary["difference"]["map50"] == {"mean": pytest.approx(0.1),
+                                              "standard_error": pytest.approx(0.11547, abs=1e-5)}
     assert summary["difference"]["map"]["mean"] == pytest.approx(0.05)
     assert summary["difference"]["val_box_loss"] == {"mean": 0.0, "standard_error": 0.0}
 
@@ -296,7 +298,8 @@ def test_compare_augmentation_counts_what_the_pipeline_leaves_and_scores_it(tiny
              for sample in (samples[index] for index in sample_indices(48, len(samples), 3))]
     assert plain["samples"] == 48 and plain["boxes_per_image"] == pytest.approx(sum(drawn) / 48, abs=1e-4)
     augmented = compare_augmentation(args)["ours"]  # hyp.scratch-low: mosaics of four images
-    assert augmented["boxes_per_image"] > plain["boxes_per_image"]  # parts of four images, boxes cut at the edges dropped
+    # parts of four images, boxes cut at the edges dropped
+    assert augmented["boxes_per_image"] > plain["boxes_per_image"]
     assert augmented["pixel_std"] != plain["pixel_std"]
     for result in (plain, augmented):
         [loss] = result["loss"].values()

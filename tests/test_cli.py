@@ -302,7 +302,8 @@ def test_results_and_status_skip_a_damaged_row_with_one_warning(tmp_path: Path, 
     assert result.returncode == 0, result.stderr
     csv_warning, meta_warning = result.stderr.splitlines()
     assert csv_warning.startswith(f"Warning: {run_dir / 'evolve.csv'}: line 3: 3 values where the header has")
-    assert meta_warning == f"Warning: {run_dir / 'evolve_meta.jsonl'}: line 2: not a JSON object. Ignored and left in the file"
+    assert meta_warning == (f"Warning: {run_dir / 'evolve_meta.jsonl'}: line 2: not a JSON object. "
+                            "Ignored and left in the file")
     assert "Traceback" not in result.stderr and "numpy" not in result.stderr
     assert (run_dir / "evolve.csv").read_bytes() == before
 

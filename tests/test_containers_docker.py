@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import uuid
@@ -35,10 +36,8 @@ def run_name(docker_client: docker.DockerClient) -> Iterator[str]:
     run = f"test-{uuid.uuid4().hex[:8]}"
     yield run
     kill_all(docker_client, run)
-    try:
+    with contextlib.suppress(docker.errors.NotFound):
         docker_client.volumes.get(run).remove(force=True)
-    except docker.errors.NotFound:
-        pass
 
 
 def sleeper(run: str, slot: int, image: str) -> WorkerSpec:
@@ -84,7 +83,8 @@ def test_worker_image_layout(docker_client: docker.DockerClient, worker_image: s
 
 
 @pytest.mark.docker
-def test_kill_all_removes_only_our_containers(docker_client: docker.DockerClient, base_image: str, run_name: str) -> None:
+def test_kill_all_removes_only_our_containers(docker_client: docker.DockerClient, base_image: str,
+                                              run_name: str) -> None:
     ours = [start_worker(docker_client, sleeper(run_name, slot, base_image)) for slot in (0, 1)]
     foreign = docker_client.containers.run(base_image, list(SLEEP), detach=True, name=f"foreign-{run_name}")
     try:
@@ -162,7 +162,8 @@ def test_gpu_worker_without_nvidia_runtime_suggests_cpu_workers(
 
 
 @pytest.mark.docker
-def test_failed_build_shows_the_failing_step(docker_client: docker.DockerClient, base_image: str, tmp_path: Path) -> None:
+def test_failed_build_shows_the_failing_step(docker_client: docker.DockerClient, base_image: str,
+                                             tmp_path: Path) -> None:
     (tmp_path / "docker").mkdir()
     (tmp_path / "docker" / "Dockerfile").write_text(
         f"FROM {base_image}\nRUN echo about-to-fail && exit 3\n"  # no step succeeds: no layer is left

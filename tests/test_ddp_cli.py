@@ -42,7 +42,7 @@ def make_plan(gpus: tuple[int, ...] = (2, 5, 7), cpu_procs: int = 0, batch_size:
     return DdpPlan("r1", Path("/home/me/runs/train"), gpus, cpu_procs, options, rendezvous or Rendezvous())
 
 
-def make_spec(plan: DdpPlan, user: str = "1000:1000"):  # noqa: ANN201 - a WorkerSpec
+def make_spec(plan: DdpPlan, user: str = "1000:1000"):
     staged = StagedInputs(plan.options, Path("/data/coco128"))
     return ddp_spec(plan, staged, "evolvectl:latest", user=user, limits=ContainerLimits("16g"), max_restarts=2)
 
@@ -163,7 +163,8 @@ def test_mistakes_are_refused_before_any_backend_is_opened(opened: list[FakeBack
 
 
 def test_all_gpus_are_checked_once_known(opened: list[FakeBackend]) -> None:
-    assert_one_line_error(invoke("ddp", "--gpus", "all", "--batch-size", "16"), "--batch-size 16 is the total over 3 GPUs")
+    assert_one_line_error(invoke("ddp", "--gpus", "all", "--batch-size", "16"),
+                          "--batch-size 16 is the total over 3 GPUs")
     assert opened[0].plans == []
 
 
@@ -201,7 +202,8 @@ def write_training(run_dir: Path, epochs: int, maps: list[float]) -> None:
 
 def test_status_of_a_training_is_its_epochs_and_map(tmp_path: Path) -> None:
     write_training(tmp_path, epochs=10, maps=[0.1, 0.3, 0.2])
-    running = WorkerState(DDP_KEY, "evolvectl-r1-ddp", "running", 1, None, "    4/10        3.1G   0.05  0.02  0.01  80  640 5/9\n")
+    running = WorkerState(DDP_KEY, "evolvectl-r1-ddp", "running", 1, None,
+                          "    4/10        3.1G   0.05  0.02  0.01  80  640 5/9\n")
     started = (tmp_path / "results.csv").stat().st_mtime - 30.0  # 3 epochs in 30 s
     report = collect_training_status("r1", tmp_path, "docker", [running], started=started)
     progress = report.progress
@@ -291,7 +293,8 @@ def test_killing_a_local_job_reaches_ranks_in_their_own_sessions(tmp_path: Path)
 
 
 def test_process_table_reads_odd_command_names(tmp_path: Path) -> None:
-    for pid, parent, argv in ((7, 1, [b"python", b"-m", b"torch.distributed.run"]), (9, 7, [b"python", b"-m", b"trainer"]),
+    for pid, parent, argv in ((7, 1, [b"python", b"-m", b"torch.distributed.run"]),
+                              (9, 7, [b"python", b"-m", b"trainer"]),
                               (11, 9, [b"python"]), (12, 1, [b"/usr/bin/python3", b"/usr/bin/torchrun"]),
                               (13, 12, [b"x"])):
         (tmp_path / str(pid)).mkdir()

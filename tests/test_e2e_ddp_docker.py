@@ -74,7 +74,8 @@ def test_a_ddp_training_in_one_cpu_container(
         assert os.stat(run_dir / "weights" / weights).st_uid == os.getuid()  # on the host, owned by its user
 
     status = cli("status", *where)
-    assert "2/2 epochs (100%)" in status.output and "training finished" in status.output and "exited (0)" in status.output
+    assert ("2/2 epochs (100%)" in status.output and "training finished" in status.output
+            and "exited (0)" in status.output)
     assert "Results saved to" in cli("logs", "ddp", *where).output
     again = CliRunner().invoke(main, list(start))
     assert again.exit_code != 0 and f"run {run_name} already trained its 2 epochs" in again.output

@@ -94,7 +94,8 @@ def test_cli_evolution_in_cpu_containers(
     expired = [record for record in Journal(run_dir).read_records() if record["status"] == "expired"]
     assert [record["worker"] for record in expired] == [names[1]]  # its lost generation was trained again
     # Provenance names the machine that trained each generation, not a container id.
-    assert {record["host"] for record in Journal(run_dir).read_records() if "host" in record} == {docker_client.info()["Name"]}
+    assert ({record["host"] for record in Journal(run_dir).read_records() if "host" in record}
+            == {docker_client.info()["Name"]})
     status = cli("status", *where)
     assert "10/10 generations (100%)" in status.output and "budget reached" in status.output
     results = cli("results", *where)

@@ -2,6 +2,7 @@
 
 import math
 import os
+import pickle
 
 import pytest
 import torch
@@ -96,7 +97,7 @@ def test_weights_only_checkpoints_cannot_be_resumed(tmp_path):
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint({"model": {}, "epoch": 1}, path)
-    with pytest.raises(Exception):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # a local object: AttributeError before Python 3.14
         save_checkpoint({"model": {}, "bad": lambda: None}, path)  # lambdas cannot be pickled
     assert load_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]

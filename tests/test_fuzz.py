@@ -30,7 +30,6 @@ from trainer.data.data_config import load_data_config
 from trainer.data.labels import check_image
 from trainer.errors import UserError
 from trainer.model.yolo import load_model_spec, model_stride
-from trainer.results import RESULT_COLUMNS
 
 pytestmark = pytest.mark.faults
 
@@ -124,7 +123,7 @@ def test_run_names_and_worker_keys(text: str) -> None:
 HEADER = format_header(run_columns(Hyp()))
 CELL = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(lambda value: f"{value:20.5g}"),
                  st.text(alphabet=string.printable, max_size=22))
-CSV_LINE = st.lists(CELL, min_size=0, max_size=len(run_columns(Hyp())) + 9).map(lambda cells: ",".join(cells))
+CSV_LINE = st.lists(CELL, min_size=0, max_size=len(run_columns(Hyp())) + 9).map(",".join)
 
 
 @FUZZ

@@ -183,8 +183,8 @@ def test_a_stop_during_the_restart_pause_starts_no_new_worker(tmp_path: Path) ->
     """`stop` may land while a failed worker waits to be restarted: that is the end, not a restart."""
     starts, state = tmp_path / "starts", tmp_path / "state.json"
     command = ["sh", "-c", f"echo started >> {starts}; exit 3"]
-    supervisor = subprocess.Popen([sys.executable, "-m", "orchestrator.backends.local.supervisor", "--state", str(state),
-                                   "--max-restarts", "5", "--", *command])
+    supervisor = subprocess.Popen([sys.executable, "-m", "orchestrator.backends.local.supervisor",
+                                   "--state", str(state), "--max-restarts", "5", "--", *command])
     try:
         wait_for(lambda: state.exists() and '"restarting"' in state.read_text())
         supervisor.terminate()

@@ -64,9 +64,9 @@ def _synthetic_image(rng: np.random.Generator) -> tuple[Tensor, Tensor]:
             wrong_class = rng.random() < 0.05
             predicted_class = rng.integers(0, PREDICTED_CLASSES) if wrong_class else class_id
             rows.append([*predicted, score, predicted_class])
-    for _ in range(int(rng.integers(0, 30))):  # background clutter, mostly at low scores
-        rows.append([*_jitter(rng, rng.uniform(0, 400, 4), 0.0), 0.6 * rng.random() ** 2 + 0.001,
-                     rng.integers(0, PREDICTED_CLASSES)])
+    rows.extend([*_jitter(rng, rng.uniform(0, 400, 4), 0.0), 0.6 * rng.random() ** 2 + 0.001,
+                 rng.integers(0, PREDICTED_CLASSES)]
+                for _ in range(int(rng.integers(0, 30))))  # background clutter, mostly at low scores
     detections = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
     detections = detections[detections[:, 4].argsort(descending=True)][:100]
     return detections, torch.tensor(labels, dtype=torch.float32).reshape(-1, 5)

@@ -20,10 +20,12 @@ TINY = ["--batch-size", "8", "--workers", "0", "--device", "cpu", "--seed", "3"]
 
 
 @pytest.mark.parametrize("size", ["n6", "s6", pytest.param("m6", marks=pytest.mark.slow),
-                                  pytest.param("l6", marks=pytest.mark.slow), pytest.param("x6", marks=pytest.mark.slow)])
+                                  pytest.param("l6", marks=pytest.mark.slow),
+                                  pytest.param("x6", marks=pytest.mark.slow)])
 def test_p6_models_have_yolov5s_parameter_counts_and_four_levels(size: str) -> None:
     model = DetectionModel(f"yolov5{size}")
-    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(YOLOV5_P6_PARAMETERS_M[size], rel=0.02)  # published to 0.1M
+    # published to 0.1M
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(YOLOV5_P6_PARAMETERS_M[size], rel=0.02)
     assert model.stride.tolist() == [8, 16, 32, 64] and model_stride(f"yolov5{size}") == 64
     assert tuple(model.state_dict()["model.33.anchors"].shape) == (4, 3, 2)  # YOLOv5's names: Detect is layer 33
     outputs = DetectionModel(f"yolov5{size}", nc=2).eval()(torch.zeros(1, 3, 64, 128))

@@ -56,7 +56,7 @@ def test_large_batches_are_capped_and_scaled_down():
     side = (MAX_GRID_SIDE // columns + PAD) * columns + PAD
     assert grid.shape == (3, side, side)
     assert pixel(grid, PAD + 100 * 480 // 1280, PAD + 600 * 480 // 1280) == PALETTE[0]  # boxes scale too
-    assert MAX_GRID_IMAGES == columns * columns
+    assert columns * columns == MAX_GRID_IMAGES
 
 
 def test_predictions_below_the_drawing_threshold_are_left_out():

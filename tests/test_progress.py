@@ -34,7 +34,7 @@ def test_losses_on_a_device_are_read_when_the_line_is_written(caplog: pytest.Log
     progress = EpochProgress(True, epoch=0, epochs=1, total=2, device=torch.device("cpu"), log_every=2)
     losses = torch.zeros(3)
     with caplog.at_level(logging.INFO, logger="trainer"):
-        for step in progress.track(range(2)):
+        for _step in progress.track(range(2)):
             progress.describe(losses, instances=3, size=64)
             losses.add_(0.25)  # changed after describe, before the line: the line shows the latest
     lines = [record.getMessage() for record in caplog.records]

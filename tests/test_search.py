@@ -243,7 +243,7 @@ def test_pruning_keeps_the_top_third_once_the_rung_has_values() -> None:
     assert pruning.keeps(0.5, [0.5, 0.4, 0.1])
     values = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]  # 6 values: the best 2 go on
     assert pruning.keeps(0.8, values) and not pruning.keeps(0.7, values)
-    assert not pruning.keeps(math.nan, values + [math.nan])
+    assert not pruning.keeps(math.nan, [*values, math.nan])
 
 
 def test_pruning_rungs() -> None:

@@ -261,7 +261,7 @@ class Uniform:
 
     name = "uniform"
 
-    def propose(self, context, rng):  # noqa: ANN001, ANN201 - the Search protocol
+    def propose(self, context, rng):
         from orchestrator.evolution.proposals import Proposal, UnitSpace
 
         space = UnitSpace.of(context)

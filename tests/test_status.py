@@ -49,18 +49,18 @@ def text_of(report: StatusReport) -> str:
 
 
 def progress(**changes: object) -> RunProgress:
-    values: dict[str, object] = dict(
-        run="r1", run_dir=Path("/runs/r1"), generations=6, done=3, failed_attempts=1, in_flight=2,
-        best_fitness=0.12345, best_generation=2, seconds_per_generation=15.0, eta_seconds=45.0,
-        stop_requested=False,
-    )
+    values: dict[str, object] = {
+        "run": "r1", "run_dir": Path("/runs/r1"), "generations": 6, "done": 3, "failed_attempts": 1, "in_flight": 2,
+        "best_fitness": 0.12345, "best_generation": 2, "seconds_per_generation": 15.0, "eta_seconds": 45.0,
+        "stop_requested": False,
+    }
     values.update(changes)
     return RunProgress(**values)  # type: ignore[arg-type]
 
 
 def worker_row(key: str, state: str, **changes: object) -> WorkerRow:
-    values: dict[str, object] = dict(key=key, state=state, restarts=0, exit_code=None, generation=None, epoch=None,
-                                     results=0, last_fitness=None, best_fitness=None)
+    values: dict[str, object] = {"key": key, "state": state, "restarts": 0, "exit_code": None, "generation": None,
+                                 "epoch": None, "results": 0, "last_fitness": None, "best_fitness": None}
     values.update(changes)
     return WorkerRow(**values)  # type: ignore[arg-type]
 

@@ -197,7 +197,8 @@ def test_swarm_on_an_engine_outside_a_swarm_is_a_one_line_error(monkeypatch: pyt
 def test_constraints_need_the_swarm_and_their_syntax(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert_one_line_error(invoke("start", "--cpu-workers", "1", "--backend", "local", "--constraint",
-                                 "node.role==worker"), "--constraint places Swarm services: use it with --backend swarm")
+                                 "node.role==worker"),
+                          "--constraint places Swarm services: use it with --backend swarm")
     result = invoke("start", "--cpu-workers", "1", "--backend", "swarm", "--constraint", "node.role")
     assert result.exit_code == 2 and "'node.role' is not KEY==VALUE or KEY!=VALUE" in result.output
 

@@ -74,7 +74,7 @@ def test_the_problem_is_varied_and_hard(tmp_path: Path) -> None:
     relative_size = np.sqrt(pixel_sides.prod(axis=1)) / short_sides
     assert relative_size.min() < 0.06 and relative_size.max() > 0.35  # small and large objects
     aspect = pixel_sides[:, 0] / pixel_sides[:, 1]
-    assert aspect.min() < 0.6 and aspect.max() > 1.6 and 0.45 < aspect.min()
+    assert aspect.min() < 0.6 and aspect.max() > 1.6 and aspect.min() > 0.45
     assert len({(sample.width, sample.height) for sample in samples}) > 1  # letterboxing matters
     assert any(_has_overlap(sample.labels) for sample in samples)
 

@@ -30,7 +30,8 @@ def test_val_scores_a_run_exactly_as_its_last_epoch_did(tiny_data: Path, tmp_pat
     logged = dict(zip((cell.strip() for cell in header.split(",")), (float(cell) for cell in last.split(","))))
     assert logged["metrics/mAP_0.5"] > 0  # AdamW finds a few boxes in 3 epochs: the comparison means something
     # Training validates the EMA weights in batches of twice its own: 16 here.
-    validation = validate(ValConfig(**OPTIONS, data=str(tiny_data), weights=str(tmp_path / "run" / "weights" / "last.pt"),
+    validation = validate(ValConfig(**OPTIONS, data=str(tiny_data),
+                                    weights=str(tmp_path / "run" / "weights" / "last.pt"),
                                     project=str(tmp_path / "val")))
     assert validation.result.map50 == pytest.approx(logged["metrics/mAP_0.5"], rel=1e-4, abs=1e-9)
     assert validation.result.map == pytest.approx(logged["metrics/mAP_0.5:0.95"], rel=1e-4, abs=1e-9)

@@ -169,7 +169,7 @@ def _read_own(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise
-    except Exception as error:  # torch raises many kinds for a damaged file
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a damaged file
         message = str(error).strip()  # the first sentence: torch goes on for a paragraph
         reason = message.split(". ")[0].splitlines()[0] if message else type(error).__name__
         raise UserError(f"checkpoint {path} cannot be read ({reason}): it may be truncated or damaged") from None

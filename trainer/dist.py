@@ -26,7 +26,7 @@ class DistContext:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 - torch.device is immutable
 
     @property
     def is_main(self) -> bool:

@@ -47,7 +47,9 @@ def atomic_output(path: Path) -> Iterator[IO[bytes]]:
     temporary file lives in the same folder, so `os.replace` is an atomic rename.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    # Not opened in a with: the `with handle:` below closes it, and the except still needs its name.
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",  # noqa: SIM115
+                                         delete=False)
     try:
         with handle:
             os.fchmod(handle.fileno(), 0o644)  # temporary files start private; outputs are for everyone

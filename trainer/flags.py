@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -101,7 +102,7 @@ def field_default(item: dataclasses.Field) -> Any:
 def click_type(hint: Any, flag: Flag) -> Any:
     """The click type of a field annotated `hint` (`X | None` counts as X)."""
     if isinstance(hint, types.UnionType):
-        hint = typing.Union[tuple(arg for arg in typing.get_args(hint) if arg is not type(None))]
+        hint = functools.reduce(operator.or_, (arg for arg in typing.get_args(hint) if arg is not type(None)))
     if flag.choices:
         return click.Choice(flag.choices)
     if hint in (int, float) and (flag.low is not None or flag.high is not None):

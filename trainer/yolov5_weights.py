@@ -81,7 +81,7 @@ def read_yolov5_weights(path: Path) -> dict[str, Any] | None:
     weights when it has them), or None when the file holds no YOLOv5 model."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
-    except Exception:  # not a pickle torch can read at all
+    except Exception:  # noqa: BLE001 - not a pickle torch can read at all
         return None
     if not isinstance(checkpoint, dict):
         return None

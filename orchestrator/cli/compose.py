@@ -63,7 +63,8 @@ def compose(project: Path, name: str | None, stack: bool, output: Path | None, *
                          values["max_restarts"])
     if stack:
         output = output or Path(f"stack.{run}.yaml")
-        start_command = _write_stack(output, run, run_flags(run, project, DEFAULT_PROJECT), specs, values["constraints"])
+        start_command = _write_stack(output, run, run_flags(run, project, DEFAULT_PROJECT), specs,
+                                     values["constraints"])
     else:
         output = output or Path(f"compose.{run}.yaml")
         start_command = _write_compose(output, run, specs, values["base_image"])

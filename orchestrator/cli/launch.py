@@ -54,7 +54,8 @@ def choose_gpus(spec: str | None, backend: Backend) -> list[int]:
     available = backend.visible_gpus()
     if available == []:
         where = {
-            "docker": "the Docker engine cannot hand out GPUs (no NVIDIA runtime: install the NVIDIA Container Toolkit)",
+            "docker": "the Docker engine cannot hand out GPUs (no NVIDIA runtime: "
+                      "install the NVIDIA Container Toolkit)",
             "swarm": "no ready node of the swarm advertises an NVIDIA-GPU generic resource (see the README's "
                      "Swarm section)",
         }.get(backend.name, "PyTorch sees no CUDA GPU on this host")
@@ -159,7 +160,7 @@ class _Launch:
         if values.get("constraints") and backend != "swarm":
             raise UserError("--constraint places Swarm services: use it with --backend swarm")
         console, notices = open_console(), open_console(stderr=True)
-        workers = open_backend(backend, project, settings_from(values, build), lambda text: notices.print(text))
+        workers = open_backend(backend, project, settings_from(values, build), notices.print)
         with console.status(f"preparing {what.format(backend=workers.name)}") as spinner:
             workers.prepare(show_build_progress(console, spinner))
             gpus = choose_gpus(values["gpus"], workers)

@@ -63,7 +63,8 @@ class JournalLockTimeout(RuntimeError):
 
 def run_columns(base_hyp: Hyp) -> tuple[str, ...]:
     """The hyperparameter columns of a run: every Hyp key, `anchors` only when the base sets it."""
-    return tuple(key for key in Hyp.keys() if key != "anchors" or base_hyp.anchors is not None)
+    return tuple(key for key in Hyp.keys()  # noqa: SIM118 - Hyp is a dataclass; keys() is its classmethod
+                 if key != "anchors" or base_hyp.anchors is not None)
 
 
 def format_header(hyp_keys: Sequence[str]) -> bytes:
@@ -148,10 +149,8 @@ def parse_evolve_csv(data: bytes, source: str) -> Population:
     lines = body.split(b"\n")[:-1]
     table = None
     if body.strip():  # numpy warns on a body of blank lines; those are damaged rows, read below
-        try:
+        with contextlib.suppress(ValueError):
             table = np.loadtxt(io.BytesIO(body), delimiter=",", ndmin=2, comments=None)
-        except ValueError:
-            pass
     if table is None or table.shape != (len(lines), len(names)):  # an empty line is skipped by numpy, not here
         table, damaged = _parse_lines(lines, len(names))
     else:

@@ -415,5 +415,5 @@ class Heartbeat:
                         self.lost = True
                         continue
                     save_state(self.journal, state)
-            except Exception as error:  # a missed beat is survivable; the TTL spans several
+            except Exception as error:  # noqa: BLE001 - a missed beat is survivable; the TTL spans several
                 logger.warning("claim %d: heartbeat failed: %s", self.claim, error)

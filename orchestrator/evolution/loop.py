@@ -386,7 +386,7 @@ def _write_plots(plan: _Plan) -> None:
         journal = plan.journal
         artifacts.write_plots(journal.run_dir, journal.read_population(plan.hyp_keys), plan.evolved_keys,
                               artifacts.pruned_points(journal.read_records()))
-    except Exception as error:  # a plot must never stop an evolution
+    except Exception as error:  # noqa: BLE001 - a plot must never stop an evolution
         logger.warning("could not write plots: %s", error)
 
 

@@ -21,7 +21,6 @@ from typing import Any
 
 from trainer.errors import UserError
 
-
 # Default rungs start at the third epoch: before it, a ranking mostly sorts warmup noise (fine-tuning
 # for 5 epochs with rungs at 1 and 2 pruned 4 generations in 5 and found nothing; bench/README.md).
 MIN_DEFAULT_RUNG = 3

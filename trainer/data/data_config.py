@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from trainer.data.labels import IMAGE_SUFFIXES, image_list_entries
 from trainer.data.synthetic import ensure_synthetic
+from trainer.downloads import download_dataset
 from trainer.errors import UserError
 from trainer.files import read_yaml
-from trainer.downloads import download_dataset
 from trainer.paths import resolve_config
 
 DATASETS_ENV = "EVOLVECTL_DATASETS"

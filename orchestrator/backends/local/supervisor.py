@@ -1,4 +1,5 @@
-"""`python -m orchestrator.backends.local.supervisor`: one local worker, restarted after a failure like Docker's on-failure.
+"""`python -m orchestrator.backends.local.supervisor`: one local worker, restarted after a failure
+like Docker's on-failure.
 
 The local backend starts this detached, in its own session, with the worker's command after
 `--`. It records the worker's state in a JSON file (pid, restarts, exit code) that status,
