@@ -77,6 +77,7 @@ JPEG_QUALITY = 92
 EMPTY_SHARE = 0.05
 MIN_KEPT_AREA = 0.4  # a box cut by the border is kept when at least this share of its area is inside
 ATTEMPTS = 30  # placements tried per object before it is left out
+DEFAULT_SIZES = {"train": 256, "val": 64, "size": 320}  # images per split, and the image side in pixels
 
 Label = tuple[int, float, float, float, float]  # class, cx, cy, w, h normalised
 
@@ -305,8 +306,8 @@ def parse_size(text: str | int | tuple[int, int]) -> tuple[int, int]:
     return width, height
 
 
-def make_dataset(name: str, out: str | Path, seed: int = 0, train: int = 256, val: int = 64,
-                 size: int | str | tuple[int, int] = 320) -> Path:
+def make_dataset(name: str, out: str | Path, seed: int = 0, train: int = DEFAULT_SIZES["train"],
+                 val: int = DEFAULT_SIZES["val"], size: int | str | tuple[int, int] = DEFAULT_SIZES["size"]) -> Path:
     """Write dataset `name` into `out` unless it is there already with these settings; the path
     of its data.yaml."""
     if name not in RECIPES:
@@ -408,9 +409,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True, choices=sorted(RECIPES))
     parser.add_argument("--out", type=Path, help="the dataset folder (default: datasets/<name>)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=256, help="training images")
-    parser.add_argument("--val", type=int, default=64, help="validation images")
-    parser.add_argument("--size", default="320", help="image size in pixels: 320, or width x height, e.g. 320x256")
+    parser.add_argument("--train", type=int, default=DEFAULT_SIZES["train"], help="training images")
+    parser.add_argument("--val", type=int, default=DEFAULT_SIZES["val"], help="validation images")
+    parser.add_argument("--size", default=str(DEFAULT_SIZES["size"]),
+                        help="image size in pixels: 320, or width x height, e.g. 320x256")
     parser.add_argument("--stats", action="store_true", help="print one JSON line with the measured statistics")
     args = parser.parse_args(argv)
     data_yaml = make_dataset(args.name, args.out or Path("datasets") / args.name, args.seed, args.train, args.val,

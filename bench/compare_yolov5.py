@@ -3,6 +3,7 @@
     python bench/compare_yolov5.py --yolov5 "python /path/to/yolov5/train.py" [--seeds 0,1,2]
         [--epochs 12] [--data synthetic-4k.yaml | mixed | textures | shapes] [--cfg yolov5n] [--imgsz 320]
         [--batch-size 16] [--device ""] [--workers 8] [--project runs/compare]
+        [--train-images 256] [--val-images 64] [--data-size 320]
 
 For each seed, `python -m trainer` and the `--yolov5` command train one after the other with
 the same command line (YOLOv5's flags, which our trainer accepts too) on the same images:
@@ -13,8 +14,9 @@ trainer's mean and standard deviation over the seeds, and the difference of the 
 (ours − YOLOv5) with its standard error.
 
 `--data mixed`, `textures` or `shapes` compares on a dataset nobody tuned for (bench/compare_data.py):
-it is generated on first use (seed 0, 256 training and 64 validation images of 320 px) into
-`<project>/datasets/<name>`, and the same folder is read by every run after.
+it is generated on first use (seed 0; by default 256 training and 64 validation images of 320 px,
+`--train-images`, `--val-images` and `--data-size` to change them) into `<project>/datasets/<name>`,
+or `<name>-<train>-<val>-<size>` for other sizes, and the same folder is read by every run after.
 
 Runs go to `<project>/ours-seed<N>` and `<project>/yolov5-seed<N>`. A run whose results.csv
 already holds every epoch, trained by the same command line (`command.txt` beside it), is read,
@@ -45,7 +47,7 @@ import click
 import torch
 
 from bench.bench_train import machine_settings, write_yolov5_data
-from bench.compare_data import RECIPES, make_dataset
+from bench.compare_data import DEFAULT_SIZES, RECIPES, make_dataset
 from orchestrator.runs.status import read_results
 from trainer.data import load_data_config
 from trainer.results import RESULT_COLUMNS, ValidationResult, fitness
@@ -75,9 +77,13 @@ def parse_seeds(text: str) -> list[int]:
 def resolve_data(data: str, project: Path, **sizes: int) -> str:
     """The data YAML our trainer reads. A comparison set's name (`mixed`, `textures`, `shapes`) becomes the
     YAML of that set under `project`, generated there first if it is not yet; `sizes` are
-    make_dataset's train, val and size. Anything else (a path, `synthetic`) is passed on as it is."""
+    make_dataset's train, val and size. Other sizes than the defaults get a folder of their own, so
+    that a finished run (which names its data YAML) is never read back against other images.
+    Anything else (a path, `synthetic`) is passed on as it is."""
     if data in RECIPES and not Path(data).is_file():
-        return str(make_dataset(data, project / "datasets" / data, **sizes))
+        sizes = {**DEFAULT_SIZES, **sizes}
+        folder = data if sizes == DEFAULT_SIZES else "-".join(map(str, (data, *sizes.values())))
+        return str(make_dataset(data, project / "datasets" / folder, **sizes))
     return data
 
 
@@ -214,6 +220,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="", help="cpu, 0, … (default: each trainer's own choice)")
     parser.add_argument("--workers", type=int, default=8, help="loader workers")
     parser.add_argument("--project", type=Path, default=Path("runs/compare"), help="where the runs go")
+    parser.add_argument("--train-images", type=int, default=DEFAULT_SIZES["train"],
+                        help="training images of a generated comparison set")
+    parser.add_argument("--val-images", type=int, default=DEFAULT_SIZES["val"],
+                        help="validation images of a generated comparison set")
+    parser.add_argument("--data-size", type=int, default=DEFAULT_SIZES["size"],
+                        help="image side in pixels of a generated comparison set")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs {args.epochs} must be at least 1")
@@ -224,7 +236,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_arguments()
     args.project.mkdir(parents=True, exist_ok=True)
-    our_data = resolve_data(args.data, args.project)
+    our_data = resolve_data(args.data, args.project, train=args.train_images, val=args.val_images,
+                            size=args.data_size)
     yolov5_data = args.project / "yolov5-data.yaml"
     write_yolov5_data(load_data_config(our_data), yolov5_data)  # generates a synthetic set on first use
     commands = {"ours": [sys.executable, "-m", "trainer"], "yolov5": args.yolov5}

@@ -246,8 +246,11 @@ def test_compare_yolov5_generates_a_named_comparison_set_under_its_project(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "textures").mkdir()  # a folder of that name is not a data YAML: the name still counts
     data_yaml = resolve_data("textures", tmp_path / "project", train=3, val=2, size=64)
-    assert data_yaml == str(tmp_path / "project" / "datasets" / "textures" / "data.yaml")
+    assert data_yaml == str(tmp_path / "project" / "datasets" / "textures-3-2-64" / "data.yaml")
     assert yaml.safe_load(Path(data_yaml).read_text())["names"] == ["disc", "cross", "triangle", "crescent"]
+    # Other sizes, another folder: the first set's images (which its finished runs trained on) stay.
+    other = Path(resolve_data("textures", tmp_path / "project", train=4, val=2, size=64))
+    assert other.parent.name == "textures-4-2-64" and len(list(Path(data_yaml).parent.glob("images/train/*"))) == 3
     assert resolve_data("synthetic", tmp_path) == "synthetic" and resolve_data("my.yaml", tmp_path) == "my.yaml"
 
 
